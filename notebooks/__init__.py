@@ -1,0 +1,1 @@
+"""Notebooks shipped with cellblock (the quickstart is the default for `cellblock run`)."""

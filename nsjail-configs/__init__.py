@@ -1,0 +1,1 @@
+"""Committed nsjail profiles and kafel seccomp policies, shipped inside the wheel as data."""
