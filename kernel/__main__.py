@@ -1,0 +1,28 @@
+"""Entry point inside the jail: ``python -m cellblock_kernel -f CONNECTION_FILE ...``.
+
+The warden writes the connection file (ipc transport, the kernel's own HMAC key)
+and passes ``--transport=ipc --ip=...`` as well, since ipykernel takes the
+transport from its command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start ipykernel with the given arguments (called by nsjail inside the jail)."""
+    # Inside a pid namespace the launching process is invisible: with this set,
+    # ipykernel's parent poller would see "no parent" and exit at once.
+    os.environ.pop("JPY_PARENT_PID", None)
+    # Sockets the kernel binds must be reachable by the warden, which is either
+    # the same uid or root; the run dir's own mode restricts everybody else.
+    os.umask(0o077)
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Per-kernel cgroups on cgroup v2 or v1, owned by the warden.
+
+The warden makes one cgroup per kernel (``<parent>/<kernel id>`` under each
+controller), writes the profile's memory, pids and CPU limits into it, and puts
+nsjail into it before nsjail execs, so the jail and everything it forks are
+charged there. Because this cgroup outlives nsjail, the warden can read its
+counters after the jail ends and tell the user *which* limit ended the kernel
+(an OOM kill and a time limit both look like exit 137 from outside).
+
+cgroup v2 (one hierarchy at /sys/fs/cgroup) is what most hosts have; cgroup v1
+(one hierarchy per controller, as on this project's CI) is supported too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostUnsupported
+from .policy import Limits
+
+__all__ = ["CgroupDetection", "KernelCgroup", "detect"]
+
+CGROUP_ROOT = Path(os.environ.get("CELLBLOCK_CGROUP_ROOT", "/sys/fs/cgroup"))
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class CgroupDetection:
+    """What the host offers: ``version`` is "v2", "v1" or None (with ``reason``)."""
+
+    version: str | None
+    reason: str = ""
+
+
+def detect(root: Path = CGROUP_ROOT) -> CgroupDetection:
+    """Find a cgroup hierarchy with the memory, pids and cpu controllers."""
+    controllers = root / "cgroup.controllers"
+    if controllers.is_file():
+        have = set(controllers.read_text().split())
+        missing = {"memory", "pids", "cpu"} - have
+        if not missing:
+            return CgroupDetection("v2")
+        return CgroupDetection(None, f"cgroup v2 at {root} lacks controllers: {sorted(missing)}")
+    missing = [c for c in V1_CONTROLLERS if not (root / c / "cgroup.procs").is_file()]
+    if not missing:
+        return CgroupDetection("v1")
+    return CgroupDetection(
+        None, f"no cgroup v2 at {root} and no cgroup v1 controllers for {missing}"
+    )
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:  # noqa: PTH123 - cgroupfs wants one write() per value
+        f.write(value)
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                out[parts[0]] = int(parts[1])
+    return out
+
+
+class KernelCgroup:
+    """The cgroup(s) of one kernel. Create with :meth:`create`; close with :meth:`remove`.
+
+    ``remove`` kills whatever is left inside and deletes the directories; it is
+    idempotent and safe to call from any cleanup path, including a later sweep
+    after a warden was SIGKILLed (:meth:`for_kernel` rebuilds the paths).
+    """
+
+    def __init__(self, version: str, dirs: tuple[Path, ...]) -> None:
+        self.version = version
+        self.dirs = dirs
+
+    @classmethod
+    def for_kernel(cls, version: str, parent: str, kernel_id: str,
+                   root: Path = CGROUP_ROOT) -> KernelCgroup:
+        if version == "v2":
+            return cls(version, (root / parent / kernel_id,))
+        return cls(version, tuple(root / c / parent / kernel_id for c in V1_CONTROLLERS))
+
+    @classmethod
+    def create(cls, version: str, parent: str, kernel_id: str, limits: Limits,
+               root: Path = CGROUP_ROOT) -> KernelCgroup:
+        """Make the kernel's cgroup(s) and write the limits. Raises HostUnsupported."""
+        cg = cls.for_kernel(version, parent, kernel_id, root)
+        try:
+            if version == "v2":
+                cg._create_v2(root, parent, limits)
+            else:
+                cg._create_v1(limits)
+        except OSError as exc:
+            cg.remove()
+            where = exc.filename or "cgroupfs"
+            raise HostUnsupported(
+                f"cannot set up cgroup {version} limits at {where}: {exc.strerror}. "
+                f"Fix: run as root, or delegate {root}/.../{parent} to this user "
+                "(mkdir it and chown it to the user; on systemd: Delegate=yes), "
+                "or set cgroups = \"off\" in the profile to run without memory/pids/cpu limits"
+            ) from None
+        return cg
+
+    def _create_v2(self, root: Path, parent: str, limits: Limits) -> None:
+        want = "+memory +pids +cpu"
+        node = root
+        for part in parent.split("/"):
+            with contextlib.suppress(OSError):  # may already be on, or not ours to change
+                _write(node / "cgroup.subtree_control", want)
+            node = node / part
+            node.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            _write(node / "cgroup.subtree_control", want)
+        (d,) = self.dirs
+        d.mkdir()
+        _write(d / "memory.max", str(limits.memory))
+        with contextlib.suppress(FileNotFoundError):  # no swap accounting on this host
+            _write(d / "memory.swap.max", "0")
+        with contextlib.suppress(FileNotFoundError):
+            _write(d / "memory.oom.group", "1")
+        _write(d / "pids.max", str(limits.pids))
+        _write(d / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+
+    def _create_v1(self, limits: Limits) -> None:
+        mem, pids, cpu = self.dirs
+        for d in self.dirs:
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.mkdir()
+        _write(mem / "memory.limit_in_bytes", str(limits.memory))
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # swapaccount=0 hosts
+            _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory))
+        _write(pids / "pids.max", str(limits.pids))
+        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(cpu / "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)))
+
+    def join(self, pid: int = 0) -> None:
+        """Move ``pid`` (0: the caller) into every cgroup of this kernel.
+
+        Called in the child between fork and exec of nsjail, so nothing the jail
+        forks can start outside the limits.
+        """
+        for d in self.dirs:
+            _write(d / "cgroup.procs", str(pid))
+
+    def oom_kills(self) -> int:
+        if self.version == "v2":
+            return _keyed(self.dirs[0] / "memory.events").get("oom_kill", 0)
+        return _keyed(self.dirs[0] / "memory.oom_control").get("oom_kill", 0)
+
+    def pids_max_hits(self) -> int:
+        d = self.dirs[0] if self.version == "v2" else self.dirs[1]
+        return _keyed(d / "pids.events").get("max", 0)
+
+    def memory_current(self) -> int | None:
+        name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
+        try:
+            return int((self.dirs[0] / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                out.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+        return sorted(out)
+
+    def kill_all(self, deadline: float = 5.0) -> None:
+        """SIGKILL every process left in the cgroup and wait until it is empty."""
+        kill_file = self.dirs[0] / "cgroup.kill"
+        if self.version == "v2" and kill_file.exists():
+            with contextlib.suppress(OSError):
+                _write(kill_file, "1")
+        end = time.monotonic() + deadline
+        while (left := self.pids()) and time.monotonic() < end:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)  # a poll interval while the kernel reaps; not a timing guess
+
+    def remove(self) -> None:
+        """Kill what is left and delete the directories. Idempotent."""
+        self.kill_all()
+        for d in self.dirs:
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        break
+                    time.sleep(0.01)  # EBUSY while the last task exits; poll again

@@ -1,0 +1,174 @@
+"""The ``cellblock`` command.
+
+    cellblock install [--user | --sys-prefix | --prefix DIR]   one kernelspec per profile
+    cellblock doctor [PROFILE ...]                             check the host, with fixes
+    cellblock profiles list
+    cellblock profiles show NAME                               resolved policy + nsjail argv
+    cellblock run [NOTEBOOK] [--profile NAME] [--output PATH]  execute a notebook jailed
+
+Exit status: 0 success, 1 a check or a notebook failed, 2 bad input (the message
+names the bad value and what is allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import CellblockError
+
+__all__ = ["main"]
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from .kernelspec import install_all
+    from .policy import load_policy
+
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    for path in install_all(load_policy(), user=args.user, prefix=prefix):
+        print(f"installed {Path(path).name} in {path}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_checks
+    from .policy import load_policy
+
+    policy = load_policy()
+    for name in args.profiles:
+        policy.profile(name)
+    checks = run_checks(policy, args.profiles or None)
+    for c in checks:
+        print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            print(f"       fix: {c.fix}")
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+def _example_command(name: str) -> list[str]:
+    from .jailcmd import JailLayout, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
+    from .policy import load_policy
+
+    policy = load_policy()
+    profile = policy.profile(name)
+    from .rundir import runtime_base
+
+    run = runtime_base() / "KERNEL_ID"
+    layout = JailLayout(ipc_dir=run / "ipc", pkg_dir=run / "pkg", passwd=run / "passwd",
+                        group=run / "group", outside_uid=1073741824, outside_gid=1073741824)
+    python = resolve_python(profile)
+    return nsjail_argv(nsjail=locate_nsjail(policy.host), profile=profile, layout=layout,
+                       python=python, env_mounts=python_env_mounts(python))
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+
+    policy = load_policy()
+    if args.action == "list":
+        for name, prof in sorted(policy.profiles.items()):
+            print(f"{name:<16} {prof.display_name or ''}  {prof.description}")
+        print(f"(policy from: {' + '.join(policy.sources)})")
+        return 0
+    profile = policy.profile(args.name)
+    argv = _example_command(args.name)
+    shown: dict[str, Any] = {
+        "profile": args.name,
+        "policy_sources": list(policy.sources),
+        "policy_sha256": policy.digest(),
+        "host": policy.host.model_dump(mode="json"),
+        "settings": profile.model_dump(mode="json"),
+        "nsjail_command": argv,
+    }
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    print(f"profile {args.name}  (policy: {' + '.join(policy.sources)}, "
+          f"sha256 {shown['policy_sha256'][:16]})")
+    for key, value in shown["settings"].items():
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                print(f"  {key}.{k2} = {json.dumps(v2)}")
+        else:
+            print(f"  {key} = {json.dumps(value)}")
+    print("nsjail command (run dir and uid are chosen per kernel):")
+    print("  " + " \\\n    ".join(argv))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .notebook_run import run_notebook
+
+    if args.notebook is None:
+        source = resources.files("cellblock.notebooks").joinpath("quickstart.ipynb")
+        src_name, text = "quickstart.ipynb", source.read_text()
+    else:
+        path = Path(args.notebook)
+        if not path.is_file():
+            raise CellblockError(f"notebook {str(path)!r} does not exist")
+        src_name, text = path.name, path.read_text()
+    output = Path(args.output) if args.output else Path(src_name).with_suffix(".executed.ipynb")
+    if args.notebook is None and not args.output:
+        output = Path.cwd() / "quickstart.executed.ipynb"
+    started = time.monotonic()
+    summary = run_notebook(text, profile=args.profile, output=output, timeout=args.timeout)
+    took = time.monotonic() - started
+    print(f"{src_name}: {summary.cells} code cells on profile {args.profile!r} in {took:.1f} s; "
+          f"{summary.errors} with errors; written to {output}")
+    if summary.first_error:
+        print(f"first error: {summary.first_error}")
+    return 1 if summary.errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellblock", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    inst = sub.add_parser("install", help="install one kernelspec per profile")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
+    where.add_argument("--sys-prefix", action="store_true", help="into sys.prefix")
+    where.add_argument("--prefix", help="into this prefix")
+    inst.set_defaults(func=_cmd_install)
+
+    doc = sub.add_parser("doctor", help="check that this host can run the profiles")
+    doc.add_argument("profiles", nargs="*", help="profiles to check (default: all)")
+    doc.set_defaults(func=_cmd_doctor)
+
+    prof = sub.add_parser("profiles", help="list profiles or show one resolved")
+    psub = prof.add_subparsers(dest="action", required=True)
+    psub.add_parser("list")
+    show = psub.add_parser("show")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    prof.set_defaults(func=_cmd_profiles)
+
+    run = sub.add_parser("run", help="execute a notebook in the sandbox with nbclient")
+    run.add_argument("notebook", nargs="?", help="default: the embedded quickstart")
+    run.add_argument("--profile", default="agent")
+    run.add_argument("--output", help="where to write the executed notebook")
+    run.add_argument("--timeout", type=float, default=120.0, help="seconds per cell")
+    run.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CellblockError as exc:
+        print(f"cellblock: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Every error cellblock raises on the host side.
+
+The tree::
+
+    CellblockError(Exception)
+    ├── PolicyError(CellblockError, ValueError)      bad policy file, key or value
+    │   └── UnknownProfile(PolicyError, KeyError)    a profile name that no policy defines
+    ├── HostUnsupported(CellblockError, RuntimeError)  the host lacks what a profile requires
+    │                                                  (user namespaces, cgroups, a readable
+    │                                                  Python environment); the message says
+    │                                                  which piece and how to fix it
+    └── JailStartError(CellblockError, RuntimeError) the warden or nsjail failed to start
+        └── JailStartTimeout(JailStartError, TimeoutError)
+
+Messages name the kernel or profile, the bad value, and the fix. They never contain
+a secret: keys, tokens and dataset contents stay out of exception text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CellblockError",
+    "HostUnsupported",
+    "JailStartError",
+    "JailStartTimeout",
+    "PolicyError",
+    "UnknownProfile",
+]
+
+
+class CellblockError(Exception):
+    """Base class of every cellblock error."""
+
+
+class PolicyError(CellblockError, ValueError):
+    """The policy (built-in or an operator's TOML file) is invalid."""
+
+
+class UnknownProfile(PolicyError, KeyError):
+    """A profile name that the resolved policy does not define."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown profile"
+
+
+class HostUnsupported(CellblockError, RuntimeError):
+    """The host cannot provide something the profile requires; fail closed."""
+
+
+class JailStartError(CellblockError, RuntimeError):
+    """The warden or the jail did not come up."""
+
+
+class JailStartTimeout(JailStartError, TimeoutError):
+    """The warden did not report ready in time."""

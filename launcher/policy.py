@@ -1,0 +1,232 @@
+"""The policy: typed, frozen, validated once.
+
+One policy describes every profile for every audience. It is the built-in
+``builtin.toml`` with an operator's TOML file merged over it key by key. The
+operator file is found at ``$CELLBLOCK_POLICY`` (a path), else as
+``cellblock.toml`` on the Jupyter config path (``jupyter --paths``).
+
+Every model is ``frozen`` and ``extra="forbid"``: a typo in a key is an error
+that names the key and lists the allowed ones, never a silently ignored setting.
+Defaults are the restrictive choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .errors import PolicyError, UnknownProfile
+
+__all__ = [
+    "HostSettings",
+    "Limits",
+    "Policy",
+    "Profile",
+    "find_policy_file",
+    "load_policy",
+    "parse_size",
+]
+
+POLICY_ENV = "CELLBLOCK_POLICY"
+POLICY_FILENAME = "cellblock.toml"
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: object) -> int:
+    """Turn ``"1GiB"``, ``"512M"``, ``"64kib"`` or an int of bytes into bytes.
+
+    Units are binary (K = 1024). Raises ``ValueError`` naming the allowed forms.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MiB or 1GiB, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError("expected a size such as 512MiB, 1GiB or a number of bytes")
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+_NAME = r"^[a-z][a-z0-9_-]{0,39}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Limits(_Model):
+    """Resource limits of one kernel. Memory, pids and CPU are cgroup limits."""
+
+    memory: Size = Field(1024**3, gt=0, description="cgroup memory limit (no swap)")
+    pids: int = Field(128, ge=8, le=1_000_000, description="cgroup pids.max")
+    cpus: float = Field(1.0, gt=0, le=1024, description="CPU quota in cores")
+    tmp_size: Size = Field(256 * 1024**2, gt=0, description="tmpfs size of /tmp")
+    home_size: Size = Field(64 * 1024**2, gt=0, description="tmpfs size of $HOME")
+    open_files: int = Field(1024, ge=64, le=1_048_576, description="RLIMIT_NOFILE")
+    file_size: Size = Field(256 * 1024**2, ge=1024**2, description="RLIMIT_FSIZE")
+
+
+class Profile(_Model):
+    """One kind of sandbox: limits, environment, and what clients may ask."""
+
+    display_name: str = ""
+    description: str = ""
+    python: str = Field(
+        "auto",
+        description="the kernel's Python: 'auto' (the interpreter cellblock runs on) or a path "
+        "to an interpreter whose environment the jail's uid can read",
+    )
+    nsjail_config: str = Field(
+        "python-kernel-no-net.cfg",
+        description="a file name in cellblock's nsjail-configs/, or an absolute path",
+    )
+    seccomp_policy: str = Field(
+        "seccomp-kernel.kafel",
+        description="a kafel file name in nsjail-configs/, or an absolute path",
+    )
+    cgroups: Literal["required", "off"] = Field(
+        "required",
+        description="'off' runs without cgroup memory/pids/cpu limits; never a silent fallback",
+    )
+    allow_stdin: bool = False
+    allowed_requests: tuple[str, ...] | None = Field(
+        None, description="client request msg_types forwarded to the kernel (None: all known)"
+    )
+    startup_timeout: float = Field(60.0, gt=0, le=3600)
+    limits: Limits = Limits()
+
+
+class HostSettings(_Model):
+    """Settings of the host rather than of a profile."""
+
+    nsjail: str = Field("", description="nsjail binary; empty: $CELLBLOCK_NSJAIL or bundled")
+    cgroup_parent: str = Field("cellblock", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+class Policy(_Model):
+    """The whole resolved policy."""
+
+    host: HostSettings = HostSettings()
+    profiles: dict[Annotated[str, Field(pattern=_NAME)], Profile] = {}
+    sources: tuple[str, ...] = ()
+
+    def profile(self, name: str) -> Profile:
+        """Return profile ``name`` or raise :class:`UnknownProfile` listing the known ones."""
+        try:
+            return self.profiles[name]
+        except KeyError:
+            known = ", ".join(sorted(self.profiles)) or "(none)"
+            raise UnknownProfile(f"unknown profile {name!r}; known profiles: {known}") from None
+
+    def digest(self) -> str:
+        """sha256 of the resolved policy, for the audit log and `profiles show`."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"sources"}), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Policy
+    for part in loc[:-1]:
+        if model is Policy and part == "profiles":
+            model = dict
+            continue
+        if model is dict:
+            model = Profile
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {})) if isinstance(model, type) else []
+
+
+def _explain(err: ValidationError, source: str) -> PolicyError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(k for k in _allowed_keys(loc) if k != "sources")
+            lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
+        else:
+            lines.append(f"{key} = {e.get('input')!r}: {e['msg']}")
+    return PolicyError(f"invalid policy ({source}):\n  " + "\n  ".join(lines))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise PolicyError(f"policy file {path} cannot be read: {exc.strerror}") from None
+
+
+def find_policy_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The operator's policy file: ``$CELLBLOCK_POLICY``, else ``cellblock.toml`` on the
+    Jupyter config path (first match), else None."""
+    env = os.environ if env is None else env
+    explicit = env.get(POLICY_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    from jupyter_core.paths import jupyter_config_path
+
+    for directory in jupyter_config_path():
+        candidate = Path(directory) / POLICY_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_policy(path: Path | str | None = None, *, env: Mapping[str, str] | None = None) -> Policy:
+    """Load the built-in policy merged with the operator file.
+
+    ``path`` names the operator file explicitly; otherwise :func:`find_policy_file`
+    decides. Raises :class:`PolicyError` with every problem, each naming its key.
+    """
+    builtin = tomllib.loads(resources.files("cellblock").joinpath("builtin.toml").read_text())
+    op_path = Path(path) if path is not None else find_policy_file(env)
+    data, sources = builtin, ["builtin"]
+    if op_path is not None:
+        operator = _read_toml(op_path)
+        data = _merge(builtin, operator)
+        sources.append(str(op_path))
+    data["sources"] = tuple(sources)
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, " + ".join(sources)) from None

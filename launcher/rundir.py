@@ -1,0 +1,191 @@
+"""Per-kernel run directories on the host, and the sweep that removes leftovers.
+
+Layout of one kernel's run dir (``<runtime base>/<kernel id>/``)::
+
+    warden.json   who owns this kernel: warden pid, profile, ports, cgroup, jail uid
+    ipc/          bound read-write at /run/cellblock in the jail; owned by the jail
+                  uid, mode 0700; holds the inner connection file and the kernel's
+                  ZMQ ipc sockets
+    pkg/          a copy of cellblock_kernel, bound read-only at /opt/cellblock-kernel
+    passwd group  one-line files bound read-only at /etc/passwd and /etc/group
+
+The runtime base is ``$CELLBLOCK_RUNTIME_DIR``, else ``/run/cellblock`` for root,
+else ``$XDG_RUNTIME_DIR/cellblock``, else ``/tmp/cellblock-<uid>``. It is mode
+0711: the jail's uid may traverse it but not list it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import HostUnsupported
+from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout
+
+__all__ = ["RunDir", "WardenRecord", "is_warden_alive", "runtime_base", "sweep_stale"]
+
+RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
+# As root, each kernel gets its own host uid from this range: jails never share a
+# uid with each other or with a host account (2**24 ids, so collisions are rare).
+JAIL_UID_BASE = 0x40000000
+JAIL_UID_SPAN = 1 << 24
+MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes with the NUL
+
+
+def runtime_base() -> Path:
+    explicit = os.environ.get(RUNTIME_ENV)
+    if explicit:
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/run/cellblock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "cellblock"
+    return Path(f"/tmp/cellblock-{os.getuid()}")  # noqa: S108 - private, 0711, owned by us
+
+
+def jail_ids() -> tuple[int, int]:
+    """Host uid/gid the jail's uid maps to: a fresh one per kernel as root, else our own
+    (an unprivileged user can map only itself without newuidmap)."""
+    if os.geteuid() == 0:
+        uid = JAIL_UID_BASE + secrets.randbelow(JAIL_UID_SPAN)
+        return uid, uid
+    return os.getuid(), os.getgid()
+
+
+@dataclass
+class WardenRecord:
+    """Contents of warden.json; read by `cellblock ps`, `kill` and the sweep."""
+
+    kernel_id: str
+    profile: str
+    warden_pid: int
+    jail_uid: int
+    cgroup_version: str | None
+    cgroup_parent: str
+    started: float
+    client_ports: dict[str, int]
+    nsjail_pid: int | None = None
+
+
+class RunDir:
+    """One kernel's run dir. :meth:`create` makes it; :meth:`remove` deletes it (idempotent)."""
+
+    def __init__(self, base: Path, kernel_id: str) -> None:
+        self.path = base / kernel_id
+        self.kernel_id = kernel_id
+
+    @property
+    def ipc(self) -> Path:
+        return self.path / "ipc"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "warden.json"
+
+    def create(self, uid: int, gid: int) -> JailLayout:
+        base = self.path.parent
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o711)
+        if len(str(self.ipc / "k-65535")) > MAX_SOCKET_PATH:
+            raise HostUnsupported(
+                f"run dir {self.path} is too long for unix socket paths; set "
+                f"${RUNTIME_ENV} to a shorter directory"
+            )
+        self.path.mkdir(mode=0o711)
+        self.ipc.mkdir(mode=0o700)
+        pkg = self.path / "pkg" / "cellblock_kernel"
+        src = resources.files("cellblock_kernel")
+        pkg.mkdir(parents=True)
+        for item in src.iterdir():
+            if item.name.endswith(".py") or item.name == "py.typed":
+                (pkg / item.name).write_bytes(item.read_bytes())
+        passwd = self.path / "passwd"
+        passwd.write_text(f"jovyan:x:{JAIL_UID}:{JAIL_UID}:jovyan:{JAIL_HOME}:/bin/sh\n")
+        group = self.path / "group"
+        group.write_text(f"jovyan:x:{JAIL_UID}:\n")
+        for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if os.geteuid() == 0:
+            os.chown(self.ipc, uid, gid)
+        return JailLayout(
+            ipc_dir=self.ipc, pkg_dir=self.path / "pkg", passwd=passwd, group=group,
+            outside_uid=uid, outside_gid=gid,
+        )
+
+    def write_connection_file(self, info: dict[str, object], uid: int, gid: int) -> Path:
+        """The inner connection file: readable only by the jail's uid (and us)."""
+        path = self.ipc / "kernel.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        if os.geteuid() == 0:
+            os.chown(path, uid, gid)
+        return path
+
+    def write_record(self, record: WardenRecord) -> None:
+        tmp = self.path / "warden.json.tmp"
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(self.record_path)
+
+    def read_record(self) -> WardenRecord | None:
+        try:
+            return WardenRecord(**json.loads(self.record_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def is_warden_alive(record: WardenRecord) -> bool:
+    """True when the warden pid is alive and is still that kernel's warden."""
+    try:
+        cmdline = Path(f"/proc/{record.warden_pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"cellblock.warden" in cmdline and record.kernel_id.encode() in cmdline
+
+
+def sweep_stale(base: Path | None = None) -> list[str]:
+    """Remove run dirs and cgroups of kernels whose warden is gone (SIGKILLed, host crash).
+
+    Called when a warden starts and by the provisioner's cleanup; returns the
+    kernel ids it removed.
+    """
+    from .cgroups import KernelCgroup
+
+    base = runtime_base() if base is None else base
+    removed: list[str] = []
+    if not base.is_dir():
+        return removed
+    for entry in base.iterdir():
+        if not entry.is_dir():
+            continue
+        run = RunDir(base, entry.name)
+        record = run.read_record()
+        if record is None:
+            # No record: a warden that died before writing it, or one starting now.
+            # Only remove it once it is clearly old.
+            with contextlib.suppress(OSError):
+                import time
+
+                if time.time() - entry.stat().st_mtime > 300:
+                    run.remove()
+                    removed.append(entry.name)
+            continue
+        if is_warden_alive(record):
+            continue
+        if record.cgroup_version:
+            KernelCgroup.for_kernel(
+                record.cgroup_version, record.cgroup_parent, record.kernel_id
+            ).remove()
+        run.remove()
+        removed.append(record.kernel_id)
+    return removed

@@ -1,0 +1,330 @@
+"""The warden: one host process per kernel that owns the jail.
+
+Started by :class:`cellblock.provisioner.CellblockProvisioner` as
+``python -m cellblock.warden ...``. It
+
+1. dies with its parent (``PR_SET_PDEATHSIG``), so a killed client leaves nothing;
+2. makes the run dir, a fresh kernel HMAC key and the inner connection file;
+3. makes the kernel's cgroup and starts nsjail inside it;
+4. runs the gate between the client's connection (tcp, client key) and the
+   kernel's (ipc, kernel key);
+5. reports ``ready`` (or the error, in words) on a status pipe to the provisioner;
+6. watches nsjail; when the jail ends it tells the client why on iopub
+   ("cellblock: kernel stopped, memory limit 1 GiB exceeded");
+7. on every way out (shutdown, SIGTERM from the client, crash, its parent's
+   death) removes the processes, the cgroup and the run dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .cgroups import KernelCgroup, detect
+from .errors import CellblockError, HostUnsupported, JailStartError
+from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
+from .policy import Profile, load_policy
+from .rundir import RunDir, WardenRecord, jail_ids, runtime_base, sweep_stale
+
+log = logging.getLogger("cellblock.warden")
+
+PR_SET_PDEATHSIG = 1
+INNER_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
+OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+class Warden:
+    """Owns one kernel's jail for its whole life. Not reusable across restarts:
+    jupyter_client restarts a kernel by starting a new warden on the same ports."""
+
+    def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any]) -> None:
+        self.kernel_id = kernel_id
+        self.profile_name = profile_name
+        self.client_conn = client_conn
+        self.policy = load_policy()
+        self.profile: Profile = self.policy.profile(profile_name)
+        self.run = RunDir(runtime_base(), kernel_id)
+        self.cgroup: KernelCgroup | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.gate: Any = None
+        self.tail: deque[bytes] = deque()
+        self.tail_bytes = 0
+        self.drops: dict[str, int] = {}
+        self._stop_reason: str | None = None
+        self._closed = False
+
+    # -- start ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Set up everything and start the jail and the gate. Raises CellblockError."""
+        profile = self.profile
+        cg_version = None
+        if profile.cgroups == "required":
+            found = detect()
+            if found.version is None:
+                raise HostUnsupported(
+                    f"profile {self.profile_name!r} requires cgroup limits but {found.reason}. "
+                    "Fix: enable the memory, pids and cpu controllers, or set "
+                    "cgroups = \"off\" in the profile"
+                )
+            cg_version = found.version
+        python = resolve_python(profile)
+        env_mounts = python_env_mounts(python)
+        nsjail = locate_nsjail(self.policy.host)
+        sweep_stale(self.run.path.parent)
+
+        uid, gid = jail_ids()
+        layout = self.run.create(uid, gid)
+        record = WardenRecord(
+            kernel_id=self.kernel_id, profile=self.profile_name, warden_pid=os.getpid(),
+            jail_uid=uid, cgroup_version=cg_version,
+            cgroup_parent=self.policy.host.cgroup_parent, started=time.time(),
+            client_ports={k: int(v) for k, v in self.client_conn.items() if k.endswith("_port")},
+        )
+        self.run.write_record(record)
+        kernel_key = secrets.token_hex(32)
+        inner = {
+            **INNER_PORTS, "transport": "ipc", "ip": f"{JAIL_RUN}/k", "key": kernel_key,
+            "signature_scheme": "hmac-sha256", "kernel_name": "",
+        }
+        self.run.write_connection_file(inner, uid, gid)
+        if cg_version is not None:
+            self.cgroup = KernelCgroup.create(
+                cg_version, self.policy.host.cgroup_parent, self.kernel_id, profile.limits
+            )
+        argv = nsjail_argv(
+            nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts
+        )
+        self._spawn(argv)
+        record.nsjail_pid = self.proc.pid if self.proc else None
+        self.run.write_record(record)
+        self._start_gate({**inner, "ip": str(self.run.ipc / "k")})
+        self._wait_for_kernel_sockets()
+
+    def _spawn(self, argv: list[str]) -> None:
+        cgroup = self.cgroup
+
+        def in_child() -> None:  # runs between fork and exec: async-signal-safe work only
+            set_pdeathsig(signal.SIGTERM)  # nsjail then kills the jail and cleans up
+            if cgroup is not None:
+                cgroup.join(0)
+
+        self.proc = subprocess.Popen(  # noqa: S603 - argv built from the validated policy
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            preexec_fn=in_child,  # noqa: PLW1509 - the warden has no threads yet
+            close_fds=True,
+        )
+        threading.Thread(target=self._drain, name="nsjail-output", daemon=True).start()
+
+    def _drain(self) -> None:
+        """Keep the last OUTPUT_TAIL bytes of the jail's own stdout/stderr; drop the rest.
+
+        A kernel writing to fd 1/2 outside a cell cannot fill the host's disk.
+        """
+        assert self.proc is not None and self.proc.stdout is not None
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+            self.tail.append(chunk)
+            self.tail_bytes += len(chunk)
+            while self.tail_bytes > OUTPUT_TAIL and len(self.tail) > 1:
+                self.tail_bytes -= len(self.tail.popleft())
+
+    def output_tail(self, limit: int = 2000) -> str:
+        return b"".join(self.tail).decode("utf-8", "replace")[-limit:]
+
+    def _start_gate(self, kernel_conn: dict[str, Any]) -> None:
+        from .gate import Gate, GateLimits
+
+        allowed = self.profile.allowed_requests
+        if allowed is not None and self.profile.allow_stdin:
+            allowed = (*allowed, "input_reply")
+        self.gate = Gate(
+            client=self.client_conn,
+            kernel=kernel_conn,
+            limits=GateLimits(),
+            rules=(),
+            audit=self._audit,
+            allowed_client_msg_types=frozenset(allowed) if allowed is not None else None,
+        )
+        self.gate.start()
+
+    def _wait_for_kernel_sockets(self) -> None:
+        """Return once the kernel has bound its five ipc sockets; raise if the jail ended."""
+        deadline = time.monotonic() + self.profile.startup_timeout
+        want = [self.run.ipc / f"k-{p}" for p in INNER_PORTS.values()]
+        assert self.proc is not None
+        while not all(p.exists() for p in want):
+            if self.proc.poll() is not None:
+                raise JailStartError(
+                    f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited during "
+                    f"start with status {self.proc.returncode}; its last output:\n"
+                    f"{self.output_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise JailStartError(
+                    f"kernel {self.kernel_id} did not bind its sockets within "
+                    f"{self.profile.startup_timeout:.0f} s (profile startup_timeout)"
+                )
+            time.sleep(0.005)  # poll interval for a condition, not a fixed wait
+
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        key = f"{event}:{fields.get('reason', '')}"
+        self.drops[key] = self.drops.get(key, 0) + 1
+        if self.drops[key] <= 20:
+            log.warning("kernel %s: %s %s", self.kernel_id, event, json.dumps(fields, default=str))
+
+    # -- run -------------------------------------------------------------------
+
+    def wait(self) -> int:
+        """Block until the jail ends or a stop signal arrives; return the exit status."""
+        assert self.proc is not None
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            while self.proc.poll() is None and self._stop_reason is None:
+                select.select([pidfd, rfd], [], [])
+                with contextlib.suppress(BlockingIOError):
+                    os.read(rfd, 64)
+        finally:
+            os.close(pidfd)
+        if self._stop_reason is not None:
+            self._stop_jail()
+            return 0
+        status = self.proc.wait()
+        reason = self.death_reason(status)
+        if reason:
+            log.warning("kernel %s: %s", self.kernel_id, reason)
+            if self.gate is not None:
+                self.gate.announce("CellblockKernelStopped", f"cellblock: kernel stopped, {reason}")
+        return 0 if reason is None else 1
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop_reason = signal.Signals(signum).name
+
+    def death_reason(self, status: int) -> str | None:
+        """Why the jail ended, in words for the user; None for a requested shutdown."""
+        lim = self.profile.limits
+        if self.cgroup is not None and self.cgroup.oom_kills() > 0:
+            return f"memory limit {human_bytes(lim.memory)} exceeded"
+        if self.gate is not None and self.gate.shutdown_requested and status == 0:
+            return None
+        tail = self.output_tail(4000)
+        if "seccomp" in tail.lower() and "violation" in tail.lower():
+            return "killed by the seccomp policy (a forbidden system call)"
+        if self.cgroup is not None and self.cgroup.pids_max_hits() > 0:
+            return f"process limit {lim.pids} reached (pids), then the kernel exited " \
+                   f"with status {status}"
+        if status > 128:
+            sig = status - 128
+            with contextlib.suppress(ValueError):
+                return f"killed by signal {signal.Signals(sig).name}"
+        return f"kernel process exited with status {status}"
+
+    def _stop_jail(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()  # SIGTERM: nsjail kills the jail and cleans up
+            try:
+                self.proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    # -- cleanup ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove everything this warden made. Idempotent; safe after a failed start."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc is not None and self.proc.poll() is None:
+            self._stop_jail()
+        if self.gate is not None:
+            with contextlib.suppress(Exception):
+                self.gate.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        self.run.remove()
+
+
+def _report(fd: int | None, payload: dict[str, Any]) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(payload) + "\n").encode())
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellblock.warden``: run by the provisioner, not by people."""
+    parser = argparse.ArgumentParser(prog="cellblock.warden")
+    parser.add_argument("--kernel-id", required=True)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--connection-file", required=True, type=Path)
+    parser.add_argument("--parent-pid", required=True, type=int)
+    parser.add_argument("--status-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[cellblock warden %(asctime)s] %(message)s")
+
+    set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != args.parent_pid:  # the parent died before prctl took effect
+        return 1
+    warden: Warden | None = None
+    try:
+        client_conn = json.loads(args.connection_file.read_text())
+        warden = Warden(args.kernel_id, args.profile, client_conn)
+        warden.start()
+    except (CellblockError, OSError, ValueError) as exc:
+        if warden is not None:
+            warden.close()
+        message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
+        _report(args.status_fd, {"ok": False, "error": message, "type": type(exc).__name__})
+        log.error("kernel %s failed to start: %s", args.kernel_id, message)
+        return 2
+    _report(args.status_fd, {"ok": True, "pid": os.getpid()})
+    try:
+        return warden.wait()
+    finally:
+        warden.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
