@@ -1,0 +1,478 @@
+"""The gate: a ZMQ relay between Jupyter clients (client key) and a hostile kernel (kernel key).
+
+Who calls what: the warden makes one :class:`Gate` per kernel, calls :meth:`Gate.start`
+before the jailed kernel is up, :meth:`Gate.announce` when it knows why the kernel died,
+reads :attr:`Gate.shutdown_requested` to tell a requested exit from a crash, and calls
+:meth:`Gate.close` on every exit path. Everything else happens on the gate's one background
+thread, which owns every socket between ``start()`` and ``close()``.
+
+Client -> kernel (trusted, but verified): signature checked with the client key, header
+parsed, msg_type checked against the channel's allowlist (and the profile's, if given),
+the request recorded, the four JSON frames re-signed with the kernel key and forwarded
+with the client's ROUTER identity as the one ident frame.
+
+Kernel -> client (hostile): layout, signature (kernel key), header and parent JSON, size,
+replay window, msg_type allowlist per channel, then binding to a request the gate forwarded
+(see :mod:`cellblock.gate.tracker`). Replies are routed by the gate's own table, never by the
+ident frames the kernel sent. The original frames are re-signed with the client key; JSON is
+re-encoded only when an output rule changed the content. Iopub topics are replaced by the
+msg_type (the kernel's topic frame is unsigned).
+
+Decisions:
+
+- **Buffers** are not covered by the wire signature, so a buffer is only as trustworthy as
+  the transport. Only ``comm_open``/``comm_msg`` (widgets) use them; on every other message
+  they are stripped (audited ``gate.strip``), and comm buffers are capped in total.
+- **Empty parent**: dropped, except ``status: starting`` (what a kernel publishes at boot).
+  An empty-parent ``busy`` or ``idle`` could flip a UI's busy indicator, so it is dropped.
+- **Status** content is the one content the relay parses (it is tiny and drives P3);
+  ``execution_state`` must be busy, idle or starting.
+- **Heartbeat** is forwarded to the kernel, so liveness reflects the kernel; an echo is only
+  passed back if it matches a ping the gate forwarded (no unsolicited bytes to clients).
+- **Audit** fields never carry content: a msg_type outside the known set is omitted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq
+from cellblock.gate.replay import ReplayWindow
+from cellblock.gate.rules import OutputRule, apply_rules
+from cellblock.gate.tracker import (
+    BUFFER_TYPES,
+    CLIENT_TYPES,
+    HOLD,
+    KERNEL_TYPES,
+    KNOWN_TYPES,
+    RequestTable,
+)
+from cellblock.gate.wire import (
+    DELIM,
+    SIGNATURE_SCHEME,
+    Dropped,
+    Signer,
+    check,
+    load_object,
+)
+
+__all__ = ["AuditCallback", "Gate", "GateLimits"]
+
+AuditCallback = Callable[[str, dict[str, Any]], None]
+
+_ROUTED = ("shell", "control", "stdin")
+_BATCH = 256  # messages read from one socket before the poller is consulted again
+_HB_MAX_BYTES = 4096
+_HB_MAX_PENDING = 256
+_EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
+
+
+@dataclass(frozen=True, slots=True)
+class GateLimits:
+    """Caps on what the gate accepts. Defaults suit a notebook kernel."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024  #: zmq.MAXMSGSIZE: a bigger frame disconnects the peer
+    max_frames: int = 64  #: frames per multipart, idents and buffers included
+    max_header_bytes: int = 64 * 1024  #: header and parent_header frames each
+    replay_window: int = 65536  #: kernel msg_ids remembered (P4)
+    max_buffer_bytes: int = 16 * 1024 * 1024  #: total buffer bytes on one comm message
+    max_open_requests: int = 1024  #: requests tracked at once; the oldest is evicted past this
+    kernel_rcvhwm: int = 1000  #: zmq.RCVHWM on kernel-facing sockets (messages)
+    linger_ms: int = 1000  #: how long close() waits to flush client-facing sockets
+
+
+def _address(conn: Mapping[str, Any], port: int) -> str:
+    transport = conn.get("transport", "tcp")
+    if transport == "tcp":
+        return f"tcp://{conn['ip']}:{port}"
+    if transport == "ipc":
+        return f"ipc://{conn['ip']}-{port}"
+    raise ValueError(f"cellblock gate: transport {transport!r} is not tcp or ipc")
+
+
+def _signer(conn: Mapping[str, Any], side: str) -> Signer:
+    scheme = conn.get("signature_scheme", SIGNATURE_SCHEME)
+    if scheme != SIGNATURE_SCHEME:
+        raise ValueError(f"cellblock gate: {side} signature_scheme {scheme!r} is not hmac-sha256")
+    return Signer(conn["key"])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Gate:
+    """One kernel's relay. See the module docstring for what it checks and why."""
+
+    def __init__(
+        self,
+        client: Mapping[str, Any],
+        kernel: Mapping[str, Any],
+        limits: GateLimits | None = None,
+        rules: Sequence[OutputRule] = (),
+        audit: AuditCallback | None = None,
+        allowed_client_msg_types: frozenset[str] | None = None,
+    ) -> None:
+        self._client_conn = dict(client)
+        self._kernel_conn = dict(kernel)
+        self._client_signer = _signer(client, "client")
+        self._kernel_signer = _signer(kernel, "kernel")
+        self._limits = limits or GateLimits()
+        self._rules = tuple(rules)
+        self._audit = audit
+        self._allowed = allowed_client_msg_types
+        self._table = RequestTable(self._limits.max_open_requests)
+        self._replay = ReplayWindow(self._limits.replay_window)
+        self._session = uuid.uuid4().hex  # the gate's own session, for announce()
+        self._identity = b"cellblock-gate-" + uuid.uuid4().hex.encode()
+        self._hb_pending: dict[tuple[bytes, ...], int] = {}
+        self._lock = threading.Lock()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._client: dict[str, zmq.Socket[bytes]] = {}
+        self._kernel: dict[str, zmq.Socket[bytes]] = {}
+        self._wake_in: zmq.Socket[bytes] | None = None
+        self._wake_out: zmq.Socket[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._shutdown_requested = False
+        self.audit_errors = 0  #: audit callbacks that raised (counted, then ignored)
+
+    # ----------------------------------------------------------- the warden's side
+
+    @property
+    def shutdown_requested(self) -> bool:
+        """True once a client's shutdown_request was forwarded to the kernel."""
+        return self._shutdown_requested
+
+    @property
+    def client_connection_info(self) -> dict[str, Any]:
+        """The client connection dict with the ports actually bound (port 0 = any free port)."""
+        return dict(self._client_conn)
+
+    def start(self) -> None:
+        """Bind client-facing sockets, connect kernel-facing ones, start the loop thread.
+
+        Connecting does not wait for the kernel: its ipc sockets may appear later. On any
+        failure everything opened so far is closed and the error is raised.
+        """
+        if self._ctx is not None or self._closed:
+            raise RuntimeError("cellblock gate: start() may be called once, before close()")
+        limits = self._limits
+        self._ctx = ctx = zmq.Context()
+        try:
+            for name in (*_ROUTED, "hb"):
+                sock = self._client[name] = ctx.socket(zmq.ROUTER)
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+                self._bind(sock, name)
+            self._client["iopub"] = ctx.socket(zmq.PUB)
+            self._bind(self._client["iopub"], "iopub")
+            for name, kind in (*((n, zmq.DEALER) for n in (*_ROUTED, "hb")), ("iopub", zmq.SUB)):
+                sock = self._kernel[name] = ctx.socket(kind)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, limits.kernel_rcvhwm)
+                sock.setsockopt(
+                    zmq.MAXMSGSIZE, _HB_MAX_BYTES if name == "hb" else limits.max_frame_bytes
+                )
+                if name in ("shell", "stdin"):  # ipykernel routes input_request by shell identity
+                    sock.setsockopt(zmq.IDENTITY, self._identity)
+                if kind == zmq.SUB:
+                    sock.setsockopt(zmq.SUBSCRIBE, b"")
+                sock.connect(_address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"])))
+            endpoint = f"inproc://cellblock-gate-{uuid.uuid4().hex}"
+            self._wake_in = ctx.socket(zmq.PAIR)
+            self._wake_in.bind(endpoint)
+            self._wake_out = ctx.socket(zmq.PAIR)
+            self._wake_out.connect(endpoint)
+            self._thread = threading.Thread(target=self._run, name="cellblock-gate", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def announce(self, ename: str, evalue: str) -> None:
+        """Publish an ``error`` (then ``status: idle``) for every open request, or one error with
+        an empty parent if none is open. Thread-safe; a no-op before start() or after close().
+        What was announced is flushed before close() returns."""
+        payload = json.dumps([str(ename), str(evalue)]).encode()
+        with self._lock:
+            if self._wake_out is not None and not self._closed:
+                self._wake_out.send_multipart([b"announce", payload])
+
+    def close(self) -> None:
+        """Stop the loop, join it, close every socket (client-facing ones with a short linger
+        so an announce gets out). Idempotent; safe after a failed start()."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None and self._wake_out is not None:
+                self._wake_out.send_multipart([b"stop"])
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        for sock in self._client.values():
+            sock.close(linger=self._limits.linger_ms)
+        for sock in (*self._kernel.values(), self._wake_in, self._wake_out):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def _bind(self, sock: zmq.Socket[bytes], name: str) -> None:
+        sock.setsockopt(zmq.LINGER, self._limits.linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._limits.max_frame_bytes)
+        key = f"{name}_port"
+        port = int(self._client_conn.get(key, 0))
+        if port == 0 and self._client_conn.get("transport", "tcp") == "tcp":
+            self._client_conn[key] = sock.bind_to_random_port(f"tcp://{self._client_conn['ip']}")
+        else:
+            sock.bind(_address(self._client_conn, port))
+
+    # ----------------------------------------------------------- the loop thread
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        handlers: dict[zmq.Socket[bytes], Callable[[list[bytes]], None]] = {}
+
+        def watch(sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
+            poller.register(sock, zmq.POLLIN)
+            handlers[sock] = handler
+
+        assert self._wake_in is not None
+        watch(self._wake_in, self._from_waker)
+        for name in _ROUTED:
+            watch(self._client[name], lambda f, ch=name: self._from_client(ch, f))
+            watch(self._kernel[name], lambda f, ch=name: self._from_kernel(ch, f))
+        watch(self._kernel["iopub"], lambda f: self._from_kernel("iopub", f))
+        watch(self._client["hb"], self._hb_from_client)
+        watch(self._kernel["hb"], self._hb_from_kernel)
+        keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
+        while not self._stopping:
+            try:
+                ready = poller.poll()
+            except zmq.ContextTerminated:
+                return
+            for sock, _event in ready:
+                handler = handlers[sock]
+                for _ in range(_BATCH):
+                    try:
+                        frames = [sock.recv(zmq.NOBLOCK)]
+                        while sock.getsockopt(zmq.RCVMORE):
+                            part = sock.recv()
+                            if len(frames) < keep:
+                                frames.append(part)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        break
+                    try:
+                        handler(frames)
+                    except Exception:  # the gate never crashes on what it is sent
+                        self._emit("gate.error", {"reason": "internal_error"})
+
+    def _from_waker(self, frames: list[bytes]) -> None:
+        if frames[0] == b"stop":
+            self._stopping = True
+        elif frames[0] == b"announce":
+            ename, evalue = json.loads(frames[1])
+            self._publish_announce(ename, evalue)
+
+    def _emit(self, event: str, fields: dict[str, Any]) -> None:
+        if self._audit is not None:
+            try:
+                self._audit(event, fields)
+            except Exception:  # an audit sink's failure must not stop the relay
+                self.audit_errors += 1
+
+    def _drop(self, direction: str, channel: str, dropped: Dropped) -> None:
+        fields: dict[str, Any] = {
+            "direction": direction,
+            "channel": channel,
+            "reason": dropped.reason,
+        }
+        if dropped.msg_type in KNOWN_TYPES:
+            fields["msg_type"] = dropped.msg_type
+        self._emit("gate.drop", fields)
+
+    # client -> kernel
+
+    def _from_client(self, channel: str, frames: list[bytes]) -> None:
+        try:
+            limits = self._limits
+            msg = check(
+                frames, self._client_signer, limits.max_frames, limits.max_header_bytes, False
+            )
+            header = msg.header
+            msg_type = header["msg_type"]
+            if msg_type not in CLIENT_TYPES[channel] or (
+                self._allowed is not None and msg_type not in self._allowed
+            ):
+                raise Dropped("msg_type_not_allowed", msg_type)
+            idents = tuple(msg.idents)
+            msg_id = header["msg_id"]
+            if channel != "stdin":
+                evicted = self._table.add(
+                    msg_id, channel, msg_type, header["session"], idents, msg.parts[0]
+                )
+                if evicted is not None:
+                    self._emit("gate.evict", {"channel": evicted.channel, "reason": "table_full"})
+            out = [idents[0], DELIM, self._kernel_signer.sign(msg.parts), *msg.parts, *msg.buffers]
+            try:
+                self._kernel[channel].send_multipart(out, zmq.NOBLOCK)
+            except zmq.Again:
+                self._table.discard(msg_id)
+                raise Dropped("kernel_queue_full", msg_type) from None
+            if msg_type == "shutdown_request":
+                self._shutdown_requested = True
+        except Dropped as dropped:
+            self._drop("client", channel, dropped)
+
+    # kernel -> client
+
+    def _from_kernel(self, channel: str, frames: list[bytes]) -> None:
+        try:
+            self._relay_kernel(channel, frames)
+        except Dropped as dropped:
+            self._drop("kernel", channel, dropped)
+
+    def _relay_kernel(self, channel: str, frames: list[bytes]) -> None:
+        limits = self._limits
+        msg = check(frames, self._kernel_signer, limits.max_frames, limits.max_header_bytes)
+        header, parent, parts = msg.header, msg.parent, msg.parts
+        msg_type = header["msg_type"]
+        if self._replay.seen(header["msg_id"]):
+            raise Dropped("replay", msg_type)
+        if msg_type not in KERNEL_TYPES[channel]:
+            raise Dropped("unexpected_msg_type", msg_type)
+        buffers = msg.buffers
+        if buffers:
+            if msg_type not in BUFFER_TYPES:
+                self._emit(
+                    "gate.strip",
+                    {"channel": channel, "msg_type": msg_type, "reason": "unsigned_buffers"},
+                )
+                buffers = []
+            elif sum(map(len, buffers)) > limits.max_buffer_bytes:
+                raise Dropped("buffers_too_large", msg_type)
+        if channel == "iopub":
+            self._relay_iopub(msg_type, header, parent, parts, buffers)
+            return
+        if channel == "stdin":
+            request = self._table.bind_input_request(parent)
+        else:
+            request = self._table.bind_reply(channel, msg_type, parent)
+        out = self._resign(channel, msg_type, header, parent, parts, buffers, request.idents)
+        self._client[channel].send_multipart(out, zmq.NOBLOCK)
+        if channel != "stdin":
+            held = self._table.replied(request)
+            if held is not None:
+                self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
+
+    def _relay_iopub(
+        self,
+        msg_type: str,
+        header: dict[str, Any],
+        parent: dict[str, Any],
+        parts: list[bytes],
+        buffers: list[bytes],
+    ) -> None:
+        idle = False
+        if msg_type == "status":
+            state = load_object(parts[3], "content").get("execution_state")
+            if state not in _EXECUTION_STATES:
+                raise Dropped("bad_status", msg_type)
+            if not parent and state != "starting":
+                raise Dropped("no_parent", msg_type)
+            idle = state == "idle"
+        topic = (msg_type.encode(),)
+        if not parent and msg_type == "status":  # status: starting, at kernel boot
+            out = self._resign("iopub", msg_type, header, parent, parts, buffers, topic)
+            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
+            return
+        verdict, request = self._table.bind_iopub(msg_type, parent, idle)
+        out = self._resign("iopub", msg_type, header, parent, parts, buffers, topic)
+        if verdict == HOLD:
+            request.held_idle = out
+        else:
+            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
+
+    def _resign(
+        self,
+        channel: str,
+        msg_type: str,
+        header: dict[str, Any],
+        parent: dict[str, Any],
+        parts: list[bytes],
+        buffers: list[bytes],
+        idents: Sequence[bytes],
+    ) -> list[bytes]:
+        """Apply the output rules, re-sign with the client key, and frame for the client."""
+        if self._rules:
+            content = apply_rules(self._rules, channel, msg_type, header, parent, parts[3])
+            if content is not parts[3]:
+                parts = [parts[0], parts[1], parts[2], content]
+        return [*idents, DELIM, self._client_signer.sign(parts), *parts, *buffers]
+
+    # heartbeat
+
+    def _hb_from_client(self, frames: list[bytes]) -> None:
+        if len(frames) > 4 or sum(map(len, frames)) > _HB_MAX_BYTES:
+            self._drop("client", "hb", Dropped("bad_heartbeat"))
+            return
+        key = tuple(frames)
+        pending = self._hb_pending
+        pending[key] = pending.get(key, 0) + 1
+        if len(pending) > _HB_MAX_PENDING:
+            del pending[next(iter(pending))]
+        try:
+            self._kernel["hb"].send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the kernel is not there: no echo, which is the truth
+
+    def _hb_from_kernel(self, frames: list[bytes]) -> None:
+        key = tuple(frames)
+        count = self._hb_pending.get(key)
+        if count is None:
+            self._drop("kernel", "hb", Dropped("unsolicited_heartbeat"))
+            return
+        if count == 1:
+            del self._hb_pending[key]
+        else:
+            self._hb_pending[key] = count - 1
+        self._client["hb"].send_multipart(frames, zmq.NOBLOCK)
+
+    # announce
+
+    def _publish_announce(self, ename: str, evalue: str) -> None:
+        requests = self._table.close_all()
+        parents = [r.header for r in requests] or [b"{}"]
+        content = json.dumps(
+            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
+        ).encode()
+        idle = b'{"execution_state": "idle"}'
+        for parent in parents:
+            self._publish_own("error", parent, content)
+            if requests:
+                self._publish_own("status", parent, idle)
+
+    def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
+        header = json.dumps(
+            {
+                "msg_id": uuid.uuid4().hex,
+                "msg_type": msg_type,
+                "username": "cellblock",
+                "session": self._session,
+                "date": _now(),
+                "version": "5.3",
+            }
+        ).encode()
+        parts = [header, parent, b"{}", content]
+        out = [msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts]
+        self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
