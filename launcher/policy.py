@@ -121,7 +121,10 @@ class HostSettings(_Model):
     """Settings of the host rather than of a profile."""
 
     nsjail: str = Field("", description="nsjail binary; empty: $CELLBLOCK_NSJAIL or bundled")
-    cgroup_parent: str = Field("cellblock", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    # no component may start with ".": "." and ".." would leave the controller's tree
+    cgroup_parent: str = Field(
+        "cellblock", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$"
+    )
 
 
 class Policy(_Model):
