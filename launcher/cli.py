@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import CellblockError
+from .errors import CellblockError, JailStartError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .policy import Policy
+
+__all__ = ["format_command", "main"]
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -52,13 +56,38 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _example_command(name: str) -> list[str]:
-    from .jailcmd import JailLayout, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
-    from .policy import load_policy
+def format_command(argv: list[str]) -> str:
+    """``argv`` as a shell command, one option and its value per line.
 
-    policy = load_policy()
-    profile = policy.profile(name)
+    The program and each ``--flag value`` pair go on their own line, continued with
+    a backslash; everything from ``--`` on (the command run inside the jail) is one
+    line. Every arg is shell-quoted, so the text can be pasted into a shell.
+    """
+    if not argv:
+        return ""
+    lines = [shlex.quote(argv[0])]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            lines.append(shlex.join(argv[i:]))
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith("-") and "=" not in arg and nxt is not None \
+                and not nxt.startswith("-"):
+            lines.append(f"{shlex.quote(arg)} {shlex.quote(nxt)}")
+            i += 2
+        else:
+            lines.append(shlex.quote(arg))
+            i += 1
+    return " \\\n    ".join(lines)
+
+
+def _example_command(policy: Policy, name: str) -> list[str]:
+    from .jailcmd import JailLayout, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
     from .rundir import runtime_base
+
+    profile = policy.profile(name)
 
     run = runtime_base() / "KERNEL_ID"
     layout = JailLayout(ipc_dir=run / "ipc", pkg_dir=run / "pkg", passwd=run / "passwd",
@@ -78,7 +107,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
         print(f"(policy from: {' + '.join(policy.sources)})")
         return 0
     profile = policy.profile(args.name)
-    argv = _example_command(args.name)
+    argv = _example_command(policy, args.name)
     shown: dict[str, Any] = {
         "profile": args.name,
         "policy_sources": list(policy.sources),
@@ -99,26 +128,42 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
         else:
             print(f"  {key} = {json.dumps(value)}")
     print("nsjail command (run dir and uid are chosen per kernel):")
-    print("  " + " \\\n    ".join(argv))
+    print("  " + format_command(argv))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .notebook_run import run_notebook
+    from .notebook_run import read_notebook, run_notebook
+    from .policy import load_policy
 
+    load_policy().profile(args.profile)  # an unknown profile is bad input: say so first
     if args.notebook is None:
         source = resources.files("cellblock.notebooks").joinpath("quickstart.ipynb")
+        if not source.is_file():
+            raise CellblockError("this installation has no embedded quickstart.ipynb; "
+                                 "give a notebook path: cellblock run NOTEBOOK")
         src_name, text = "quickstart.ipynb", source.read_text()
     else:
         path = Path(args.notebook)
         if not path.is_file():
-            raise CellblockError(f"notebook {str(path)!r} does not exist")
-        src_name, text = path.name, path.read_text()
-    output = Path(args.output) if args.output else Path(src_name).with_suffix(".executed.ipynb")
-    if args.notebook is None and not args.output:
+            raise CellblockError(f"notebook {str(path)!r} does not exist (give the path of "
+                                 "an .ipynb file)")
+        try:
+            src_name, text = path.name, path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CellblockError(f"notebook {str(path)!r} cannot be read: {exc}") from None
+    nb = read_notebook(text, src_name if args.notebook is None else str(args.notebook))
+    if args.output:
+        output = Path(args.output)
+    elif args.notebook is None:
         output = Path.cwd() / "quickstart.executed.ipynb"
+    else:
+        output = Path(src_name).with_suffix(".executed.ipynb")
+    if not output.parent.is_dir():
+        raise CellblockError(f"--output {str(output)!r}: directory {str(output.parent)!r} "
+                             "does not exist")
     started = time.monotonic()
-    summary = run_notebook(text, profile=args.profile, output=output, timeout=args.timeout)
+    summary = run_notebook(nb, profile=args.profile, output=output, timeout=args.timeout)
     took = time.monotonic() - started
     print(f"{src_name}: {summary.cells} code cells on profile {args.profile!r} in {took:.1f} s; "
           f"{summary.errors} with errors; written to {output}")
@@ -159,12 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(message: str) -> str:
+    """A possibly multi-line error message as one line (policy errors list one problem a
+    line; the CLI prints them separated by `` | ``)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} {' | '.join(lines[1:])}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 success, 1 a check, notebook or jail failed, 2 bad input."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except JailStartError as exc:
+        print(f"cellblock: {one_line(str(exc))}", file=sys.stderr)
+        return 1
     except CellblockError as exc:
-        print(f"cellblock: {exc}", file=sys.stderr)
+        print(f"cellblock: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -16,10 +16,17 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from .errors import CellblockError
 from .kernelspec import kernel_name, kernelspec_dict
 from .policy import load_policy
 
-__all__ = ["PolicyKernelSpecManager", "RunSummary", "run_notebook", "sandbox_kernel_manager"]
+__all__ = [
+    "PolicyKernelSpecManager",
+    "RunSummary",
+    "read_notebook",
+    "run_notebook",
+    "sandbox_kernel_manager",
+]
 
 
 class PolicyKernelSpecManager(KernelSpecManager):  # type: ignore[misc]
@@ -53,9 +60,26 @@ class RunSummary:
     first_error: str
 
 
-def run_notebook(text: str, *, profile: str, output: Path, timeout: float) -> RunSummary:
-    """Execute every cell (continuing past errors), write the executed notebook."""
-    nb = nbformat.reads(text, as_version=4)
+def read_notebook(text: str, name: str) -> nbformat.NotebookNode:
+    """Parse ``text`` as a v4 notebook; a :class:`CellblockError` naming ``name`` if it is not."""
+    try:
+        return nbformat.reads(text, as_version=4)
+    except (ValueError, TypeError, KeyError, AttributeError,
+            nbformat.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CellblockError(f"notebook {name!r} is not a valid .ipynb notebook: "
+                             f"{first[:200]}") from None
+
+
+def run_notebook(
+    nb: nbformat.NotebookNode | str, *, profile: str, output: Path, timeout: float
+) -> RunSummary:
+    """Execute every cell (continuing past errors), write the executed notebook.
+
+    ``nb`` is a notebook from :func:`read_notebook`, or its JSON text.
+    """
+    if isinstance(nb, str):
+        nb = read_notebook(nb, "<text>")
     km = sandbox_kernel_manager(profile)
     client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
                             kernel_name=kernel_name(profile))
