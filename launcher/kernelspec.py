@@ -24,20 +24,30 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .policy import Policy, Profile
 
-__all__ = ["install_all", "install_kernelspec", "kernel_name", "kernelspec_dict", "write_kernelspec"]
+__all__ = [
+    "install_all",
+    "install_kernelspec",
+    "kernel_name",
+    "kernelspec_argv",
+    "kernelspec_dict",
+    "write_kernelspec",
+]
 
 PROVISIONER_NAME = "cellblock-provisioner"
 
 
 def kernel_name(profile_name: str) -> str:
+    """The kernelspec name of a profile: ``cellblock-<profile>``."""
     return f"cellblock-{profile_name}"
 
 
 def kernelspec_argv() -> list[str]:
+    """An argv that is not a kernel: only a provisioner-aware client can start the spec."""
     return ["cellblock-provisioner-required", "-f", "{connection_file}"]
 
 
 def kernelspec_dict(profile_name: str, profile: Profile) -> dict[str, Any]:
+    """The kernel.json of one profile (see the module docstring)."""
     return {
         "argv": kernelspec_argv(),
         "display_name": profile.display_name or f"Python (cellblock: {profile_name})",
@@ -56,6 +66,7 @@ def kernelspec_dict(profile_name: str, profile: Profile) -> dict[str, Any]:
 
 
 def write_kernelspec(directory: Path, profile_name: str, profile: Profile) -> Path:
+    """Write ``directory/kernel.json`` (making the directory); returns ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "kernel.json").write_text(
         json.dumps(kernelspec_dict(profile_name, profile), indent=1) + "\n"
