@@ -51,6 +51,7 @@ class JailLayout:
     group: Path  # bound read-only at /etc/group
     outside_uid: int
     outside_gid: int
+    hosts: Path | None = None  # bound read-only at /etc/hosts (localhost only)
 
 
 def _checked(path: Path | str, what: str) -> str:
@@ -172,6 +173,10 @@ def nsjail_argv(
         "--bindmount_ro", f"{_checked(layout.pkg_dir, 'run dir')}:{JAIL_PKG}",
         "--bindmount_ro", f"{_checked(layout.passwd, 'run dir')}:/etc/passwd",
         "--bindmount_ro", f"{_checked(layout.group, 'run dir')}:/etc/group",
+    ]
+    if layout.hosts is not None:
+        argv += ["--bindmount_ro", f"{_checked(layout.hosts, 'run dir')}:/etc/hosts"]
+    argv += [
         "--bindmount", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
         "--env", f"PYTHONPATH={JAIL_PKG}",
         "--",

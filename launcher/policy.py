@@ -38,6 +38,7 @@ __all__ = [
 
 POLICY_ENV = "CELLBLOCK_POLICY"
 POLICY_FILENAME = "cellblock.toml"
+CGROUP_PARENT_ENV = "CELLBLOCK_CGROUP_PARENT"
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -228,6 +229,10 @@ def load_policy(path: Path | str | None = None, *, env: Mapping[str, str] | None
         operator = _read_toml(op_path)
         data = _merge(builtin, operator)
         sources.append(str(op_path))
+    env = os.environ if env is None else env
+    if env.get(CGROUP_PARENT_ENV):  # lets an operator delegate a cgroup subtree per user
+        data = _merge(data, {"host": {"cgroup_parent": env[CGROUP_PARENT_ENV]}})
+        sources.append(f"${CGROUP_PARENT_ENV}")
     data["sources"] = tuple(sources)
     try:
         return Policy.model_validate(data)

@@ -110,13 +110,15 @@ class RunDir:
         passwd.write_text(f"jovyan:x:{JAIL_UID}:{JAIL_UID}:jovyan:{JAIL_HOME}:/bin/sh\n")
         group = self.path / "group"
         group.write_text(f"jovyan:x:{JAIL_UID}:\n")
-        for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group):
+        hosts = self.path / "hosts"
+        hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
+        for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group, hosts):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         if os.geteuid() == 0:
             os.chown(self.ipc, uid, gid)
         return JailLayout(
             ipc_dir=self.ipc, pkg_dir=self.path / "pkg", passwd=passwd, group=group,
-            outside_uid=uid, outside_gid=gid,
+            outside_uid=uid, outside_gid=gid, hosts=hosts,
         )
 
     def write_connection_file(self, info: dict[str, object], uid: int, gid: int) -> Path:

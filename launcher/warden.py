@@ -212,6 +212,7 @@ class Warden:
         """Block until the jail ends or a stop signal arrives; return the exit status."""
         assert self.proc is not None
         rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -219,9 +220,10 @@ class Warden:
         pidfd = os.pidfd_open(self.proc.pid)
         try:
             while self.proc.poll() is None and self._stop_reason is None:
-                select.select([pidfd, rfd], [], [])
-                with contextlib.suppress(BlockingIOError):
-                    os.read(rfd, 64)
+                ready, _, _ = select.select([pidfd, rfd], [], [])
+                if rfd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(rfd, 64)
         finally:
             os.close(pidfd)
         if self._stop_reason is not None:

@@ -1,0 +1,114 @@
+"""Shared fixtures: an isolated Jupyter environment with cellblock's kernelspecs
+installed, an operator policy with a small ``tiny`` profile for limit tests, and a
+check after every jail test that it left no process, run dir or cgroup behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+TEST_POLICY = """
+[profiles.tiny]
+display_name = "Python (cellblock: tiny, tests)"
+description = "Small limits so limit tests are quick."
+allow_stdin = true
+
+[profiles.tiny.limits]
+memory = "256MiB"
+pids = 48
+cpus = 1.0
+tmp_size = "16MiB"
+home_size = "8MiB"
+open_files = 512
+file_size = "64MiB"
+"""
+
+
+def jail_processes(marker: str = "") -> list[str]:
+    """Host processes that belong to cellblock kernels (optionally one kernel)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "pytest" in cmd:
+            continue
+        ours = any(k in cmd for k in ("cellblock.warden", "nsjail --config")) and marker in cmd
+        if ours or "-m cellblock_kernel" in cmd:
+            out.append(f"{pid}: {cmd[:160]}")
+    return out
+
+
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):  # noqa: ANN001
+    """Poll ``condition`` until it returns a truthy value; return it, or the last value."""
+    end = time.monotonic() + timeout
+    value = condition()
+    while not value and time.monotonic() < end:
+        time.sleep(interval)
+        value = condition()
+    return value
+
+
+def cgroup_leftovers(parent: str = "cellblock") -> list[str]:
+    root = Path("/sys/fs/cgroup")
+    dirs = [root / parent] + [root / c / parent for c in ("memory", "pids", "cpu")]
+    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()]
+
+
+@pytest.fixture(scope="session")
+def jupyter_env() -> Iterator[dict[str, str]]:
+    """JUPYTER_PATH etc. pointing at a temp prefix where `cellblock install` put the specs."""
+    top = Path(tempfile.mkdtemp(prefix="cellblock-test-"))
+    os.chmod(top, 0o711)  # the jail's uid traverses the runtime dir below it
+    policy = top / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    runtime = top / "run"
+    env = {
+        "JUPYTER_PATH": str(top / "share" / "jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(top / "jupyter-runtime"),
+        "JUPYTER_CONFIG_DIR": str(top / "config"),
+        "JUPYTER_DATA_DIR": str(top / "data"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "CELLBLOCK_POLICY": str(policy),
+        "CELLBLOCK_RUNTIME_DIR": str(runtime),
+        "CELLBLOCK_CGROUP_PARENT": os.environ.get("CELLBLOCK_CGROUP_PARENT", ""),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if v})
+    subprocess.run([str(BIN / "cellblock"), "install", "--prefix", str(top)], check=True,
+                   capture_output=True)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def no_leftovers(jupyter_env: dict[str, str]) -> Iterator[None]:
+    """After the test: no warden, nsjail or kernel process, run dir or cgroup survives."""
+    yield
+    runtime = Path(jupyter_env["CELLBLOCK_RUNTIME_DIR"])
+    marker = runtime.parent.name
+    procs = wait_for(lambda: not jail_processes(marker), timeout=20)
+    assert procs, f"processes left behind: {jail_processes(marker)}"
+    dirs = wait_for(lambda: not (runtime.is_dir() and any(runtime.iterdir())), timeout=10)
+    assert dirs, f"run dirs left behind: {list(runtime.iterdir())}"
+    parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"] or "cellblock"
+    assert not cgroup_leftovers(parent), f"cgroups left behind: {cgroup_leftovers(parent)}"

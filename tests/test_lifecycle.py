@@ -1,0 +1,392 @@
+"""The jailed kernel end to end, through jupyter_client's AsyncKernelManager.
+
+Every test starts the real warden, nsjail and ipykernel, and checks from the
+client's side what a user would see. Probes inside the kernel print a verdict;
+the assertion is made here, on the host, so a kernel cannot fake a pass by
+raising early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from conftest import BIN, wait_for
+
+pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
+
+CANARY_ENV = "CELLBLOCK_TEST_CANARY_ENV"
+
+
+async def run_cell(kc: Any, code: str, timeout: float = 60, **kw: Any) -> dict[str, Any]:
+    """Execute ``code``; collect stdout, stderr, results and errors until idle."""
+    msg_id = kc.execute(code, **kw)
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "results": [], "errors": [],
+                           "reply": None}
+    while True:
+        msg = await kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out[content["name"]] += content["text"]
+        elif kind in ("execute_result", "display_data"):
+            out["results"].append(content["data"])
+        elif kind == "error":
+            out["errors"].append(content)
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    reply = await kc.get_shell_msg(timeout=timeout)
+    out["reply"] = reply["content"]
+    return out
+
+
+@pytest.fixture
+async def kernel(request: pytest.FixtureRequest, jupyter_env: dict[str, str],
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[AsyncKernelManager, Any]]:
+    """A started cellblock kernel (profile from ``@pytest.mark.profile``, default agent)."""
+    marker = request.node.get_closest_marker("profile")
+    profile = marker.args[0] if marker else "agent"
+    monkeypatch.setenv(CANARY_ENV, "canary-env-value-8d1f2e")
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+
+
+def test_kernelspecs_listed(jupyter_env: dict[str, str]) -> None:
+    out = subprocess.run([str(BIN / "jupyter"), "kernelspec", "list", "--json"],
+                         capture_output=True, text=True, check=True)
+    specs = json.loads(out.stdout)["kernelspecs"]
+    for name in ("cellblock-agent", "cellblock-analyst"):
+        spec = specs[name]["spec"]
+        assert spec["interrupt_mode"] == "message"
+        assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "cellblock-provisioner"
+
+
+async def test_execute(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    km, kc = kernel
+    out = await run_cell(kc, "1+1")
+    assert out["reply"]["status"] == "ok"
+    assert out["results"] == [{"text/plain": "2"}]
+    out = await run_cell(kc, "import sys; print(sys.prefix)")
+    assert out["stdout"].strip() == sys.prefix
+
+
+async def test_network_is_unreachable(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    with socket.socket() as listener:  # a service on the host's loopback
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = f"""
+import socket, errno
+for target in [("1.1.1.1", 53), ("127.0.0.1", {port})]:
+    try:
+        socket.create_connection(target, 3).close()
+        print("CONNECTED", target)
+    except OSError as e:
+        print("refused", target, errno.errorcode.get(e.errno, e))
+"""
+        out = await run_cell(kc, code)
+    assert "CONNECTED" not in out["stdout"]
+    assert "refused ('1.1.1.1', 53) ENETUNREACH" in out["stdout"]
+    assert f"refused ('127.0.0.1', {port}) ECONNREFUSED" in out["stdout"]
+
+
+async def test_host_files_and_env_invisible(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    code = f"""
+import os
+print("root", os.path.exists("/root"))
+print("home", sorted(os.listdir("/home")))
+print("shadow", os.path.exists("/etc/shadow"))
+print("etc", sorted(os.listdir("/etc")))
+print("canary_env", {CANARY_ENV!r} in os.environ)
+print("environ_file", b"canary-env-value" in open("/proc/self/environ", "rb").read())
+print("env_keys", sorted(os.environ))
+"""
+    out = (await run_cell(kc, code))["stdout"]
+    assert "root False" in out
+    assert "home ['jovyan']" in out
+    assert "shadow False" in out
+    assert "canary_env False" in out and "environ_file False" in out
+    etc = json.loads(out.split("etc ", 1)[1].splitlines()[0].replace("'", '"'))
+    assert "shadow" not in etc and "ssh" not in etc
+    keys = json.loads(out.split("env_keys ", 1)[1].splitlines()[0].replace("'", '"'))
+    assert not any(k.startswith(("JPY_", "AWS_", "SSH_", "JUPYTER")) for k in keys), keys
+
+
+async def test_writes_outside_scratch_fail(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    code = """
+import errno, os, sys
+for path in ["/x", "/etc/passwd", "/usr/lib/evil", sys.prefix + "/evil.pth", "/opt/cellblock-kernel/x", "/proc/sys/kernel/core_pattern"]:
+    try:
+        open(path, "a").write("x")
+        print("WROTE", path)
+    except OSError as e:
+        print("denied", path, errno.errorcode.get(e.errno))
+for path in ["/tmp/ok", os.path.expanduser("~/ok")]:
+    open(path, "w").write("fine")
+    print("scratch", path, open(path).read())
+"""
+    out = (await run_cell(kc, code))["stdout"]
+    assert "WROTE" not in out, out
+    assert out.count("denied") == 6
+    assert "scratch /tmp/ok fine" in out and "scratch /home/jovyan/ok fine" in out
+
+
+@pytest.mark.profile("tiny")
+async def test_tmpfs_full_is_enospc(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    code = """
+import errno
+try:
+    with open("/tmp/fill", "wb") as f:
+        for _ in range(64):
+            f.write(b"\\0" * (1 << 20))
+    print("NOT FULL")
+except OSError as e:
+    print("full", errno.errorcode.get(e.errno))
+"""
+    out = await run_cell(kc, code)
+    assert out["stdout"].strip() == "full ENOSPC"
+
+
+async def test_not_root_on_host(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    out = (await run_cell(kc, "import os; print(os.getuid(), open('/proc/self/uid_map').read())"))
+    inside, *mapping = out["stdout"].split()
+    assert inside == "1000"
+    assert mapping[0] == "1000" and mapping[2] == "1"
+    outside = int(mapping[1])
+    assert outside != 0
+    if os.geteuid() == 0:
+        assert outside >= 0x40000000  # a per-kernel uid, not a host account
+    else:
+        assert outside == os.getuid()  # unprivileged: only our own uid can be mapped
+
+
+@pytest.mark.profile("tiny")
+async def test_memory_limit_names_the_limit(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    km, kc = kernel
+    code = "x = bytearray(512 * 1024 * 1024)\nfor i in range(0, len(x), 4096): x[i] = 1"
+    msg_id = kc.execute(code)
+    errors = []
+    while True:
+        msg = await kc.get_iopub_msg(timeout=60)
+        if msg["msg_type"] == "error":
+            errors.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle" \
+                and msg["parent_header"].get("msg_id") == msg_id:
+            break
+    assert errors, "no error reached the client"
+    err = errors[-1]
+    assert err["parent_header"]["msg_id"] == msg_id
+    assert err["content"]["evalue"] == "cellblock: kernel stopped, memory limit 256 MiB exceeded"
+    assert await _wait_dead(km)
+
+
+async def _wait_dead(km: AsyncKernelManager, timeout: float = 20) -> bool:
+    end = asyncio.get_running_loop().time() + timeout
+    while await km.is_alive():
+        if asyncio.get_running_loop().time() > end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.profile("tiny")
+async def test_fork_bomb_stopped_by_pids_limit(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    code = """
+import os, signal, time
+children = []
+try:
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+except BlockingIOError as e:
+    print("stopped", len(children), e.errno)
+finally:
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+"""
+    out = await run_cell(kc, code)
+    verdict = out["stdout"].split()
+    assert verdict[0] == "stopped", out
+    assert 0 < int(verdict[1]) < 48  # the tiny profile's pids limit
+    again = await run_cell(kc, "print('alive')")
+    assert again["stdout"] == "alive\n"
+
+
+async def test_interrupt_restart_keeps_ports(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    km, kc = kernel
+    msg_id = kc.execute("x = 41\nwhile True: pass")
+    await wait_busy(kc, msg_id)
+    await km.interrupt_kernel()
+    reply = await kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert (await run_cell(kc, "x + 1"))["results"] == [{"text/plain": "42"}]
+
+    before = km.get_connection_info()
+    await km.restart_kernel()
+    await kc.wait_for_ready(timeout=60)
+    after = km.get_connection_info()
+    ports = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+    assert [before[p] for p in ports] == [after[p] for p in ports]
+    out = await run_cell(kc, "print('x' in globals())")
+    assert out["stdout"] == "False\n"
+
+
+async def wait_busy(kc: Any, msg_id: str) -> None:
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            return
+
+
+@pytest.mark.profile("analyst")
+async def test_stdin(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    _, kc = kernel
+    msg_id = kc.execute("name = input('who? ')\nprint('hello', name)", allow_stdin=True)
+    req = await kc.get_stdin_msg(timeout=30)
+    assert req["msg_type"] == "input_request"
+    assert req["content"]["prompt"] == "who? "
+    kc.input("cellblock")
+    text = ""
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            text += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    assert text == "hello cellblock\n"
+
+
+async def test_two_clients_see_iopub(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    km, kc = kernel
+    other = km.client()
+    other.start_channels()
+    try:
+        await other.wait_for_ready(timeout=30)
+        msg_id = kc.execute("print('to everyone')")
+        seen = ""
+        while True:
+            msg = await other.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                seen += msg["content"]["text"]
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert seen == "to everyone\n"
+        await kc.get_shell_msg(timeout=30)
+        assert (await run_cell(other, "6*7"))["results"] == [{"text/plain": "42"}]
+    finally:
+        other.stop_channels()
+
+
+async def test_client_key_not_in_jail(kernel: tuple[AsyncKernelManager, Any]) -> None:
+    km, kc = kernel
+    key = km.session.key.decode()
+    assert len(key) >= 32
+    # The cell must not carry the key itself (IPython's history would then hold it):
+    # send it XOR-masked, so only the kernel's memory ever has the real value.
+    mask = os.urandom(len(key))
+    masked = bytes(a ^ b for a, b in zip(key.encode(), mask, strict=True))
+    code = f"""
+import os, stat, sys
+needle = bytes(a ^ b for a, b in zip({masked!r}, {mask!r}))
+hits, scanned = [], 0
+# /usr and the Python environment are the host's read-only system files, bound
+# whole; everything else the jail can see is scanned (/etc, /run, /tmp, /home,
+# /dev/shm, the kernel package), and for every jail process its cmdline and
+# environment.
+skip = ("/proc", "/sys", "/dev", "/usr", sys.prefix)
+paths = [f"/proc/{{p}}/{{n}}" for p in os.listdir("/proc") if p.isdigit()
+         for n in ("cmdline", "environ")]
+for root, dirs, files in os.walk("/"):
+    if root != "/" and root.startswith(skip) and not root.startswith("/dev/shm"):
+        dirs[:] = []
+        continue
+    paths += [os.path.join(root, name) for name in files]
+for path in paths:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        continue
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            continue
+        data = os.read(fd, 4 << 20)
+    except OSError:
+        continue
+    finally:
+        os.close(fd)
+    scanned += 1
+    if needle in data:
+        hits.append(path)
+print("scanned", scanned, "hits", hits)
+"""
+    out = await run_cell(kc, code, timeout=120)
+    words = out["stdout"].split()
+    assert words[0] == "scanned" and int(words[1]) > 10, out
+    assert out["stdout"].rstrip().endswith("hits []"), out
+
+
+async def test_forged_kernel_messages_never_reach_client(
+    kernel: tuple[AsyncKernelManager, Any],
+) -> None:
+    _, kc = kernel
+    code = """
+from jupyter_client.session import Session
+k = get_ipython().kernel
+parent = k.get_parent("shell")
+wrong = Session(key=b"not-the-kernel-key", username="kernel")
+tag = "FOR" + "GED"  # built at run time: the code itself comes back in execute_input
+wrong.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-WRONG-KEY"}, parent=parent)
+right = Session(key=k.session.key, username="kernel")
+fake_parent = dict(parent, msg_id="not-a-request-the-gate-forwarded")
+right.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-PARENT"}, parent=fake_parent)
+right.send(k.iopub_socket, "execute_reply", {"status": "ok"}, parent=parent)
+print("sent")
+"""
+    msg_id = kc.execute(code)
+    seen = []
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        seen.append(msg)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status" \
+                and msg["content"]["execution_state"] == "idle":
+            break
+    texts = json.dumps([m["content"] for m in seen if m["msg_type"] != "execute_input"])
+    assert "sent" in texts
+    assert "FORGED" not in texts
+    assert not [m for m in seen if m["msg_type"] == "execute_reply"]
+    reply = await kc.get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "ok"
