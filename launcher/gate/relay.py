@@ -136,6 +136,8 @@ class Gate:
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._client: dict[str, zmq.Socket[bytes]] = {}
         self._kernel: dict[str, zmq.Socket[bytes]] = {}
+        self._endpoints: dict[str, str] = {}
+        self._monitors: dict[str, zmq.Socket[bytes]] = {}
         self._wake_in: zmq.Socket[bytes] | None = None
         self._wake_out: zmq.Socket[bytes] | None = None
         self._thread: threading.Thread | None = None
@@ -180,11 +182,14 @@ class Gate:
                 sock.setsockopt(
                     zmq.MAXMSGSIZE, _HB_MAX_BYTES if name == "hb" else limits.max_frame_bytes
                 )
-                if name in ("shell", "stdin"):  # ipykernel routes input_request by shell identity
-                    sock.setsockopt(zmq.IDENTITY, self._identity)
                 if kind == zmq.SUB:
                     sock.setsockopt(zmq.SUBSCRIBE, b"")
-                sock.connect(_address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"])))
+                else:  # ipykernel routes input_request to the shell identity: stdin must match
+                    sock.setsockopt(zmq.IDENTITY, self._identity)
+                endpoint = _address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"]))
+                self._endpoints[name] = endpoint
+                sock.connect(endpoint)
+                self._monitors[name] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             endpoint = f"inproc://cellblock-gate-{uuid.uuid4().hex}"
             self._wake_in = ctx.socket(zmq.PAIR)
             self._wake_in.bind(endpoint)
@@ -197,9 +202,10 @@ class Gate:
             raise
 
     def announce(self, ename: str, evalue: str) -> None:
-        """Publish an ``error`` (then ``status: idle``) for every open request, or one error with
-        an empty parent if none is open. Thread-safe; a no-op before start() or after close().
-        What was announced is flushed before close() returns."""
+        """Publish an ``error`` (then ``status: idle``) for every request the kernel has not yet
+        answered, or one error with an empty parent if there is none; every open request is
+        then forgotten (the kernel is going away). Thread-safe; a no-op before start() or
+        after close(). What was announced is flushed before close() returns."""
         payload = json.dumps([str(ename), str(evalue)]).encode()
         with self._lock:
             if self._wake_out is not None and not self._closed:
@@ -219,6 +225,9 @@ class Gate:
             thread.join()
         for sock in self._client.values():
             sock.close(linger=self._limits.linger_ms)
+        for name, monitor in self._monitors.items():
+            self._kernel[name].disable_monitor()
+            monitor.close(linger=0)
         for sock in (*self._kernel.values(), self._wake_in, self._wake_out):
             if sock is not None:
                 sock.close(linger=0)
@@ -253,6 +262,8 @@ class Gate:
         watch(self._kernel["iopub"], lambda f: self._from_kernel("iopub", f))
         watch(self._client["hb"], self._hb_from_client)
         watch(self._kernel["hb"], self._hb_from_kernel)
+        for name, monitor in self._monitors.items():
+            watch(monitor, lambda f, ch=name: self._reconnect(ch))
         keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
         while not self._stopping:
             try:
@@ -300,6 +311,18 @@ class Gate:
         if dropped.msg_type in KNOWN_TYPES:
             fields["msg_type"] = dropped.msg_type
         self._emit("gate.drop", fields)
+
+    def _reconnect(self, channel: str) -> None:
+        """A kernel-facing connection dropped. After a protocol error (a frame over
+        MAXMSGSIZE) libzmq closes the session for good instead of reconnecting, which
+        would leave the channel deaf for the rest of the kernel's life: connect again."""
+        sock, endpoint = self._kernel[channel], self._endpoints[channel]
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # already gone with the terminated session
+        sock.connect(endpoint)
+        self._emit("gate.reconnect", {"channel": channel, "reason": "disconnected"})
 
     # client -> kernel
 
@@ -451,7 +474,9 @@ class Gate:
     # announce
 
     def _publish_announce(self, ename: str, evalue: str) -> None:
-        requests = self._table.close_all()
+        # Executing = forwarded and not yet answered. A request that has its reply but
+        # whose idle never came (published before the gate's SUB had joined) is not.
+        requests = [r for r in self._table.close_all() if not r.replied]
         parents = [r.header for r in requests] or [b"{}"]
         content = json.dumps(
             {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False

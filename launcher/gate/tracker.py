@@ -233,7 +233,7 @@ class RequestTable:
         return HOLD, request
 
     def close_all(self) -> list[Request]:
-        """Remove and return every open request, oldest first (used by ``Gate.announce``)."""
+        """Remove and return every open request, oldest first (``Gate.announce`` calls this)."""
         requests = list(self._open.values())
         self._open.clear()
         return requests
