@@ -232,9 +232,11 @@ def test_two_clients_share_iopub_and_get_their_own_replies(real_kernel, make_gat
     for kc in (a, b):
         iopub_until(
             kc,
-            lambda m: m["msg_type"] == "stream"
-            and m["parent_header"]["msg_id"] == msg_id
-            and m["content"]["text"] == "from A\n",
+            lambda m: (
+                m["msg_type"] == "stream"
+                and m["parent_header"]["msg_id"] == msg_id
+                and m["content"]["text"] == "from A\n"
+            ),
         )
     assert a.get_shell_msg(timeout=WAIT)["parent_header"]["msg_id"] == msg_id
     b_id = b.execute("1+1")
