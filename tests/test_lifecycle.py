@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
 
 from conftest import BIN, wait_for
 
@@ -290,7 +291,9 @@ async def test_stdin(kernel: tuple[AsyncKernelManager, Any]) -> None:
 
 async def test_two_clients_see_iopub(kernel: tuple[AsyncKernelManager, Any]) -> None:
     km, kc = kernel
-    other = km.client()
+    # A second client has its own session (and so its own zmq identity), as a second
+    # browser tab or a second backend process would.
+    other = km.client(session=Session(key=km.session.key))
     other.start_channels()
     try:
         await other.wait_for_ready(timeout=30)
@@ -371,7 +374,7 @@ wrong = Session(key=b"not-the-kernel-key", username="kernel")
 tag = "FOR" + "GED"  # built at run time: the code itself comes back in execute_input
 wrong.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-WRONG-KEY"}, parent=parent)
 right = Session(key=k.session.key, username="kernel")
-fake_parent = dict(parent, msg_id="not-a-request-the-gate-forwarded")
+fake_parent = dict(parent["header"], msg_id="not-a-request-the-gate-forwarded")
 right.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-PARENT"}, parent=fake_parent)
 right.send(k.iopub_socket, "execute_reply", {"status": "ok"}, parent=parent)
 print("sent")
