@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import PolicyError, UnknownProfile
 
 __all__ = [
+    "AuditSettings",
     "HostSettings",
     "Limits",
     "Policy",
@@ -128,10 +129,18 @@ class HostSettings(_Model):
     )
 
 
+class AuditSettings(_Model):
+    """Where the audit log goes (docs/operations.md has the event schema)."""
+
+    dir: str = Field("", description="audit directory; empty: $CELLBLOCK_AUDIT_DIR, else "
+                     "/var/log/cellblock (root) or ~/.local/state/cellblock/audit")
+
+
 class Policy(_Model):
     """The whole resolved policy."""
 
     host: HostSettings = HostSettings()
+    audit: AuditSettings = AuditSettings()
     profiles: dict[Annotated[str, Field(pattern=_NAME)], Profile] = {}
     sources: tuple[str, ...] = ()
 

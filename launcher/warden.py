@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from .audit import AuditLog, audit_dir
 from .cgroups import KernelCgroup, detect
 from .errors import CellblockError, HostUnsupported, JailStartError
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
@@ -82,6 +84,7 @@ class Warden:
         self.drops: dict[str, int] = {}
         self._stop_reason: str | None = None
         self._closed = False
+        self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
 
     # -- start ---------------------------------------------------------------
 
@@ -124,6 +127,11 @@ class Warden:
             )
         argv = nsjail_argv(
             nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts
+        )
+        self.audit.write(
+            "kernel.start", profile=self.profile_name, policy_sha256=self.policy.digest(),
+            nsjail_argv_sha256=hashlib.sha256("\0".join(argv).encode()).hexdigest(),
+            jail_uid=uid, cgroup=cg_version, warden_pid=os.getpid(),
         )
         self._spawn(argv)
         record.nsjail_pid = self.proc.pid if self.proc else None
@@ -201,10 +209,15 @@ class Warden:
             time.sleep(0.005)  # poll interval for a condition, not a fixed wait
 
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        """Gate events (drops, strips, reconnects). The first 100 of each kind are
+        written one by one; after that only the count, at exit, so a kernel flooding
+        forgeries cannot flood the log."""
         key = f"{event}:{fields.get('reason', '')}"
         self.drops[key] = self.drops.get(key, 0) + 1
-        if self.drops[key] <= 20:
-            log.warning("kernel %s: %s %s", self.kernel_id, event, json.dumps(fields, default=str))
+        if self.drops[key] <= 100:
+            self.audit.write(event, **{k: v for k, v in fields.items() if k != "event"})
+        if self.drops[key] <= 3:
+            log.info("kernel %s: %s %s", self.kernel_id, event, json.dumps(fields, default=str))
 
     # -- run -------------------------------------------------------------------
 
@@ -228,9 +241,12 @@ class Warden:
             os.close(pidfd)
         if self._stop_reason is not None:
             self._stop_jail()
+            self.audit.write("kernel.exit", reason=f"stopped ({self._stop_reason})",
+                             status=self.proc.returncode)
             return 0
         status = self.proc.wait()
         reason = self.death_reason(status)
+        self.audit.write("kernel.exit", reason=reason or "shutdown requested", status=status)
         if reason:
             log.warning("kernel %s: %s", self.kernel_id, reason)
             if self.gate is not None:
@@ -285,6 +301,10 @@ class Warden:
         if self.cgroup is not None:
             self.cgroup.remove()
         self.run.remove()
+        counted = {k: v for k, v in self.drops.items() if v > 100}
+        if counted:
+            self.audit.write("gate.drop_counts", counts=counted)
+        self.audit.close()
 
 
 def _report(fd: int | None, payload: dict[str, Any]) -> None:
@@ -315,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         warden = Warden(args.kernel_id, args.profile, client_conn)
         warden.start()
     except (CellblockError, OSError, ValueError) as exc:
-        if warden is not None:
-            warden.close()
         message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
+        if warden is not None:
+            warden.audit.write("kernel.start_failed", error=message)
+            warden.close()
         _report(args.status_fd, {"ok": False, "error": message, "type": type(exc).__name__})
         log.error("kernel %s failed to start: %s", args.kernel_id, message)
         return 2

@@ -85,6 +85,7 @@ def jupyter_env() -> Iterator[dict[str, str]]:
         "JUPYTER_PLATFORM_DIRS": "1",
         "CELLBLOCK_POLICY": str(policy),
         "CELLBLOCK_RUNTIME_DIR": str(runtime),
+        "CELLBLOCK_AUDIT_DIR": str(top / "audit"),
         "CELLBLOCK_CGROUP_PARENT": os.environ.get("CELLBLOCK_CGROUP_PARENT", ""),
     }
     old = {k: os.environ.get(k) for k in env}

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,6 +203,15 @@ async def test_memory_limit_names_the_limit(kernel: tuple[AsyncKernelManager, An
     assert err["parent_header"]["msg_id"] == msg_id
     assert err["content"]["evalue"] == "cellblock: kernel stopped, memory limit 256 MiB exceeded"
     assert await _wait_dead(km)
+    exits = wait_for(lambda: [e for e in audit_events(km.kernel_id) if e.event == "kernel.exit"])
+    assert exits and exits[0].fields["reason"] == "memory limit 256 MiB exceeded"
+
+
+def audit_events(kernel_id: str) -> list[Any]:
+    from cellblock.audit import read_events
+
+    path = Path(os.environ["CELLBLOCK_AUDIT_DIR"]) / f"{kernel_id}.jsonl"
+    return list(read_events(path)) if path.exists() else []
 
 
 async def _wait_dead(km: AsyncKernelManager, timeout: float = 20) -> bool:
@@ -365,7 +375,7 @@ print("scanned", scanned, "hits", hits)
 async def test_forged_kernel_messages_never_reach_client(
     kernel: tuple[AsyncKernelManager, Any],
 ) -> None:
-    _, kc = kernel
+    km, kc = kernel
     code = """
 from jupyter_client.session import Session
 k = get_ipython().kernel
@@ -393,3 +403,6 @@ print("sent")
     assert not [m for m in seen if m["msg_type"] == "execute_reply"]
     reply = await kc.get_shell_msg(timeout=30)
     assert reply["content"]["status"] == "ok"
+    reasons = {e.fields.get("reason") for e in audit_events(km.kernel_id)
+               if e.event == "gate.drop"}
+    assert {"bad_signature", "unknown_parent"} <= reasons, reasons
