@@ -86,6 +86,19 @@ class GateLimits:
     kernel_rcvhwm: int = 1000  #: zmq.RCVHWM on kernel-facing sockets (messages)
     linger_ms: int = 1000  #: how long close() waits to flush client-facing sockets
 
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(
+                    f"cellblock gate: GateLimits.{name} must be an int >= 1, got {value!r}"
+                )
+        if self.max_frames < 6:
+            raise ValueError(
+                f"cellblock gate: GateLimits.max_frames must be at least 6 (a message without "
+                f"idents has 6 frames), got {self.max_frames}"
+            )
+
 
 def _address(conn: Mapping[str, Any], port: int) -> str:
     transport = conn.get("transport", "tcp")
@@ -213,7 +226,8 @@ class Gate:
 
     def close(self) -> None:
         """Stop the loop, join it, close every socket (client-facing ones with a short linger
-        so an announce gets out). Idempotent; safe after a failed start()."""
+        so an announce gets out). Idempotent; safe after a failed start(). Call it from the
+        warden's thread, never from the audit callback (which runs on the loop thread)."""
         with self._lock:
             if self._closed:
                 return
@@ -480,7 +494,7 @@ class Gate:
         parents = [r.header for r in requests] or [b"{}"]
         content = json.dumps(
             {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
-        ).encode()
+        ).encode("utf-8", "replace")
         idle = b'{"execution_state": "idle"}'
         for parent in parents:
             self._publish_own("error", parent, content)
