@@ -7,7 +7,9 @@ import hashlib
 import hmac
 import json
 
+import cellblock.gate
 import pytest
+from cellblock.gate import GateLimits
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import apply_rules
 from cellblock.gate.tracker import (
@@ -376,6 +378,21 @@ def test_apply_rules():
         apply_rules((Upper(), DropAll()), "iopub", "stream", {}, {}, content)
     with pytest.raises(Dropped, match="rule_error:Broken"):
         apply_rules((Broken(),), "iopub", "stream", {}, {}, content)
+
+
+# ------------------------------------------------------------------ interface
+
+
+def test_public_interface():
+    assert cellblock.gate.__all__ == ["Gate", "GateLimits", "OutputRule"]
+
+
+@pytest.mark.parametrize(
+    "limits", [{"max_frames": 5}, {"replay_window": 0}, {"max_frame_bytes": -1}, {"linger_ms": 1.5}]
+)
+def test_limits_are_checked(limits):
+    with pytest.raises(ValueError, match="GateLimits"):
+        GateLimits(**limits)
 
 
 # ------------------------------------------------------------------ fuzzing
