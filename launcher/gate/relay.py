@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import zmq
@@ -242,9 +243,11 @@ class Gate:
         for name, monitor in self._monitors.items():
             self._kernel[name].disable_monitor()
             monitor.close(linger=0)
-        for sock in (*self._kernel.values(), self._wake_in, self._wake_out):
-            if sock is not None:
-                sock.close(linger=0)
+        for sock in self._kernel.values():
+            sock.close(linger=0)
+        for pair in (self._wake_in, self._wake_out):
+            if pair is not None:
+                pair.close(linger=0)
         if self._ctx is not None:
             self._ctx.term()
 
@@ -271,13 +274,13 @@ class Gate:
         assert self._wake_in is not None
         watch(self._wake_in, self._from_waker)
         for name in _ROUTED:
-            watch(self._client[name], lambda f, ch=name: self._from_client(ch, f))
-            watch(self._kernel[name], lambda f, ch=name: self._from_kernel(ch, f))
-        watch(self._kernel["iopub"], lambda f: self._from_kernel("iopub", f))
+            watch(self._client[name], partial(self._from_client, name))
+            watch(self._kernel[name], partial(self._from_kernel, name))
+        watch(self._kernel["iopub"], partial(self._from_kernel, "iopub"))
         watch(self._client["hb"], self._hb_from_client)
         watch(self._kernel["hb"], self._hb_from_kernel)
         for name, monitor in self._monitors.items():
-            watch(monitor, lambda f, ch=name: self._reconnect(ch))
+            watch(monitor, partial(self._reconnect, name))
         keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
         while not self._stopping:
             try:
@@ -326,7 +329,7 @@ class Gate:
             fields["msg_type"] = dropped.msg_type
         self._emit("gate.drop", fields)
 
-    def _reconnect(self, channel: str) -> None:
+    def _reconnect(self, channel: str, _event: list[bytes]) -> None:
         """A kernel-facing connection dropped. After a protocol error (a frame over
         MAXMSGSIZE) libzmq closes the session for good instead of reconnecting, which
         would leave the channel deaf for the rest of the kernel's life: connect again."""
