@@ -721,7 +721,7 @@ def test_oversized_frame_disconnects_and_the_gate_recovers(
 class Shout:
     name = "shout"
 
-    def apply(self, channel, msg_type, header, parent, content_bytes):
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
         if msg_type != "stream":
             return content_bytes
         content = json.loads(content_bytes)

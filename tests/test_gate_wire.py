@@ -11,7 +11,7 @@ import cellblock.gate
 import pytest
 from cellblock.gate import GateLimits
 from cellblock.gate.replay import ReplayWindow
-from cellblock.gate.rules import apply_rules
+from cellblock.gate.rules import WITHHOLD, Withheld, apply_rules
 from cellblock.gate.tracker import (
     FORWARD,
     FORWARD_AND_CLOSE,
@@ -348,32 +348,49 @@ def test_kernel_type_tables():
 class Upper:
     name = "upper"
 
-    def apply(self, channel, msg_type, header, parent, content_bytes):
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
         return content_bytes.upper()
 
 
 class Same:
-    def apply(self, channel, msg_type, header, parent, content_bytes):
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
         return content_bytes
 
 
 class DropAll:
     name = "drop-all"
 
-    def apply(self, channel, msg_type, header, parent, content_bytes):
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
         return None
 
 
 class Broken:
-    def apply(self, channel, msg_type, header, parent, content_bytes):
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
         raise RuntimeError("boom")
+
+
+class Both:
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
+        return content_bytes, b'{"m": 1}'
+
+
+class Hold:
+    def apply(self, channel, msg_type, header, parent, content_bytes, metadata_bytes):
+        return WITHHOLD
 
 
 def test_apply_rules():
     content = b'{"text": "hi"}'
-    assert apply_rules((), "iopub", "stream", {}, {}, content) is content
-    assert apply_rules((Same(),), "iopub", "stream", {}, {}, content) is content
-    assert apply_rules((Same(), Upper()), "iopub", "stream", {}, {}, content) == b'{"TEXT": "HI"}'
+    meta = b"{}"
+    assert apply_rules((), "iopub", "stream", {}, {}, content, meta)[0] is content
+    got = apply_rules((Same(),), "iopub", "stream", {}, {}, content, meta)
+    assert got[0] is content and got[1] is meta
+    assert apply_rules((Same(), Upper()), "iopub", "stream", {}, {}, content, meta) == (
+        b'{"TEXT": "HI"}', meta)
+    assert apply_rules((Both(),), "iopub", "stream", {}, {}, content, meta) == (
+        content, b'{"m": 1}')
+    with pytest.raises(Withheld):
+        apply_rules((Hold(),), "iopub", "stream", {}, {}, content, meta)
     with pytest.raises(Dropped, match="rule:drop-all"):
         apply_rules((Upper(), DropAll()), "iopub", "stream", {}, {}, content)
     with pytest.raises(Dropped, match="rule_error:Broken"):

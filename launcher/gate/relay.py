@@ -45,7 +45,7 @@ from typing import Any
 
 import zmq
 from cellblock.gate.replay import ReplayWindow
-from cellblock.gate.rules import OutputRule, apply_rules
+from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules
 from cellblock.gate.tracker import (
     BUFFER_TYPES,
     CLIENT_TYPES,
@@ -381,6 +381,8 @@ class Gate:
             self._relay_kernel(channel, frames)
         except Dropped as dropped:
             self._drop("kernel", channel, dropped)
+        except Withheld:
+            pass  # an output rule kept it back on purpose (carry-over, budget)
 
     def _relay_kernel(self, channel: str, frames: list[bytes]) -> None:
         limits = self._limits
@@ -413,6 +415,7 @@ class Gate:
         if channel != "stdin":
             held = self._table.replied(request)
             if held is not None:
+                self._flush(request.msg_id, request.header)
                 self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
 
     def _relay_iopub(
@@ -441,7 +444,15 @@ class Gate:
         if verdict == HOLD:
             request.held_idle = out
         else:
+            if idle:
+                self._flush(str(parent.get("msg_id", "")), parts[1])
             self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
+
+    def _flush(self, parent_msg_id: str, parent: bytes) -> None:
+        """Publish what the output rules held back for this request, before its idle."""
+        if self._rules:
+            for msg_type, content in flush_rules(self._rules, parent_msg_id):
+                self._publish_own(msg_type, parent, content)
 
     def _resign(
         self,
@@ -455,9 +466,11 @@ class Gate:
     ) -> list[bytes]:
         """Apply the output rules, re-sign with the client key, and frame for the client."""
         if self._rules:
-            content = apply_rules(self._rules, channel, msg_type, header, parent, parts[3])
-            if content is not parts[3]:
-                parts = [parts[0], parts[1], parts[2], content]
+            content, metadata = apply_rules(
+                self._rules, channel, msg_type, header, parent, parts[3], parts[2]
+            )
+            if content is not parts[3] or metadata is not parts[2]:
+                parts = [parts[0], parts[1], metadata, content]
         return [*idents, DELIM, self._client_signer.sign(parts), *parts, *buffers]
 
     # heartbeat
@@ -499,6 +512,8 @@ class Gate:
             {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
         ).encode("utf-8", "replace")
         idle = b'{"execution_state": "idle"}'
+        for request in requests:
+            self._flush(request.msg_id, request.header)
         for parent in parents:
             self._publish_own("error", parent, content)
             if requests:

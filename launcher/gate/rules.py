@@ -5,12 +5,22 @@ Who calls what: the warden builds a sequence of rules from the profile and passe
 about to forward (after every protocol check passed, before re-signing); messages the gate
 makes itself (``Gate.announce``) do not pass through rules.
 
-A rule receives the content frame as raw bytes and parses it only if it needs to: the relay
-never parses content for rules, so an empty rule list costs nothing. A rule returns
+A rule receives the content and metadata frames as raw bytes and parses them only if it
+needs to: the relay never parses content for rules, so an empty rule list costs nothing.
+A rule returns
 
-- the *same* bytes object: unchanged (the relay re-signs the original frames),
-- new bytes: the replacement content (it must be a JSON object, UTF-8; the relay re-signs it),
+- the *same* content bytes object: unchanged (the relay re-signs the original frames),
+- new bytes: the replacement content (a JSON object, UTF-8; the relay re-signs it),
+- a ``(content, metadata)`` tuple of bytes: both replaced (metadata is text too, O15),
+- ``WITHHOLD`` (``b""``): hold the message back silently, without an audit event (a stream
+  message whose text is kept back as redaction carry-over, or past the budget),
 - ``None``: drop the message (the relay audits ``reason="rule:<name>"``).
+
+A rule may also define ``flush(parent_msg_id) -> list[tuple[str, dict]]``: the relay calls
+it right before it releases a request's ``status: idle`` (and before announcing a dead
+kernel), and publishes each ``(msg_type, content)`` as an iopub message of that request,
+signed with the client key. This is how held-back text and truncation markers reach the
+client before the client stops collecting the cell's output.
 
 Rules run in order; each sees the previous rule's output. A rule that raises is treated
 as a drop (fail closed), audited as ``rule_error:<name>``. ``header`` and ``parent`` are the
@@ -20,12 +30,19 @@ background thread only, so per-stream state (a redaction carry-over window) need
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from cellblock.gate.wire import Dropped
 
-__all__ = ["OutputRule", "apply_rules", "rule_name"]
+__all__ = ["WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "rule_name"]
+
+WITHHOLD = b""
+
+
+class Withheld(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """A rule withheld the message on purpose; nothing is sent and nothing is audited."""
 
 
 @runtime_checkable
@@ -39,8 +56,10 @@ class OutputRule(Protocol):
         header: dict[str, Any],
         parent: dict[str, Any],
         content_bytes: bytes,
-    ) -> bytes | None:
-        """Return the content unchanged (same object), replaced (new bytes), or None to drop."""
+        metadata_bytes: bytes,
+    ) -> bytes | tuple[bytes, bytes] | None:
+        """Return the content unchanged (same object), replaced (new bytes), content and
+        metadata replaced (a tuple), WITHHOLD, or None to drop."""
         ...
 
 
@@ -57,20 +76,47 @@ def apply_rules(
     header: dict[str, Any],
     parent: dict[str, Any],
     content: bytes,
-) -> bytes:
-    """Run ``rules`` in order over ``content``; return the final content bytes.
+    metadata: bytes = b"{}",
+) -> tuple[bytes, bytes]:
+    """Run ``rules`` in order; return the final ``(content, metadata)`` bytes.
 
-    Raises Dropped("rule:<name>") when a rule drops the message, or
-    Dropped("rule_error:<name>") when a rule raises or returns something other than bytes.
+    Raises Dropped("rule:<name>") when a rule drops the message,
+    Dropped("rule_error:<name>") when a rule raises or returns something else, and
+    Withheld when a rule withholds it.
     """
     for rule in rules:
         try:
-            result = rule.apply(channel, msg_type, header, parent, content)
+            result = rule.apply(channel, msg_type, header, parent, content, metadata)
         except Exception:
             raise Dropped(f"rule_error:{rule_name(rule)}", msg_type) from None
         if result is None:
             raise Dropped(f"rule:{rule_name(rule)}", msg_type)
-        if type(result) is not bytes:
+        if type(result) is tuple and len(result) == 2 and all(type(x) is bytes for x in result):
+            content, metadata = result
+        elif type(result) is bytes:
+            content = result
+        else:
             raise Dropped(f"rule_error:{rule_name(rule)}", msg_type)
-        content = result
-    return content
+        if content == WITHHOLD:
+            raise Withheld
+    return content, metadata
+
+
+def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
+    """Collect what the rules kept back for ``parent_msg_id``, as (msg_type, content bytes).
+
+    A rule that raises here loses its held text (fail closed: nothing unscanned is sent).
+    """
+    out: list[tuple[str, bytes]] = []
+    for rule in rules:
+        flush = getattr(rule, "flush", None)
+        if flush is None:
+            continue
+        try:
+            items = flush(parent_msg_id)
+        except Exception:  # noqa: S112 - fail closed: held text is discarded
+            continue
+        for msg_type, content in items:
+            out.append((msg_type, json.dumps(content, ensure_ascii=False).encode(
+                "utf-8", "replace")))
+    return out
