@@ -3,7 +3,10 @@
 Who calls what: the warden makes one :class:`Gate` per kernel, calls :meth:`Gate.start`
 before the jailed kernel is up, :meth:`Gate.announce` when it knows why the kernel died,
 reads :attr:`Gate.shutdown_requested` to tell a requested exit from a crash, and calls
-:meth:`Gate.close` on every exit path. Everything else happens on the gate's one background
+:meth:`Gate.close` on every exit path. For budgets it passes an ``observer``
+(:mod:`cellblock.gate.observe`), calls :meth:`Gate.interrupt` to send the kernel an
+``interrupt_request`` of the gate's own, and :meth:`Gate.rekey` before it restarts the jail
+in place with a fresh kernel key. Everything else happens on the gate's one background
 thread, which owns every socket between ``start()`` and ``close()``.
 
 Client -> kernel (trusted, but verified): signature checked with the client key, header
@@ -44,6 +47,7 @@ from functools import partial
 from typing import Any
 
 import zmq
+from cellblock.gate.observe import Observed, Observer
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules
 from cellblock.gate.tracker import (
@@ -52,6 +56,7 @@ from cellblock.gate.tracker import (
     HOLD,
     KERNEL_TYPES,
     KNOWN_TYPES,
+    NO_REPLY,
     RequestTable,
 )
 from cellblock.gate.wire import (
@@ -72,6 +77,7 @@ _BATCH = 256  # messages read from one socket before the poller is consulted aga
 _HB_MAX_BYTES = 4096
 _HB_MAX_PENDING = 256
 _EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
+_NOT_OUTPUT = frozenset({"status", "execute_input"})  # not charged to an output budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,7 @@ class Gate:
         rules: Sequence[OutputRule] = (),
         audit: AuditCallback | None = None,
         allowed_client_msg_types: frozenset[str] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._client_conn = dict(client)
         self._kernel_conn = dict(kernel)
@@ -159,6 +166,9 @@ class Gate:
         self._closed = False
         self._shutdown_requested = False
         self.audit_errors = 0  #: audit callbacks that raised (counted, then ignored)
+        self._observer = observer
+        self._own: dict[str, None] = {}  # msg_ids of the gate's own requests to the kernel
+        self._rekeyed = threading.Event()
 
     # ----------------------------------------------------------- the warden's side
 
@@ -215,15 +225,43 @@ class Gate:
             self.close()
             raise
 
-    def announce(self, ename: str, evalue: str) -> None:
+    def announce(
+        self, ename: str, evalue: str, *, msg_id: str | None = None, replies: bool = False
+    ) -> None:
         """Publish an ``error`` (then ``status: idle``) for every request the kernel has not yet
         answered, or one error with an empty parent if there is none; every open request is
         then forgotten (the kernel is going away). Thread-safe; a no-op before start() or
-        after close(). What was announced is flushed before close() returns."""
-        payload = json.dumps([str(ename), str(evalue)]).encode()
+        after close(). What was announced is flushed before close() returns.
+
+        ``replies=True`` also answers each of those requests on its own channel with an
+        error reply (a client waiting for ``execute_reply`` then stops waiting; used when
+        the jail is restarted in place). ``msg_id`` instead publishes only the ``error``, to
+        that one open request, and keeps it open: the kernel is expected to answer it (a
+        budget interrupted the cell)."""
+        payload = json.dumps([str(ename), str(evalue), msg_id, bool(replies)]).encode()
+        self._wake(b"announce", payload)
+
+    def interrupt(self) -> None:
+        """Send the kernel an ``interrupt_request`` of the gate's own (signed with the kernel
+        key) on control. Its reply and status messages are consumed, never forwarded.
+        Thread-safe; a no-op before start() or after close()."""
+        self._wake(b"interrupt")
+
+    def rekey(self, key: str, timeout: float = 5.0) -> bool:
+        """Verify and sign kernel messages with ``key`` from now on (the warden restarts the
+        jail with a fresh key). Thread-safe; returns once the loop has switched (True), or
+        False after ``timeout`` or when the gate is not running."""
+        self._rekeyed.clear()
+        if not self._wake(b"rekey", key.encode()):
+            return False
+        return self._rekeyed.wait(timeout)
+
+    def _wake(self, *frames: bytes) -> bool:
         with self._lock:
-            if self._wake_out is not None and not self._closed:
-                self._wake_out.send_multipart([b"announce", payload])
+            if self._wake_out is None or self._closed:
+                return False
+            self._wake_out.send_multipart(list(frames))
+            return True
 
     def close(self) -> None:
         """Stop the loop, join it, close every socket (client-facing ones with a short linger
@@ -309,8 +347,23 @@ class Gate:
         if frames[0] == b"stop":
             self._stopping = True
         elif frames[0] == b"announce":
-            ename, evalue = json.loads(frames[1])
-            self._publish_announce(ename, evalue)
+            ename, evalue, msg_id, replies = json.loads(frames[1])
+            self._publish_announce(ename, evalue, msg_id, replies)
+        elif frames[0] == b"interrupt":
+            self._send_own_interrupt()
+        elif frames[0] == b"rekey":
+            self._kernel_signer = Signer(frames[1].decode())
+            self._hb_pending.clear()
+            self._rekeyed.set()
+
+    def _observe(self, observed: Observed) -> str | None:
+        if self._observer is None:
+            return None
+        try:
+            return self._observer(observed)
+        except Exception:  # an observer's failure must not stop the relay
+            self.audit_errors += 1
+            return None
 
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
         if self._audit is not None:
@@ -357,6 +410,13 @@ class Gate:
                 raise Dropped("msg_type_not_allowed", msg_type)
             idents = tuple(msg.idents)
             msg_id = header["msg_id"]
+            if channel != "stdin" and self._observer is not None:
+                refusal = self._observe(
+                    Observed("request", msg_id, msg_type, header["session"], content=msg.parts[3])
+                )
+                if refusal is not None:
+                    self._refuse(channel, idents, msg.parts[0], msg_type, refusal)
+                    return
             if channel != "stdin":
                 evicted = self._table.add(
                     msg_id, channel, msg_type, header["session"], idents, msg.parts[0]
@@ -393,6 +453,8 @@ class Gate:
             raise Dropped("replay", msg_type)
         if msg_type not in KERNEL_TYPES[channel]:
             raise Dropped("unexpected_msg_type", msg_type)
+        if parent and self._own and parent["msg_id"] in self._own:
+            return  # the answer to the gate's own interrupt_request: consumed
         buffers = msg.buffers
         if buffers:
             if msg_type not in BUFFER_TYPES:
@@ -414,9 +476,16 @@ class Gate:
         self._client[channel].send_multipart(out, zmq.NOBLOCK)
         if channel != "stdin":
             held = self._table.replied(request)
+            if self._observer is not None:
+                observed = Observed(
+                    "reply", request.msg_id, request.msg_type, request.session,
+                    len(parts[3]), len(out[-1 - len(buffers)]), parts[3],
+                )
+                self._observe(observed)
             if held is not None:
                 self._flush(request.msg_id, request.header)
                 self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
+                self._observe_idle(request.msg_id, request.msg_type, request.session)
 
     def _relay_iopub(
         self,
@@ -446,7 +515,20 @@ class Gate:
         else:
             if idle:
                 self._flush(str(parent.get("msg_id", "")), parts[1])
+            elif self._observer is not None and msg_type not in _NOT_OUTPUT:
+                observed = Observed(
+                    "output", request.msg_id, msg_type, request.session,
+                    len(parts[3]), len(out[-1 - len(buffers)]),
+                )
+                if self._observe(observed) is not None:
+                    raise Dropped("budget", msg_type)
             self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
+            if idle:
+                self._observe_idle(request.msg_id, request.msg_type, request.session)
+
+    def _observe_idle(self, msg_id: str, msg_type: str, session: str) -> None:
+        if self._observer is not None:
+            self._observe(Observed("idle", msg_id, msg_type, session))
 
     def _flush(self, parent_msg_id: str, parent: bytes) -> None:
         """Publish what the output rules held back for this request, before its idle."""
@@ -503,21 +585,89 @@ class Gate:
 
     # announce
 
-    def _publish_announce(self, ename: str, evalue: str) -> None:
+    def _publish_announce(
+        self, ename: str, evalue: str, msg_id: str | None = None, replies: bool = False
+    ) -> None:
+        content = json.dumps(
+            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
+        ).encode("utf-8", "replace")
+        if msg_id is not None:  # one running request, kept open
+            request = self._table.get(msg_id)
+            if request is not None and not request.replied:
+                self._publish_own("error", request.header, content)
+            return
         # Executing = forwarded and not yet answered. A request that has its reply but
         # whose idle never came (published before the gate's SUB had joined) is not.
         requests = [r for r in self._table.close_all() if not r.replied]
         parents = [r.header for r in requests] or [b"{}"]
-        content = json.dumps(
-            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
-        ).encode("utf-8", "replace")
         idle = b'{"execution_state": "idle"}'
         for request in requests:
             self._flush(request.msg_id, request.header)
         for parent in parents:
             self._publish_own("error", parent, content)
+        if replies:
+            for request in requests:
+                self._reply_error(request.channel, request.idents, request.header,
+                                  request.msg_type, ename, evalue)
+        for parent in parents:
             if requests:
                 self._publish_own("status", parent, idle)
+
+    def _refuse(
+        self, channel: str, idents: tuple[bytes, ...], parent: bytes, msg_type: str, text: str
+    ) -> None:
+        """Answer a request the observer refused, as the kernel would answer a failed one:
+        an ``error`` on iopub, an error reply to the client, then ``status: idle``."""
+        self._emit("gate.refuse", {"channel": channel, "msg_type": msg_type, "reason": "budget"})
+        content = json.dumps(
+            {"ename": "CellblockBudget", "evalue": text, "traceback": [text]}, ensure_ascii=False
+        ).encode("utf-8", "replace")
+        self._publish_own("error", parent, content)
+        if msg_type not in NO_REPLY:
+            self._reply_error(channel, idents, parent, msg_type, "CellblockBudget", text)
+        self._publish_own("status", parent, b'{"execution_state": "idle"}')
+
+    def _reply_error(
+        self, channel: str, idents: Sequence[bytes], parent: bytes, msg_type: str,
+        ename: str, evalue: str,
+    ) -> None:
+        reply_type = msg_type.removesuffix("_request") + "_reply"
+        body: dict[str, Any] = {
+            "status": "error", "ename": ename, "evalue": evalue, "traceback": [evalue],
+        }
+        if reply_type == "execute_reply":
+            body["execution_count"] = None
+        content = json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
+        parts = [self._own_header(reply_type), parent, b"{}", content]
+        out = [*idents, DELIM, self._client_signer.sign(parts), *parts]
+        self._client[channel].send_multipart(out, zmq.NOBLOCK)
+
+    def _send_own_interrupt(self) -> None:
+        header = self._own_header("interrupt_request")
+        msg_id = json.loads(header)["msg_id"]
+        self._own[msg_id] = None
+        while len(self._own) > 64:
+            del self._own[next(iter(self._own))]
+        parts = [header, b"{}", b"{}", b"{}"]
+        out = [self._identity, DELIM, self._kernel_signer.sign(parts), *parts]
+        try:
+            self._kernel["control"].send_multipart(out, zmq.NOBLOCK)
+        except zmq.Again:
+            self._emit("gate.drop", {"direction": "gate", "channel": "control",
+                                     "reason": "kernel_queue_full",
+                                     "msg_type": "interrupt_request"})
+
+    def _own_header(self, msg_type: str) -> bytes:
+        return json.dumps(
+            {
+                "msg_id": uuid.uuid4().hex,
+                "msg_type": msg_type,
+                "username": "cellblock",
+                "session": self._session,
+                "date": _now(),
+                "version": "5.3",
+            }
+        ).encode()
 
     def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
         header = json.dumps(

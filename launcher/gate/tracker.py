@@ -177,6 +177,10 @@ class RequestTable:
             return self._open.pop(oldest)
         return None
 
+    def get(self, msg_id: str) -> Request | None:
+        """The open request ``msg_id``, if any (``Gate.announce`` to one request)."""
+        return self._open.get(msg_id)
+
     def discard(self, msg_id: str) -> None:
         """Forget ``msg_id`` (the relay could not forward it after all)."""
         self._open.pop(msg_id, None)
