@@ -24,12 +24,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from .datasets import Dataset, check_profiles
 from .errors import PolicyError, UnknownProfile
 
 __all__ = [
     "AuditSettings",
+    "Budgets",
     "HostSettings",
     "Limits",
+    "OutputPolicy",
     "Policy",
     "Profile",
     "find_policy_file",
@@ -89,6 +92,53 @@ class Limits(_Model):
     file_size: Size = Field(256 * 1024**2, ge=1024**2, description="RLIMIT_FSIZE")
 
 
+PII_KINDS = ("email", "phone", "card", "iban", "ssn")
+
+
+class OutputPolicy(_Model):
+    """What may leave the gate: budgets, rich-output limits and redaction."""
+
+    stream_head: Size = Field(16 * 1024, ge=0, description="stream bytes kept from a cell's "
+                              "start (per cell, all streams together)")
+    stream_tail: Size = Field(4 * 1024, ge=0, description="stream bytes kept from a cell's end")
+    max_text: Size = Field(64 * 1024, ge=256, description="cap on any other text value "
+                           "(a MIME value, an evalue, a traceback, a reply field), head+tail")
+    max_image: Size = Field(1024 * 1024, ge=0, description="cap on one image (base64 bytes); "
+                            "a larger one is replaced by a text saying so")
+    allowed_mime: tuple[str, ...] | None = Field(
+        None, description="MIME types forwarded in rich outputs (None: all); others dropped")
+    neutralize_urls: bool = Field(False, description="replace remote URLs in markdown/HTML")
+    normalise: bool = Field(False, description="always send the normalised text (no ANSI, "
+                            "zero-width or homoglyph tricks), not only when a finding was made")
+    redact_secrets: bool = True
+    pii: tuple[Literal["email", "phone", "card", "iban", "ssn"], ...] = ()
+    redact_values: tuple[str, ...] = Field((), description="exact secrets to redact")
+    redact_env: tuple[str, ...] = Field((), description="names of environment variables of "
+                                        "the launching process whose values are redacted")
+    allow_comms: bool = Field(False, description="forward comm_open/comm_msg (widgets)")
+
+
+class Budgets(_Model):
+    """What one kernel may spend, enforced by the warden and the gate (docs/operations.md).
+
+    0 turns a budget off. A cell's clock starts when the gate forwards its execute_request
+    (or when the cell before it is answered, if it queued), never on the kernel's word.
+    """
+
+    cell_seconds: float = Field(30.0, ge=0, description="wall clock per cell; then an "
+                                "interrupt_request")
+    grace_seconds: float = Field(5.0, gt=0, description="after the interrupt, then the jail is "
+                                 "killed and restarted in place")
+    lifetime_seconds: float = Field(3600.0, ge=0, description="the kernel's whole life; then "
+                                    "it is stopped")
+    idle_seconds: float = Field(600.0, ge=0, description="no request and no running cell for "
+                                "this long; then the kernel is stopped")
+    executions: int = Field(1000, ge=0, description="execute_requests per kernel; later ones "
+                            "are refused")
+    output_bytes: Size = Field(10_000_000, ge=0, description="total output content bytes sent "
+                               "to clients; then the kernel is stopped")
+
+
 class Profile(_Model):
     """One kind of sandbox: limits, environment, and what clients may ask."""
 
@@ -117,6 +167,15 @@ class Profile(_Model):
     )
     startup_timeout: float = Field(60.0, gt=0, le=3600)
     limits: Limits = Limits()
+    budgets: Budgets = Budgets()
+    enabled: bool = Field(True, description="false: no new kernel starts on this profile")
+    audit_code_text: bool = Field(False, description="keep each cell's code text in the audit "
+                                  "log (else only its sha256)")
+    output: OutputPolicy = OutputPolicy()
+    datasets: tuple[str, ...] = Field((), description="names in [datasets] this profile allows")
+    default_datasets: tuple[str, ...] = Field(
+        (), description="granted when a launch asks for none (a subset of datasets)"
+    )
 
 
 class HostSettings(_Model):
@@ -142,6 +201,7 @@ class Policy(_Model):
     host: HostSettings = HostSettings()
     audit: AuditSettings = AuditSettings()
     profiles: dict[Annotated[str, Field(pattern=_NAME)], Profile] = {}
+    datasets: dict[Annotated[str, Field(pattern=_NAME)], Dataset] = {}
     sources: tuple[str, ...] = ()
 
     def profile(self, name: str) -> Profile:
@@ -171,11 +231,11 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: Any = Policy
     for part in loc[:-1]:
-        if model is Policy and part == "profiles":
-            model = dict
+        if model is Policy and part in ("profiles", "datasets"):
+            model = dict if part == "profiles" else Dataset.__name__
             continue
-        if model is dict:
-            model = Profile
+        if model is dict or model == Dataset.__name__:
+            model = Profile if model is dict else Dataset
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None or not isinstance(field.annotation, type):
@@ -244,6 +304,10 @@ def load_policy(path: Path | str | None = None, *, env: Mapping[str, str] | None
         sources.append(f"${CGROUP_PARENT_ENV}")
     data["sources"] = tuple(sources)
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise _explain(exc, " + ".join(sources)) from None
+    problems = check_profiles(policy)
+    if problems:
+        raise PolicyError(f"invalid policy ({' + '.join(sources)}):\n  " + "\n  ".join(problems))
+    return policy

@@ -24,6 +24,19 @@ display_name = "Python (cellblock: tiny, tests)"
 description = "Small limits so limit tests are quick."
 allow_stdin = true
 
+[profiles.canary]
+display_name = "Python (cellblock: canary, tests)"
+description = "Every carrier open (HTML, stdin, history), redaction on, a 64 KiB head."
+allow_stdin = true
+
+[profiles.canary.output]
+stream_head = "64KiB"
+stream_tail = "16KiB"
+max_text = "64KiB"
+redact_secrets = true
+redact_env = ["CELLBLOCK_TEST_EXACT_SECRET"]
+allow_comms = true
+
 [profiles.tiny.limits]
 memory = "256MiB"
 pids = 48

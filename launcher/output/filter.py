@@ -1,0 +1,245 @@
+"""The output filter: the gate rule that applies a profile's output policy to every
+message the kernel sends (DESIGN decision 4).
+
+Every string leaf of every kernel message passes the text cleaner (redaction, then
+a head+tail cap), dict keys included, in content and in metadata: stream,
+display_data, update_display_data, execute_result (every MIME type), error (ename,
+evalue, every traceback line), execute_input, execute_reply (payload,
+user_expressions), inspect_reply, complete_reply, history_reply, is_complete_reply,
+kernel_info_reply, input_request, comm messages. ``status`` (already validated by
+the relay) is the one message passed without parsing. Stream text has a per-cell
+budget and a carry-over window (:mod:`.streams`); MIME bundles have their own
+limits (:mod:`.rich`).
+
+Redaction runs before truncation, so a cut never turns a secret into a prefix that
+no longer matches (THREATS O17). A message whose content the policy leaves as it was
+is forwarded as the original bytes, without re-encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..gate.rules import WITHHOLD
+from ..policy import OutputPolicy
+from .rich import filter_bundle
+from .streams import CellStreams
+from .text import cap_text
+
+__all__ = ["OutputFilter", "build_output_rules", "build_redactor"]
+
+_BUNDLE_TYPES = {"display_data", "update_display_data", "execute_result", "inspect_reply"}
+_COMM_TYPES = {"comm_open", "comm_msg", "comm_close"}
+Audit = Callable[[str, dict[str, Any]], None]
+
+
+def build_redactor(policy: OutputPolicy, env: Mapping[str, str] | None = None) -> Any:
+    """A Redactor for the profile, or None when the profile redacts nothing.
+
+    Exact secrets come from the policy and from the named environment variables of
+    the launching process (read here, on the host; they never enter the jail)."""
+    env = os.environ if env is None else env
+    exact = [v for v in policy.redact_values if v]
+    exact += [env[name] for name in policy.redact_env if env.get(name)]
+    if not (policy.redact_secrets or policy.pii or exact):
+        return None
+    from ..redact import Redactor
+
+    return Redactor(secrets=policy.redact_secrets, pii=tuple(policy.pii), exact=tuple(exact))
+
+
+class OutputFilter:
+    """One per kernel. Called only from the gate's thread (no locks needed)."""
+
+    name = "output"
+
+    def __init__(self, policy: OutputPolicy, redactor: Any, audit: Audit | None = None,
+                 nonce: str | None = None) -> None:
+        self.policy = policy
+        self.redactor = redactor
+        self.audit = audit
+        self.nonce = nonce or secrets.token_hex(3)
+        self.cells: dict[str, CellStreams] = {}
+        self._changed = False
+        self._findings: list[Any] = []
+        self._notes: list[str] = []
+
+    # -- the rule ----------------------------------------------------------
+
+    def apply(self, channel: str, msg_type: str, header: dict[str, Any],
+              parent: dict[str, Any], content_bytes: bytes,
+              metadata_bytes: bytes) -> bytes | tuple[bytes, bytes] | None:
+        if msg_type == "status":
+            return content_bytes
+        if msg_type in _COMM_TYPES and not self.policy.allow_comms:
+            return None
+        self._changed = False
+        self._findings = []
+        self._notes = []
+        parent_id = str(parent.get("msg_id", ""))
+        content = json.loads(content_bytes)
+        if msg_type == "stream":
+            held = self._stream(parent_id, content)
+            if held:
+                self._report(parent_id, msg_type)
+                return WITHHOLD
+        elif msg_type in _BUNDLE_TYPES:
+            for key, value in list(content.items()):
+                if key == "data":
+                    content["data"] = self._bundle(value)
+                else:
+                    content[self._clean(key, "key")] = self._walk(value, key)
+        elif msg_type == "execute_reply":
+            content = self._execute_reply(content)
+        elif msg_type == "kernel_info_reply" and self.policy.neutralize_urls:
+            if content.pop("help_links", None):
+                self._changed = True
+                self._notes.append("help_links removed")
+            content = self._walk(content, "kernel_info")
+        else:
+            content = self._walk(content, msg_type)
+        metadata_out = metadata_bytes
+        if metadata_bytes not in (b"{}", b""):
+            before = self._changed
+            self._changed = False
+            metadata = self._walk(json.loads(metadata_bytes), "metadata")
+            if self._changed:
+                metadata_out = _dump(metadata)
+            self._changed = self._changed or before
+        self._report(parent_id, msg_type)
+        if not self._changed:
+            return content_bytes if metadata_out is metadata_bytes else (content_bytes,
+                                                                         metadata_out)
+        return _dump(content), metadata_out
+
+    def flush(self, parent_msg_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """Called by the relay before the cell's idle: held-back text, markers, tails."""
+        cell = self.cells.pop(parent_msg_id, None)
+        if cell is None:
+            return []
+        out = [("stream", {"name": name, "text": text}) for name, text in cell.flush()]
+        self._findings = cell.findings
+        cell.findings = []
+        self._report(parent_msg_id, "stream")
+        return out
+
+    # -- pieces --------------------------------------------------------------
+
+    def _stream(self, parent_id: str, content: dict[str, Any]) -> bool:
+        """Apply the cell's stream budget; True when the whole message is held back."""
+        text = content.get("text")
+        name = content.get("name")
+        if not isinstance(text, str) or name not in ("stdout", "stderr"):
+            content.clear()
+            content.update({"name": "stderr", "text": ""})
+            self._changed = True
+            return True
+        cell = self.cells.get(parent_id)
+        if cell is None:
+            cell = self.cells[parent_id] = CellStreams(
+                self.policy.stream_head, self.policy.stream_tail, self.redactor,
+                self.policy.normalise, self.nonce,
+            )
+        out = cell.feed(name, text)
+        self._findings.extend(cell.findings)
+        cell.findings = []
+        if not out:
+            return True
+        if out != text or len(content) != 2:
+            self._changed = True
+            content.clear()
+            content.update({"name": name, "text": out})
+        return False
+
+    def _clean(self, text: str, what: str) -> str:
+        out = text
+        if self.redactor is not None:
+            result = self.redactor.redact(text)
+            if result.findings:
+                self._findings.extend(result.findings)
+                out = str(result.text)
+            elif self.policy.normalise:
+                out = str(result.text)
+        elif self.policy.normalise:
+            out = text
+        out, cut = cap_text(out, self.policy.max_text, self.nonce, what)
+        if cut:
+            self._notes.append(f"{cut} bytes of {what} truncated")
+        if out is not text and out != text:
+            self._changed = True
+        return out
+
+    def _walk(self, obj: Any, what: str) -> Any:
+        if isinstance(obj, str):
+            return self._clean(obj, what)
+        if isinstance(obj, list):
+            return [self._walk(v, what) for v in obj]
+        if isinstance(obj, dict):
+            return {(self._clean(k, "key") if isinstance(k, str) else k):
+                    self._walk(v, k if isinstance(k, str) else what) for k, v in obj.items()}
+        return obj
+
+    def _bundle(self, data: Any) -> Any:
+        before = json.dumps(data, sort_keys=True) if isinstance(data, dict) else None
+        out = filter_bundle(data, self.policy, self._clean, self._walk, self._notes)
+        if before is None or json.dumps(out, sort_keys=True) != before:
+            self._changed = True
+        return out
+
+    def _execute_reply(self, content: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in content.items():
+            if key == "user_expressions" and isinstance(value, dict):
+                exprs = {}
+                for name, result in value.items():
+                    if isinstance(result, dict) and "data" in result:
+                        result = {**self._walk({k: v for k, v in result.items() if k != "data"},
+                                               "user_expressions"),
+                                  "data": self._bundle(result["data"])}
+                    else:
+                        result = self._walk(result, "user_expressions")
+                    exprs[self._clean(name, "key")] = result
+                out[key] = exprs
+            elif key == "payload" and isinstance(value, list):
+                items = []
+                for item in value:
+                    if isinstance(item, dict) and isinstance(item.get("data"), dict):
+                        item = {**self._walk({k: v for k, v in item.items() if k != "data"},
+                                             "payload"), "data": self._bundle(item["data"])}
+                    else:
+                        item = self._walk(item, "payload")
+                    items.append(item)
+                out[key] = items
+            else:
+                out[self._clean(key, "key")] = self._walk(value, key)
+        return out
+
+    def _report(self, parent_id: str, msg_type: str) -> None:
+        if self.audit is None or not (self._findings or self._notes):
+            self._findings, self._notes = [], []
+            return
+        by_rule: dict[str, int] = {}
+        hashes: list[str] = []
+        for f in self._findings:
+            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+            hashes.append(f"{f.rule}:{f.sha256_prefix}")
+        self.audit("output.filtered", {
+            "parent_msg_id": parent_id, "msg_type": msg_type, "redactions": by_rule,
+            "hashes": hashes[:50], "notes": self._notes[:20],
+        })
+        self._findings, self._notes = [], []
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def build_output_rules(policy: OutputPolicy, audit: Audit | None = None,
+                       env: Mapping[str, str] | None = None) -> tuple[OutputFilter]:
+    """The gate's rules for one kernel of a profile."""
+    return (OutputFilter(policy, build_redactor(policy, env), audit),)
+

@@ -1,0 +1,94 @@
+"""Rich outputs (MIME bundles): which types pass, image caps, remote-URL neutralisation.
+
+A bundle is the ``data`` dict of display_data, update_display_data, execute_result,
+inspect_reply, an execute_reply page payload or a user_expressions value. Every
+text-like value passes the text cleaner (redaction, caps); images are size-capped
+(never decoded, decompressed or rasterised: R20); types outside the profile's
+allowlist are dropped, and a bundle left empty says so in ``text/plain``.
+
+With no network, an agent reading the output is the only way out of the jail, and
+an image URL in markdown or HTML is fetched by whatever renders it, with data in
+its query string (THREATS N16). LLM-facing profiles replace every remote URL in
+markdown, HTML and SVG. The pattern has no nested quantifiers (linear time) and runs
+only on text already capped by the profile's ``max_text``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ..policy import OutputPolicy
+
+__all__ = ["REMOVED_URL", "filter_bundle", "neutralize_urls"]
+
+REMOVED_URL = "#cellblock-remote-url-removed"
+_URL = re.compile(
+    r"(?i)(?:\b(?:https?|ftps?|wss?|gopher|file)\s*:\s*/\s*/|(?<=[\"'(=\s])//(?=[\w.-]))"
+    r"[^\s\"'<>()\[\]{}`]*"
+)
+_URL_MIME = {"text/markdown", "text/html", "image/svg+xml"}
+_TEXT_LIKE = ("text/", "application/json", "image/svg+xml", "application/javascript")
+
+
+def neutralize_urls(text: str) -> tuple[str, int]:
+    """Replace remote URLs; return the text and how many were replaced."""
+    count = 0
+
+    def sub(_m: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return REMOVED_URL
+
+    return _URL.sub(sub, text), count
+
+
+def _is_text(mime: str) -> bool:
+    return mime.startswith(_TEXT_LIKE) or mime.endswith("+json")
+
+
+def filter_bundle(
+    data: Any,
+    policy: OutputPolicy,
+    clean: Callable[[str, str], str],
+    walk: Callable[[Any, str], Any],
+    notes: list[str],
+) -> Any:
+    """The bundle as it may leave the gate. ``clean(text, what)`` redacts and caps one
+    string; ``walk(obj, what)`` does that for every string in a JSON value. ``notes``
+    collects what was withheld, for the audit log."""
+    if not isinstance(data, dict):
+        return walk(data, "output")
+    allowed = policy.allowed_mime
+    out: dict[str, Any] = {}
+    withheld: list[str] = []
+    for mime, value in data.items():
+        mime_clean = clean(mime, "MIME type") if isinstance(mime, str) else str(mime)
+        if allowed is not None and mime not in allowed:
+            withheld.append(f"{mime_clean} (not allowed by the profile)")
+            continue
+        if mime.startswith("image/") and mime != "image/svg+xml":
+            size = len(value) if isinstance(value, str) else -1
+            if size < 0 or size > policy.max_image:
+                withheld.append(f"{mime} of {max(size, 0):,} bytes (limit {policy.max_image:,})")
+                continue
+            out[mime] = value  # opaque; not decoded (R20), OCR is out of scope
+            continue
+        if isinstance(value, str):
+            text = clean(value, mime)
+            if policy.neutralize_urls and mime in _URL_MIME:
+                text, n = neutralize_urls(text)
+                if n:
+                    notes.append(f"{n} remote URL(s) removed from {mime}")
+            out[mime_clean] = text
+        elif _is_text(mime) or isinstance(value, (dict, list)):
+            out[mime_clean] = walk(value, mime)
+        else:
+            out[mime_clean] = walk(value, mime)
+    if withheld:
+        notes.extend(withheld)
+        note = "[cellblock: withheld " + "; ".join(withheld) + "]"
+        plain = out.get("text/plain")
+        out["text/plain"] = f"{plain}\n{note}" if isinstance(plain, str) and plain else note
+    return out

@@ -1,0 +1,147 @@
+"""Stream output of one cell: a head and tail budget, and the redaction carry-over.
+
+A cell's stream text (stdout and stderr together) is released up to ``head``
+bytes. After that, text is only counted and kept in a bounded tail buffer,
+without being scanned: a cell that floods megabytes costs the gate a byte count
+and a slice, not a scan. When the cell ends (the gate is about to release its
+``idle``), :meth:`CellStreams.flush` returns what is left: the carried-over text,
+a marker saying how much was cut, and the redacted tail.
+
+Redaction needs a carry-over window: a secret printed in two halves (or one
+character per message) must not leave the gate as two harmless halves. Each
+stream keeps back the last ``redactor.max_match_len`` characters that could
+still be the start of a match, and releases them with the next message or at
+flush, once the whole candidate has been seen.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .text import marker
+
+__all__ = ["CellStreams"]
+
+
+class _Tail:
+    """The last ``size`` characters of a stream, plus counts of everything that passed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.parts: deque[str] = deque()
+        self.chars = 0
+        self.total_bytes = 0
+        self.total_lines = 0
+
+    def add(self, text: str) -> None:
+        self.total_bytes += len(text.encode("utf-8", "surrogatepass"))
+        self.total_lines += text.count("\n")
+        if self.size == 0:
+            return
+        if len(text) >= self.size:
+            self.parts.clear()
+            self.parts.append(text[-self.size:])
+            self.chars = self.size
+            return
+        self.parts.append(text)
+        self.chars += len(text)
+        while self.chars > self.size:
+            first = self.parts[0]
+            extra = self.chars - self.size
+            if len(first) <= extra:
+                self.parts.popleft()
+                self.chars -= len(first)
+            else:
+                self.parts[0] = first[extra:]
+                self.chars -= extra
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class CellStreams:
+    """Stream state of one cell (one parent msg_id); lives from its first stream
+    message until the gate releases the cell's idle."""
+
+    def __init__(self, head: int, tail: int, redactor: Any, normalise: bool, nonce: str) -> None:
+        self.head_left = head
+        self.tail_size = tail
+        self.redactor = redactor
+        self.normalise = normalise
+        self.nonce = nonce
+        self.pending: dict[str, str] = {}
+        self.tails: dict[str, _Tail] = {}
+        self.findings: list[Any] = []
+
+    def _clean(self, text: str) -> str:
+        if self.redactor is None:
+            return text
+        result = self.redactor.redact(text)
+        self.findings.extend(result.findings)
+        return str(result.text)
+
+    def _tail(self, name: str) -> _Tail:
+        tail = self.tails.get(name)
+        if tail is None:
+            tail = self.tails[name] = _Tail(self.tail_size)
+        return tail
+
+    def feed(self, name: str, text: str) -> str:
+        """The text to release now for one stream message ("" to hold it back)."""
+        if self.head_left <= 0:
+            self._tail(name).add(text)
+            return ""
+        if self.redactor is not None:
+            combined = self.pending.pop(name, "") + self.redactor.normalise(text)
+            cut = self.redactor.scan_end_safe(combined)
+            self.pending[name] = combined[cut:]
+            out = self._clean(combined[:cut])
+        elif self.normalise:
+            out = text
+        else:
+            out = text
+        raw = out.encode("utf-8", "surrogatepass")
+        if len(raw) <= self.head_left:
+            self.head_left -= len(raw)
+            return out
+        keep = raw[: self.head_left].decode("utf-8", "ignore")
+        self.head_left = 0
+        rest = out[len(keep):] + self.pending.pop(name, "")
+        self._tail(name).add(rest)
+        # the other streams' carried-over text joins their tails too
+        for other, held in list(self.pending.items()):
+            self._tail(other).add(held)
+        self.pending.clear()
+        return keep
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is left of each stream at the end of the cell, redacted, with markers."""
+        out: list[tuple[str, str]] = []
+        names = list(dict.fromkeys([*self.pending, *self.tails]))
+        for name in names:
+            text = self._clean(self.pending.pop(name, "")) if name in self.pending else ""
+            tail = self.tails.get(name)
+            if tail is not None and tail.total_bytes:
+                kept = tail.text()
+                if len(kept) < len(tail.text()) or tail.total_bytes > len(kept.encode()):
+                    kept = _drop_partial_token(kept)
+                kept_bytes = len(kept.encode("utf-8", "surrogatepass"))
+                cut_bytes = tail.total_bytes - kept_bytes
+                cut_lines = tail.total_lines - kept.count("\n")
+                if cut_bytes > 0:
+                    text += marker(self.nonce, name, cut_bytes, cut_lines)
+                text += self._clean(kept)
+            if text:
+                out.append((name, text))
+        self.tails.clear()
+        return out
+
+
+def _drop_partial_token(text: str, window: int = 256) -> str:
+    """The tail starts mid-stream: drop the partial token at the cut (THREATS O17), so
+    the end of a secret whose start was cut off is not released as a harmless tail."""
+    for i, ch in enumerate(text[:window]):
+        if ch in " \n\t":
+            return text[i + 1:] if ch != "\n" else text[i:]
+    return text[window:] if len(text) > window else ""

