@@ -4,7 +4,8 @@ The tree::
 
     CellblockError(Exception)
     ├── PolicyError(CellblockError, ValueError)      bad policy file, key or value
-    │   └── UnknownProfile(PolicyError, KeyError)    a profile name that no policy defines
+    │   ├── UnknownProfile(PolicyError, KeyError)    a profile name that no policy defines
+    │   └── ProfileDisabled(PolicyError)             the operator set enabled = false on it
     ├── HostUnsupported(CellblockError, RuntimeError)  the host lacks what a profile requires
     │                                                  (user namespaces, cgroups, a readable
     │                                                  Python environment); the message says
@@ -24,6 +25,7 @@ __all__ = [
     "JailStartError",
     "JailStartTimeout",
     "PolicyError",
+    "ProfileDisabled",
     "UnknownProfile",
 ]
 
@@ -41,6 +43,10 @@ class UnknownProfile(PolicyError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "unknown profile"
+
+
+class ProfileDisabled(PolicyError):
+    """The operator disabled the profile (``enabled = false``): no new kernel starts on it."""
 
 
 class HostUnsupported(CellblockError, RuntimeError):

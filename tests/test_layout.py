@@ -71,6 +71,7 @@ def test_errors_all_is_pinned() -> None:
         "JailStartError",
         "JailStartTimeout",
         "PolicyError",
+        "ProfileDisabled",
         "UnknownProfile",
     ]
 
@@ -80,6 +81,7 @@ def test_errors_tree() -> None:
     for child, parents in [
         (e.PolicyError, (e.CellblockError, ValueError)),
         (e.UnknownProfile, (e.PolicyError, KeyError)),
+        (e.ProfileDisabled, (e.PolicyError,)),
         (e.HostUnsupported, (e.CellblockError, RuntimeError)),
         (e.JailStartError, (e.CellblockError, RuntimeError)),
         (e.JailStartTimeout, (e.JailStartError, TimeoutError)),

@@ -8,6 +8,7 @@ import pytest
 from cellblock.errors import PolicyError, UnknownProfile
 from cellblock.policy import (
     POLICY_ENV,
+    Budgets,
     HostSettings,
     Limits,
     Profile,
@@ -103,7 +104,7 @@ def test_builtin_profiles(operator) -> None:
     for name, limits in BUILTIN_LIMITS.items():
         assert policy.profile(name).limits.model_dump() == limits
     agent, analyst = policy.profile("agent"), policy.profile("analyst")
-    assert agent.model_dump(exclude={"limits"}) == {
+    assert agent.model_dump(exclude={"limits", "budgets", "output"}) == {
         "display_name": "Python (cellblock: agent)",
         "description": "For LLM agents: small limits, no stdin, no comms or debugger.",
         "python": "auto",
@@ -113,7 +114,16 @@ def test_builtin_profiles(operator) -> None:
         "allow_stdin": False,
         "allowed_requests": AGENT_REQUESTS,
         "startup_timeout": 60.0,
+        "datasets": (),
+        "default_datasets": (),
+        "enabled": True,
+        "audit_code_text": False,
     }
+    assert agent.budgets.model_dump() == {
+        "cell_seconds": 30.0, "grace_seconds": 5.0, "lifetime_seconds": 3600.0,
+        "idle_seconds": 600.0, "executions": 1000, "output_bytes": 10_000_000,
+    }
+    assert analyst.budgets.cell_seconds == 3600.0
     assert analyst.display_name == "Python (cellblock: analyst)"
     assert analyst.allow_stdin is True
     assert analyst.allowed_requests is None
@@ -174,7 +184,8 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
     text = str(info.value)
     assert f"invalid policy (builtin + {path})" in text
     assert ("profiles.agent.memmory: unknown key; allowed keys here: allow_stdin, "
-            "allowed_requests, cgroups, description, display_name, limits, nsjail_config, "
+            "allowed_requests, audit_code_text, budgets, cgroups, datasets, default_datasets, "
+            "description, display_name, enabled, limits, nsjail_config, output, "
             "python, seccomp_policy, startup_timeout") in text
 
 
@@ -183,7 +194,7 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
      "profiles.agent.limits.memmory: unknown key; allowed keys here: cpus, file_size, "
      "home_size, memory, open_files, pids, tmp_size"),
     ("[host]\nbinary = 1\n", "host.binary: unknown key; allowed keys here: cgroup_parent, nsjail"),
-    ("colour = 1\n", "colour: unknown key; allowed keys here: host, profiles"),
+    ("colour = 1\n", "colour: unknown key; allowed keys here: audit, datasets, host, profiles"),
 ])
 def test_unknown_key_at_each_level(operator, text: str, expected: str) -> None:
     operator(text)
@@ -283,7 +294,7 @@ def test_env_variable_beats_jupyter_config_path(
 
 # -- docs/policy.md names every key ---------------------------------------------------------
 
-@pytest.mark.parametrize("model", [Limits, Profile, HostSettings])
+@pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets])
 def test_docs_name_every_key(model: type) -> None:
     text = (ROOT / "docs" / "policy.md").read_text()
     missing = [name for name in model.model_fields if f"`{name}`" not in text]
