@@ -10,15 +10,19 @@ that from a template-injection advisory).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cellblock_kernel.datasets import BROKER_DIR, DATA_ROOT
+
 from .errors import HostUnsupported, PolicyError
 from .policy import HostSettings, Profile
 
 __all__ = [
+    "JAIL_BROKER",
     "JAIL_HOME",
     "JAIL_PKG",
     "JAIL_RUN",
@@ -37,8 +41,10 @@ JAIL_UID = 1000  # the kernel's uid inside the jail; mapped to a non-root host u
 JAIL_RUN = "/run/cellblock"  # the per-kernel ipc dir, short so socket paths stay < 107 bytes
 JAIL_PKG = "/opt/cellblock-kernel"  # holds the cellblock_kernel package, read-only
 JAIL_HOME = "/home/jovyan"
+JAIL_BROKER = BROKER_DIR  # the dataset broker's socket dir (cellblock_kernel.datasets)
 # Bound by the base profile already; a Python environment under them needs no bind.
 BASE_BOUND = (Path("/usr"),)
+_DATASET_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class JailLayout:
     outside_uid: int
     outside_gid: int
     hosts: Path | None = None  # bound read-only at /etc/hosts (localhost only)
+    broker_dir: Path | None = None  # holds the broker's socket; bound read-only at JAIL_BROKER
 
 
 def _checked(path: Path | str, what: str) -> str:
@@ -150,8 +157,14 @@ def nsjail_argv(
     layout: JailLayout,
     python: Path,
     env_mounts: tuple[Path, ...],
+    data_mounts: tuple[tuple[str, Path], ...] = (),
 ) -> list[str]:
-    """The exact nsjail command for one kernel (also shown by ``cellblock profiles show``)."""
+    """The exact nsjail command for one kernel (also shown by ``cellblock profiles show``).
+
+    ``data_mounts`` are directory datasets, ``(name, host source)``, each bound
+    read-only at ``/data/<name>`` (the source is a read-only, nosuid, nodev view the
+    warden staged when it runs as root; see :mod:`cellblock.broker`).
+    """
     lim = profile.limits
     argv = [
         nsjail,
@@ -176,6 +189,12 @@ def nsjail_argv(
     ]
     if layout.hosts is not None:
         argv += ["--bindmount_ro", f"{_checked(layout.hosts, 'run dir')}:/etc/hosts"]
+    if layout.broker_dir is not None:
+        argv += ["--bindmount_ro", f"{_checked(layout.broker_dir, 'run dir')}:{JAIL_BROKER}"]
+    for name, source in data_mounts:
+        if not _DATASET_NAME.fullmatch(name):
+            raise PolicyError(f"dataset name {name!r} cannot be a mount point")
+        argv += ["--bindmount_ro", f"{_checked(source, f'dataset {name!r}')}:{DATA_ROOT}/{name}"]
     argv += [
         "--bindmount", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
         "--env", f"PYTHONPATH={JAIL_PKG}",

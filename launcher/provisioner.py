@@ -34,6 +34,7 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, Unicode
 
+from .datasets import DATASETS_ENV, select_datasets
 from .errors import JailStartError, JailStartTimeout, PolicyError
 from .policy import load_policy
 from .rundir import sweep_stale
@@ -89,6 +90,12 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         connection file, then replaces the command with the warden's."""
         policy = load_policy()
         profile = policy.profile(self.profile)  # UnknownProfile names the known ones
+        # CELLBLOCK_DATASETS from the kernel's env (jupyter_client and Jupyter Server pass
+        # `env`): refused here, before anything starts, if the profile does not allow it.
+        # The warden gets the selection on its command line; the jail's env never has it.
+        launch_env = kwargs.get("env")  # jupyter_client's default is os.environ
+        launch_env = os.environ if launch_env is None else launch_env
+        granted = select_datasets(policy, self.profile, launch_env.get(DATASETS_ENV))
         self._startup_timeout = self.start_timeout or profile.startup_timeout
         km = self.parent
         if km is not None and km.transport != "tcp":
@@ -106,6 +113,7 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
             "--profile", self.profile,
             "--connection-file", connection_file,
             "--parent-pid", str(os.getpid()),
+            "--datasets", ",".join(granted),
         ]
         return kwargs
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import AuditLog, audit_dir
+from .broker import DatasetSetup, setup_datasets
 from .cgroups import KernelCgroup, detect
 from .errors import CellblockError, HostUnsupported, JailStartError
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
@@ -69,7 +71,8 @@ class Warden:
     """Owns one kernel's jail for its whole life. Not reusable across restarts:
     jupyter_client restarts a kernel by starting a new warden on the same ports."""
 
-    def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any]) -> None:
+    def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any],
+                 datasets: str | None = None) -> None:
         self.kernel_id = kernel_id
         self.profile_name = profile_name
         self.client_conn = client_conn
@@ -85,6 +88,8 @@ class Warden:
         self._stop_reason: str | None = None
         self._closed = False
         self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
+        self.requested_datasets = datasets  # None: the profile's default_datasets
+        self.datasets: DatasetSetup | None = None
 
     # -- start ---------------------------------------------------------------
 
@@ -108,6 +113,11 @@ class Warden:
 
         uid, gid = jail_ids()
         layout = self.run.create(uid, gid)
+        self.datasets = setup_datasets(
+            run_path=self.run.path, policy=self.policy, profile_name=self.profile_name,
+            requested=self.requested_datasets, jail_uid=uid, audit=self.audit.write,
+        )
+        layout = dataclasses.replace(layout, broker_dir=self.datasets.broker.socket_dir)
         record = WardenRecord(
             kernel_id=self.kernel_id, profile=self.profile_name, warden_pid=os.getpid(),
             jail_uid=uid, cgroup_version=cg_version,
@@ -126,7 +136,8 @@ class Warden:
                 cg_version, self.policy.host.cgroup_parent, self.kernel_id, profile.limits
             )
         argv = nsjail_argv(
-            nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts
+            nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts,
+            data_mounts=self.datasets.data_mounts,
         )
         self.audit.write(
             "kernel.start", profile=self.profile_name, policy_sha256=self.policy.digest(),
@@ -134,6 +145,8 @@ class Warden:
             jail_uid=uid, cgroup=cg_version, warden_pid=os.getpid(),
         )
         self._spawn(argv)
+        self.datasets.close_staged()  # attached in nsjail's mount namespace now
+        self.datasets.broker.start()
         record.nsjail_pid = self.proc.pid if self.proc else None
         self.run.write_record(record)
         self._start_gate({**inner, "ip": str(self.run.ipc / "k")})
@@ -141,11 +154,14 @@ class Warden:
 
     def _spawn(self, argv: list[str]) -> None:
         cgroup = self.cgroup
+        datasets = self.datasets
 
         def in_child() -> None:  # runs between fork and exec: async-signal-safe work only
             set_pdeathsig(signal.SIGTERM)  # nsjail then kills the jail and cleans up
             if cgroup is not None:
                 cgroup.join(0)
+            if datasets is not None:
+                datasets.attach_in_child()  # read-only /data views, root only
 
         self.proc = subprocess.Popen(  # noqa: S603 - argv built from the validated policy
             argv,
@@ -300,6 +316,9 @@ class Warden:
                 self.gate.close()
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.datasets is not None:
+            self.datasets.close_staged()
+            self.datasets.broker.close()
         self.run.remove()
         counted = {k: v for k, v in self.drops.items() if v > 100}
         if counted:
@@ -323,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection-file", required=True, type=Path)
     parser.add_argument("--parent-pid", required=True, type=int)
     parser.add_argument("--status-fd", type=int, default=None)
+    parser.add_argument("--datasets", default=None,
+                        help="comma-separated datasets granted at launch (default: the "
+                        "profile's default_datasets)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[cellblock warden %(asctime)s] %(message)s")
 
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     warden: Warden | None = None
     try:
         client_conn = json.loads(args.connection_file.read_text())
-        warden = Warden(args.kernel_id, args.profile, client_conn)
+        warden = Warden(args.kernel_id, args.profile, client_conn, datasets=args.datasets)
         warden.start()
     except (CellblockError, OSError, ValueError) as exc:
         message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
