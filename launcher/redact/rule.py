@@ -1,0 +1,57 @@
+"""The declarative shape of a detector: a `Rule` (one pattern) or a `Block` (begin/end pair).
+
+Detector modules hold tuples of these and nothing else but small validators. The engine
+compiles every `pattern` into one hyperscan database (block mode, ``HS_FLAG_SOM_LEFTMOST``), so
+patterns use hyperscan syntax: no lookaround, no backreferences, and no large bounded repeats
+(hyperscan refuses ``{8,200}`` with leftmost start-of-match: write ``{8,}`` and let ``max_len``
+cap the candidate instead).
+
+A hyperscan report gives the leftmost start for each end offset. For each rule the engine keeps,
+per start, the longest end, clips the candidate to ``max_len`` characters from its start, then:
+
+- ``secret``: an optional Python `re` pattern *matched* (``re.match``) against that bounded
+  candidate, whose group ``v`` narrows the finding to the secret itself (``password=`` stays
+  visible, the value goes); or a function returning the ``(start, end)`` of the secret in the
+  candidate. Python `re` only ever runs on these bounded candidates.
+- ``validate``: an optional check on the final secret text (checksum, entropy, placeholder
+  list); a candidate it rejects is not a finding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One detector pattern. ``id`` becomes the ``<rule>`` in ``[REDACTED:<rule>]``."""
+
+    id: str
+    pattern: str
+    max_len: int
+    caseless: bool = False
+    secret: re.Pattern[str] | Callable[[str], tuple[int, int] | None] | None = None
+    validate: Callable[[str], bool] | None = None
+    #: try every reported end of a start, longest first, until one validates (IBAN, card).
+    all_ends: bool = False
+    #: clip an over-long candidate to its last ``max_len`` characters, not its first (for
+    #: patterns whose distinctive part is at the end, like the ``@domain`` of an email).
+    clip_end: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """A delimited secret (a PEM private key): ``begin`` paired with the next ``end``.
+
+    The finding runs from the start of ``begin`` to the end of ``end`` when that is at most
+    ``max_len`` characters; otherwise (no end marker yet, or a body longer than the cap) it runs
+    from ``begin`` for ``max_len`` characters or to the end of the text. Only two reports per
+    block, whatever the body holds, so a flood of headers stays linear.
+    """
+
+    id: str
+    begin: str
+    end: str
+    max_len: int

@@ -1,0 +1,438 @@
+"""The redaction engine (issue 3): detectors, benign corpus, streaming, encodings, limits.
+
+Every token here is FAKE: built from a fixed-seed generator to the published shape of its
+format, never copied from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import hashlib
+import json
+import random
+import string
+import urllib.parse
+import uuid
+
+import pytest
+from cellblock.redact import Finding, Redactor, RedactResult, normalise
+
+_rng = random.Random(20240611)
+UP = string.ascii_uppercase
+LO = string.ascii_lowercase
+DIG = string.digits
+ALNUM = UP + LO + DIG
+B64URL = ALNUM + "_-"
+HEX = "0123456789abcdef"
+
+
+def fake(alphabet: str, n: int) -> str:
+    return "".join(_rng.choice(alphabet) for _ in range(n))
+
+
+def b64url(obj: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+
+FAKE_JWT = ".".join(
+    [b64url({"alg": "HS256", "typ": "JWT"}), b64url({"sub": "1234", "name": "x"}), fake(B64URL, 43)]
+)
+FAKE_PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    + "\n".join(fake(ALNUM + "+/", 64) for _ in range(20))
+    + "\n-----END RSA PRIVATE KEY-----"
+)
+
+# (rule id, fake token or text containing it)
+SECRETS = [
+    ("aws-access-key-id", "AKIA" + fake(UP + "234567", 16)),
+    ("aws-access-key-id", "ASIA" + fake(UP + "234567", 16)),
+    ("aws-secret-access-key", "aws_secret_access_key = " + fake(ALNUM + "/+", 40)),
+    ("gcp-api-key", "AIza" + fake(B64URL, 35)),
+    ("gcp-service-account-key-id", '"private_key_id": "' + fake(HEX, 40) + '"'),
+    ("google-oauth-client-secret", "GOCSPX-" + fake(B64URL, 28)),
+    ("google-oauth-access-token", "ya29." + fake(B64URL, 120)),
+    (
+        "azure-storage-account-key",
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey="
+        + fake(ALNUM + "+/", 86)
+        + "==",
+    ),
+    (
+        "azure-sas-signature",
+        "https://a.blob.core.windows.net/c?sv=2021-06-08&sig=" + fake(ALNUM, 43) + "%3D",
+    ),
+    ("azure-ad-client-secret", "abc8Q~" + fake(ALNUM + "_~.", 34)),
+    ("github-pat", "ghp_" + fake(ALNUM, 36)),
+    ("github-oauth-token", "gho_" + fake(ALNUM, 36)),
+    ("github-app-token", "ghs_" + fake(ALNUM, 36)),
+    ("github-app-token", "ghu_" + fake(ALNUM, 36)),
+    ("github-fine-grained-pat", "github_pat_" + fake(ALNUM, 22) + "_" + fake(ALNUM, 59)),
+    ("gitlab-pat", "glpat-" + fake(B64URL, 20)),
+    ("gitlab-pipeline-trigger-token", "glptt-" + fake(HEX, 40)),
+    ("bitbucket-app-password", "ATBB" + fake(ALNUM, 32)),
+    ("atlassian-api-token", "ATATT3xFfGF0" + fake(B64URL, 180)),
+    ("npm-token", "npm_" + fake(ALNUM, 36)),
+    ("pypi-token", "pypi-AgEIcHlwaS5vcmc" + fake(B64URL, 150)),
+    ("dockerhub-token", "dckr_pat_" + fake(B64URL, 27)),
+    ("slack-bot-token", f"xoxb-{fake(DIG, 12)}-{fake(DIG, 13)}-{fake(ALNUM, 24)}"),
+    ("slack-user-token", f"xoxp-{fake(DIG, 12)}-{fake(DIG, 12)}-{fake(DIG, 13)}-{fake(HEX, 32)}"),
+    (
+        "slack-webhook-url",
+        f"https://hooks.slack.com/services/T{fake(UP + DIG, 10)}/B{fake(UP + DIG, 10)}/"
+        + fake(ALNUM, 24),
+    ),
+    ("discord-bot-token", "M" + fake(B64URL, 25) + "." + fake(B64URL, 6) + "." + fake(B64URL, 38)),
+    ("discord-webhook-url", f"https://discord.com/api/webhooks/{fake(DIG, 18)}/{fake(B64URL, 68)}"),
+    ("telegram-bot-token", fake(DIG, 10) + ":AA" + fake(B64URL, 33)),
+    ("twilio-api-key", "SK" + fake(HEX, 32)),
+    ("sendgrid-api-key", "SG." + fake(B64URL, 22) + "." + fake(B64URL, 43)),
+    ("mailgun-api-key", "key-" + fake(HEX, 32)),
+    ("stripe-secret-key", "sk_live_" + fake(ALNUM, 24)),
+    ("stripe-secret-key", "sk_test_" + fake(ALNUM, 99)),
+    ("stripe-restricted-key", "rk_live_" + fake(ALNUM, 24)),
+    ("square-access-token", "EAAA" + fake(B64URL, 60)),
+    ("square-oauth-secret", "sq0csp-" + fake(B64URL, 43)),
+    ("openai-api-key", "sk-proj-" + fake(B64URL, 156)),
+    ("openai-api-key", "sk-" + fake(ALNUM, 20) + "T3BlbkFJ" + fake(ALNUM, 20)),
+    ("anthropic-api-key", "sk-ant-api03-" + fake(B64URL, 93) + "AA"),
+    ("huggingface-token", "hf_" + fake(UP + LO, 34)),
+    ("groq-api-key", "gsk_" + fake(ALNUM, 52)),
+    ("replicate-api-token", "r8_" + fake(ALNUM, 37)),
+    ("jwt", FAKE_JWT),
+    ("private-key", FAKE_PEM),
+    (
+        "openssh-private-key",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE"
+        + fake(ALNUM, 300)
+        + "\n-----END OPENSSH PRIVATE KEY-----",
+    ),
+    (
+        "pgp-private-key",
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF"
+        + fake(ALNUM, 500)
+        + "\n=ab12\n-----END PGP PRIVATE KEY BLOCK-----",
+    ),
+    ("url-password", "postgresql://app:" + fake(ALNUM, 16) + "@db.internal:5432/prod"),
+    ("url-password", "redis://:" + fake(ALNUM, 20) + "@cache:6379/0"),
+    (
+        "connection-string-password",
+        "Server=tcp:db,1433;Database=prod;User ID=app;Password=" + fake(ALNUM, 14) + ";",
+    ),
+    ("generic-secret", "api_key = '" + fake(ALNUM, 32) + "'"),
+    ("generic-secret", "DB_PASSWORD=" + fake(ALNUM + "!#%", 20)),
+    ("generic-secret", '{"token": "' + fake(B64URL, 43) + '"}'),
+]
+
+# Look alike, must not flag.
+NEAR_MISSES = [
+    "AKIA" + "X" * 15,  # one character short
+    "AKIA" + fake(UP + "234567", 16) + "X",  # glued to more letters
+    "ghp_" + fake(ALNUM, 35),
+    "ghp_" + fake(ALNUM, 30) + "-" + fake(ALNUM, 5),
+    "sk_live_short",
+    "xoxb-123-456-abc",
+    "password=changeme",
+    "password = '${DB_PASSWORD}'",
+    "token: {{ secrets.TOKEN }}",
+    "api_key=xxxxxxxxxxxxxxxxxxxx",
+    "password=hunter2",
+    "token=self.tokenizer.pad_token",
+    "secret_key=os.environ",
+    "postgres://user:password@localhost/db",  # documentation placeholder
+    "postgres://app@db/x",  # no password
+    "https://example.com:8443/path?q=1",
+    "eyJhbGciOi.not-a-jwt",
+    "eyJub3RoaW5nIjoxfQ.eyJzdWIiOiIxMjM0In0.sig",  # header without "alg"
+    "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----",
+    "-----BEGIN CERTIFICATE-----",
+    "hf_hub_download",
+]
+
+
+@pytest.fixture(scope="module")
+def red() -> Redactor:
+    return Redactor()
+
+
+@pytest.mark.parametrize(
+    ("rule", "payload"), SECRETS, ids=[f"{r}-{i}" for i, (r, _) in enumerate(SECRETS)]
+)
+def test_secret_formats_flag(red: Redactor, rule: str, payload: str) -> None:
+    text = f"config dump:\n  {payload}\nend"
+    result = red.redact(text)
+    assert f"[REDACTED:{rule}]" in result.text, result.text
+    assert [f.rule for f in result.findings] == [rule]
+    assert result.text.startswith("config dump:\n  ") and result.text.endswith("\nend")
+
+
+def test_at_least_25_formats() -> None:
+    assert len({rule for rule, _ in SECRETS}) >= 25
+
+
+@pytest.mark.parametrize("payload", NEAR_MISSES)
+def test_near_misses_do_not_flag(red: Redactor, payload: str) -> None:
+    result = red.redact(payload)
+    assert result.findings == [] and result.text == payload
+
+
+def test_value_only_redacted_in_assignments(red: Redactor) -> None:
+    value = fake(ALNUM, 32)
+    assert red.redact(f"api_key = '{value}'").text == "api_key = '[REDACTED:generic-secret]'"
+    assert (
+        red.redact(f"mysql://root:{value}@h/db").text == "mysql://root:[REDACTED:url-password]@h/db"
+    )
+
+
+def test_finding_holds_hash_not_secret(red: Redactor) -> None:
+    token = "ghp_" + fake(ALNUM, 36)
+    text = f"x {token} y"
+    (finding,) = red.redact(text).findings
+    assert isinstance(finding, Finding)
+    assert (finding.rule, finding.start, finding.end) == ("github-pat", 2, 2 + len(token))
+    assert finding.sha256_prefix == hashlib.sha256(token.encode()).hexdigest()[:12]
+    assert token not in repr(finding)
+    assert set(vars(finding)) == {"rule", "start", "end", "sha256_prefix"}
+
+
+def test_overlapping_findings_merge(red: Redactor) -> None:
+    # The AWS key id sits inside a generic assignment: one marker, the longer rule's name.
+    token = fake(ALNUM, 12) + "AKIA" + fake(UP + "234567", 16)
+    result = red.redact(f"secret={token}")
+    assert len(result.findings) == 1
+    assert result.text == "secret=[REDACTED:generic-secret]"
+
+
+BENIGN = [
+    "42\n3.14159\n-1e-10\n1,234,567.89\n",
+    "2024-06-11 12:34:56.789+00:00  2024-06-11T12:34:56Z  11/06/2024",
+    str(uuid.UUID(int=_rng.getrandbits(128))) + " " + str(uuid.UUID(int=_rng.getrandbits(128))),
+    hashlib.sha256(b"data").hexdigest() + "  data.csv",
+    hashlib.md5(b"data").hexdigest(),
+    "commit " + hashlib.sha1(b"c").hexdigest() + "\nAuthor: A <a@example.com>",
+    base64.b64encode(b"The quick brown fox jumps over the lazy dog, again and again.").decode(),
+    "id,name,amount,date\n1,alice,12.50,2024-01-02\n2,bob,7.00,2024-01-03\n",
+    "   user_id  amount       date\n0        1   12.50 2024-01-02\n1        2    7.00 2024-01-03\n"
+    "[2 rows x 3 columns]",
+    "/home/user/.local/lib/python3.11/site-packages/pandas/core/frame.py",
+    "https://docs.python.org/3/library/base64.html?highlight=b64#base64.b64encode",
+    'Traceback (most recent call last):\n  File "<ipython-input-1>", line 1, in <module>\n'
+    "    1/0\nZeroDivisionError: division by zero",
+    "KeyError: 'password'",
+    "model.config.pad_token_id = 50256; tokenizer.eos_token = '</s>'",
+    "Epoch 3/10 - loss: 0.2341 - accuracy: 0.9123 - val_loss: 0.3012",
+    "array([[0.1, 0.2],\n       [0.3, 0.4]], dtype=float32)",
+    "sk-learn is spelled scikit-learn; pip install scikit-learn==1.5.0",
+    "Order 1234567890123 shipped; tracking 9400111899223197428490",
+]
+
+
+@pytest.mark.parametrize("text", BENIGN)
+def test_benign_corpus_unchanged(text: str) -> None:
+    r = Redactor(secrets=True, exact=("s3cr3t-value",))
+    result = r.redact(text)
+    assert result.findings == [] and result.text == text
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+def stream(r: Redactor, pieces: list[str]) -> str:
+    out, carry = [], ""
+    for piece in pieces:
+        buf = carry + r.normalise(piece)
+        i = r.scan_end_safe(buf)
+        assert 0 <= i <= len(buf)
+        out.append(r.redact(buf[:i]).text)
+        carry = buf[i:]
+        assert len(carry) <= 2 * r.max_match_len
+    out.append(r.redact(carry).text)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("rule_payload", [SECRETS[0], SECRETS[10], SECRETS[42], SECRETS[43]])
+def test_split_in_two(red: Redactor, rule_payload: tuple[str, str]) -> None:
+    _rule, secret = rule_payload
+    filler = "log line\n" * 2000
+    text = filler + "value: " + secret + "\n" + filler
+    for cut in (len(filler) + 9, len(filler) + 7 + len(secret) // 2, len(text) - 3):
+        emitted = stream(red, [text[:cut], text[cut:]])
+        assert secret not in emitted
+        assert emitted.count("[REDACTED:") == 1
+
+
+def test_split_one_char_at_a_time(red: Redactor) -> None:
+    secret = "sk_live_" + fake(ALNUM, 24)
+    text = "x " * (red.max_match_len // 2 + 50) + secret + " done" + " y" * 100
+    emitted = stream(red, list(text))
+    assert secret not in emitted and "[REDACTED:stripe-secret-key]" in emitted
+
+
+def test_scan_end_safe_backs_off_a_straddling_finding(red: Redactor) -> None:
+    token = "ghp_" + fake(ALNUM, 36)
+    n = red.max_match_len
+    text = "a " * n + token + " b" * (n // 2)
+    start = text.index(token)
+    text = text[: start + len(token) // 2 + n]  # the plain cut would fall inside the token
+    assert start < len(text) - n < start + len(token)
+    i = red.scan_end_safe(text)
+    assert not (start < i < start + len(token))
+    assert red.scan_end_safe("short") == 0
+
+
+# -- encodings -------------------------------------------------------------------------------
+
+TOKEN = "ghp_" + fake(ALNUM, 36)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "suffix"),
+    [
+        (base64.b64encode(f"GITHUB_TOKEN={TOKEN}".encode()).decode(), ":base64"),
+        (base64.urlsafe_b64encode(f"{TOKEN}\xff\xfe>".encode("latin-1")).decode(), ":base64"),
+        (TOKEN.encode().hex(), ":hex"),
+        (TOKEN.encode().hex().upper(), ":hex"),
+        ("".join(f"%{b:02X}" for b in TOKEN.encode()), ":percent"),
+        ("".join(f"\\u{ord(c):04x}" for c in TOKEN), ":unicode"),
+    ],
+)
+def test_encoded_secret_caught(red: Redactor, encoded: str, suffix: str) -> None:
+    result = red.redact(f"out: {encoded} .")
+    assert result.text == f"out: [REDACTED:github-pat{suffix}] ."
+
+
+@pytest.mark.parametrize(
+    "obfuscated",
+    [
+        "\u200b".join(TOKEN),
+        "\u00ad".join(TOKEN),
+        "\ufeff" + TOKEN,
+        "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in TOKEN),  # fullwidth
+        "".join(f"\x1b[3{i % 7}m{c}" for i, c in enumerate(TOKEN)) + "\x1b[0m",
+        "\x1b]0;title\x07" + TOKEN,
+        "decoy\r" + TOKEN,
+        TOKEN[:10] + "Q\b" + TOKEN[10:],
+    ],
+)
+def test_normalisation_defeats_obfuscation(red: Redactor, obfuscated: str) -> None:
+    result = red.redact(obfuscated)
+    assert TOKEN not in result.text
+    assert "[REDACTED:github-pat]" in result.text
+
+
+def test_output_is_normalised_text(red: Redactor) -> None:
+    assert red.redact("\x1b[31mred\x1b[0m plain").text == "red plain"
+    assert normalise("10%\r20%\r30%") == "30%"
+    assert normalise("abc\bd") == "abd"
+    assert normalise("\uff46\uff55\uff4c\uff4c") == "full"
+    assert normalise(normalise("a\u200bb\r\nc")) == "ab\nc"
+
+
+@pytest.mark.parametrize(
+    "transformed",
+    [
+        TOKEN[::-1],
+        codecs.encode(TOKEN, "rot13"),
+        "-".join(TOKEN),
+        "".join(f"&#{ord(c)};" for c in TOKEN),
+    ],
+)
+def test_reversal_rot13_separators_entities_pass_by_design(red: Redactor, transformed: str) -> None:
+    """THREATS O11: not caught, by design; the control is that secrets never enter the jail."""
+    assert red.redact(transformed).text == transformed
+
+
+# -- exact secrets ---------------------------------------------------------------------------
+
+EXACT = "s3cr3t-value/with+odd=chars!"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        EXACT,
+        base64.b64encode(EXACT.encode()).decode(),
+        base64.b64encode(b"x" + EXACT.encode()).decode(),
+        base64.b64encode(b"xy" + EXACT.encode()).decode(),
+        base64.urlsafe_b64encode(b"x" + EXACT.encode()).decode(),
+        EXACT.encode().hex(),
+        EXACT.encode().hex().upper(),
+        urllib.parse.quote(EXACT, safe=""),
+        urllib.parse.quote_plus(EXACT),
+    ],
+)
+def test_exact_secret_forms(form: str) -> None:
+    r = Redactor(secrets=False, exact=(EXACT,))
+    result = r.redact(f"[{form}]")
+    assert result.findings, form
+    assert EXACT not in result.text and form not in result.text
+    assert all(f.rule.startswith("operator-secret") for f in result.findings)
+
+
+def test_exact_secret_too_short_is_refused() -> None:
+    with pytest.raises(ValueError, match="#0 is 3 characters"):
+        Redactor(exact=("abc",))
+
+
+def test_unknown_pii_kind_refused() -> None:
+    with pytest.raises(ValueError, match="unknown pii"):
+        Redactor(pii=("passport",))
+
+
+# -- PII -------------------------------------------------------------------------------------
+
+PII = [
+    ("email", "contact: jane.doe+news@mail.example.co.uk.", True),
+    ("email", "not an email: user@localhost", False),
+    ("phone", "call +44 20 7946 0958 now", True),
+    ("phone", "call (415) 555-2671 now", True),
+    ("phone", "version 1.2.3", False),
+    ("card", "card 4111 1111 1111 1111 exp", True),
+    ("card", "card 4111-1111-1111-1111 exp", True),
+    ("card", "card 5555555555554444 exp", True),
+    ("card", "card 378282246310005 exp", True),
+    ("card", "card 4111 1111 1111 1112 exp", False),  # Luhn fails
+    ("card", "id 1700000000000000000", False),  # no issuer prefix
+    ("iban", "IBAN DE89 3704 0044 0532 0130 00 ok", True),
+    ("iban", "IBAN GB29NWBK60161331926819 ok", True),
+    ("iban", "IBAN DE88 3704 0044 0532 0130 00 ok", False),  # checksum fails
+    ("ssn", "ssn 123-45-6789 ok", True),
+    ("ssn", "ssn 000-45-6789 ok", False),
+    ("ssn", "ssn 666-45-6789 ok", False),
+    ("ssn", "date 2024-06-11", False),
+]
+
+
+@pytest.mark.parametrize(("kind", "text", "should_flag"), PII)
+def test_pii(kind: str, text: str, should_flag: bool) -> None:
+    r = Redactor(secrets=False, pii=(kind,))
+    result = r.redact(text)
+    assert bool(result.findings) is should_flag, result.text
+    if should_flag:
+        assert {f.rule for f in result.findings} == {kind}
+
+
+def test_pii_off_by_default(red: Redactor) -> None:
+    assert red.redact("jane@example.com 4111 1111 1111 1111").findings == []
+
+
+# -- pathological inputs (R18): must finish; the benchmark measures the time ---------------
+
+PATHOLOGICAL = {
+    "a-run": "a" * 1_000_000 + "!",
+    "at-signs": "@" * 10**6,
+    "a-dot": "a." * 10**6,
+    "base64-looking": base64.encodebytes(random.Random(1).randbytes(750_000)).decode(),
+    "password-eq": "password=" * 116_000,
+    "percent": "%41" * 333_333,
+    "digit-groups": "1111 " * 200_000,
+    "pem-headers": "-----BEGIN RSA PRIVATE KEY-----\n" * 30_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_pathological_inputs_finish(name: str) -> None:
+    r = Redactor(pii=("email", "phone", "card", "iban", "ssn"))
+    result = r.redact(PATHOLOGICAL[name])
+    assert isinstance(result, RedactResult)
