@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .policy import Policy
 
 __all__ = ["Broker", "BrokerLimits", "DatasetSetup", "Grant", "control_request",
-           "setup_datasets"]
+           "find_kernel", "operator_request", "setup_datasets"]
 
 CONTROL_SOCKET = "control.sock"
 BROKER_SUBDIR = "broker"
@@ -571,6 +571,36 @@ def control_request(run_path: Path, op: str, dataset: str | None = None,
         header = _recv_exact(sock, wire.HEADER.size)
         body = _recv_exact(sock, wire.decode_frame_length(header, wire.MAX_REPLY_BYTES))
     return wire.parse_reply(body)
+
+
+def find_kernel(prefix: str, base: Path | None = None) -> Path:
+    """The run dir of the running kernel whose id is ``prefix`` or starts with it."""
+    from .rundir import runtime_base
+
+    base = runtime_base() if base is None else base
+    if not prefix or "/" in prefix or prefix.startswith("."):
+        raise PolicyError(f"kernel {prefix!r}: give a kernel id or a unique prefix of one")
+    names = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+    matches = [n for n in names if n == prefix] or [n for n in names if n.startswith(prefix)]
+    matches = [n for n in matches if (base / n / CONTROL_SOCKET).exists()]
+    if not matches:
+        raise PolicyError(f"no running kernel with id {prefix!r} under {base} (is "
+                          f"$CELLBLOCK_RUNTIME_DIR the same as the kernel's?)")
+    if len(matches) > 1:
+        raise PolicyError(f"kernel id prefix {prefix!r} is ambiguous: {', '.join(matches)}")
+    return base / matches[0]
+
+
+def operator_request(kernel: str, op: str, dataset: str) -> str:
+    """``cellblock grant|revoke KERNEL NAME``: the warden's answer, or PolicyError."""
+    run = find_kernel(kernel)
+    try:
+        reply = control_request(run, op, dataset)
+    except (OSError, wire.WireError) as exc:
+        raise PolicyError(f"kernel {run.name}: cannot reach its warden: {exc}") from None
+    if not reply.get("ok"):
+        raise PolicyError(f"kernel {run.name}: {reply.get('message')}")
+    return f"kernel {run.name}: {reply.get('message')}"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -5,6 +5,11 @@
     cellblock profiles list
     cellblock profiles show NAME                               resolved policy + nsjail argv
     cellblock run [NOTEBOOK] [--profile NAME] [--output PATH]  execute a notebook jailed
+    cellblock grant KERNEL DATASET                             grant an allowed dataset now
+    cellblock revoke KERNEL DATASET                            refuse its future opens
+    cellblock ps [--json]                                      running sandboxes
+    cellblock audit [--kernel ID] [--event GLOB] [--since T] [--follow] [--json] [--schema]
+    cellblock kill KERNEL... | --all | --profile NAME [--reason TEXT]   the kill switch
 
 Exit status: 0 success, 1 a check or a notebook failed, 2 bad input (the message
 names the bad value and what is allowed).
@@ -172,6 +177,90 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.errors else 0
 
 
+def _cmd_grant(args: argparse.Namespace) -> int:
+    from .broker import operator_request
+
+    print(operator_request(args.kernel, args.command, args.dataset))
+    return 0
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _cmd_ps(args: argparse.Namespace) -> int:
+    from .sandboxes import list_sandboxes
+    from .warden import human_bytes
+
+    rows = list_sandboxes()
+    if args.json:
+        print(json.dumps([{
+            "kernel_id": s.kernel_id, "profile": s.record.profile, "state": s.record.state,
+            "age_seconds": round(s.age(), 3), "memory_bytes": s.memory,
+            "warden_pid": s.record.warden_pid, "nsjail_pid": s.record.nsjail_pid,
+        } for s in rows], indent=2))
+        return 0
+    print(f"{'KERNEL':<36}  {'PROFILE':<12} {'AGE':>8} {'MEMORY':>10}  STATE")
+    for s in rows:
+        memory = human_bytes(s.memory) if s.memory is not None else "-"
+        print(f"{s.kernel_id:<36}  {s.record.profile:<12} {_age(s.age()):>8} {memory:>10}  "
+              f"{s.record.state}")
+    return 0
+
+
+def _cmd_kill(args: argparse.Namespace) -> int:
+    from .sandboxes import find, list_sandboxes, stop, wait_gone
+
+    running = list_sandboxes()
+    if args.all:
+        chosen = running
+    elif args.profile:
+        chosen = [s for s in running if s.record.profile == args.profile]
+    elif args.kernels:
+        chosen = list({id(s): s for s in (find(running, k) for k in args.kernels)}.values())
+    else:
+        raise CellblockError("kill: name kernels, or give --all or --profile NAME")
+    denied = []
+    for sandbox in chosen:
+        try:
+            stop(sandbox, args.reason)
+        except PermissionError:
+            denied.append(sandbox)
+    left = wait_gone([s for s in chosen if s not in denied], args.timeout)
+    for sandbox in chosen:
+        state = "permission denied" if sandbox in denied else \
+            "still stopping" if sandbox in left else "stopped"
+        print(f"{sandbox.kernel_id}  {sandbox.record.profile:<12} {state}")
+    if not chosen:
+        print("no running cellblock kernel matched")
+    return 1 if denied or left else 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_dir, json_schema
+    from .audit_query import Filter, format_event, parse_since, query
+    from .policy import load_policy
+
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise CellblockError(str(exc)) from None
+    directory = Path(args.dir) if args.dir else audit_dir(load_policy().audit.dir)
+    flt = Filter(kernel=args.kernel or "", event=args.event or "", since=since)
+    try:
+        for event in query(directory, flt, follow=args.follow):
+            print(event.model_dump_json() if args.json else format_event(event), flush=True)
+    except BrokenPipeError:  # `cellblock audit | head`
+        return 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellblock", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +290,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="where to write the executed notebook")
     run.add_argument("--timeout", type=float, default=120.0, help="seconds per cell")
     run.set_defaults(func=_cmd_run)
+
+    for verb, text in (("grant", "grant a dataset the kernel's profile allows, now"),
+                       ("revoke", "refuse a kernel's future opens of a dataset")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("kernel", help="kernel id, or a unique prefix of one")
+        cmd.add_argument("dataset")
+        cmd.set_defaults(func=_cmd_grant)
+
+    ps = sub.add_parser("ps", help="list running sandboxes")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=_cmd_ps)
+
+    audit = sub.add_parser("audit", help="read (and follow) the audit logs")
+    audit.add_argument("--kernel", help="kernel id or a prefix of one")
+    audit.add_argument("--event", help="event name or glob, e.g. 'execution.*'")
+    audit.add_argument("--since", help="30s, 10m, 2h, 1d ago, or an ISO 8601 time")
+    audit.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    audit.add_argument("--json", action="store_true", help="the raw JSON lines")
+    audit.add_argument("--schema", action="store_true", help="print the JSON Schema and exit")
+    audit.add_argument("--dir", help="audit directory (default: $CELLBLOCK_AUDIT_DIR, else "
+                       "the policy's [audit] dir, else the per-user default)")
+    audit.set_defaults(func=_cmd_audit)
+
+    kill = sub.add_parser("kill", help="stop sandboxes now (the client sees "
+                          "'stopped by operator')")
+    kill.add_argument("kernels", nargs="*", help="kernel ids or unique prefixes")
+    kill.add_argument("--all", action="store_true", help="every running sandbox")
+    kill.add_argument("--profile", help="every running sandbox of this profile")
+    kill.add_argument("--reason", default="", help="one line appended to the message")
+    kill.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds to wait for each warden to finish cleaning up")
+    kill.set_defaults(func=_cmd_kill)
     return p
 
 
