@@ -11,6 +11,11 @@ The directory is ``$CELLBLOCK_AUDIT_DIR``, else the policy's ``[audit] dir``,
 else ``/var/log/cellblock`` for root and ``$XDG_STATE_HOME/cellblock/audit``
 (``~/.local/state/cellblock/audit``) for everyone else. Files are
 ``<kernel id>.jsonl``, mode 0600.
+
+The fields of each known event are a model in :data:`EVENT_FIELDS`; :func:`json_schema`
+publishes the whole thing as one JSON Schema (``cellblock audit --schema``), in which an
+event named there must carry those fields. Events not named there (a new subsystem's) are
+valid with any fields until they are added. docs/operations.md lists every event.
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SCHEMA_VERSION", "AuditEvent", "AuditLog", "audit_dir", "read_events"]
+__all__ = [
+    "EVENT_FIELDS",
+    "SCHEMA_VERSION",
+    "AuditEvent",
+    "AuditLog",
+    "audit_dir",
+    "json_schema",
+    "read_events",
+]
 
 SCHEMA_VERSION = 1
 AUDIT_ENV = "CELLBLOCK_AUDIT_DIR"
@@ -44,6 +57,141 @@ class AuditEvent(BaseModel):
     session: str | None = None
     parent_msg_id: str | None = None
     fields: dict[str, Any] = {}
+
+
+class _Open(BaseModel):
+    """Fields of an event other subsystems may extend: the named ones are required."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KernelStart(_Open):
+    """The jail is about to start. Hashes, never the command or the policy text."""
+
+    profile: str
+    policy_sha256: str
+    nsjail_argv_sha256: str
+    jail_uid: int
+    cgroup: str | None
+    warden_pid: int
+    budgets: dict[str, float] = Field(description="the profile's budgets")
+
+
+class KernelReady(_Closed):
+    startup_seconds: float = Field(description="warden start to kernel sockets bound")
+
+
+class KernelStartFailed(_Open):
+    error: str
+
+
+class KernelInterrupt(_Closed):
+    origin: Literal["client", "budget"]
+    budget: str | None = None
+    limit_seconds: float | None = None
+
+
+class KernelRestart(_Closed):
+    """The jail was killed after a cell's grace and started again in place."""
+
+    reason: str
+    budget: str
+    status: int | None = Field(description="the killed jail's exit status")
+    restarts: int
+
+
+class KernelExit(_Open):
+    reason: str = Field(description="'shutdown requested', 'stopped by operator', a budget "
+                        "('lifetime limit 3600 s reached') or a death ('memory limit ...')")
+    status: int | None
+    budget: str | None = None
+    executions: int = 0
+    output_bytes: int = 0
+    restarts: int = 0
+    lifetime_seconds: float = 0.0
+
+
+_LIMITS = Literal["cell_seconds", "grace_seconds", "output_bytes"]
+
+
+class ExecutionStart(_Closed):
+    """An execute_request was forwarded (``parent_msg_id`` is its msg_id)."""
+
+    code_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    queued: bool = Field(description="true: another cell was running; its clock starts later")
+    code: str | None = Field(None, description="only with the profile's audit_code_text")
+
+
+class ExecutionEnd(_Closed):
+    status: Literal["ok", "error", "aborted", "unknown", "killed", "stopped", "lost"]
+    duration_seconds: float
+    queued_seconds: float
+    code_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    output_bytes_in: int = Field(description="output content bytes the kernel sent")
+    output_bytes_out: int = Field(description="what the client got, after truncation")
+    output_messages: int
+    limits_hit: list[_LIMITS]
+
+
+class ExecutionRefused(_Closed):
+    budget: str
+    executions: int
+
+
+class GateEvent(_Open):
+    reason: str
+    channel: str | None = None
+    direction: str | None = None
+    msg_type: str | None = None
+
+
+class GateDropCounts(_Closed):
+    counts: dict[str, int]
+
+
+#: event name -> the model of its ``fields``
+EVENT_FIELDS: dict[str, type[BaseModel]] = {
+    "kernel.start": KernelStart,
+    "kernel.ready": KernelReady,
+    "kernel.start_failed": KernelStartFailed,
+    "kernel.interrupt": KernelInterrupt,
+    "kernel.restart": KernelRestart,
+    "kernel.exit": KernelExit,
+    "execution.start": ExecutionStart,
+    "execution.end": ExecutionEnd,
+    "execution.refused": ExecutionRefused,
+    "gate.drop": GateEvent,
+    "gate.strip": GateEvent,
+    "gate.reconnect": GateEvent,
+    "gate.evict": GateEvent,
+    "gate.error": GateEvent,
+    "gate.refuse": GateEvent,
+    "gate.drop_counts": GateDropCounts,
+}
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON Schema of one audit line: the envelope, and for each known event
+    the model its ``fields`` must match (``if event == X then fields: X``)."""
+    schema = AuditEvent.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"cellblock audit event, schema version {SCHEMA_VERSION}"
+    defs = schema.setdefault("$defs", {})
+    rules = []
+    for event, model in EVENT_FIELDS.items():
+        sub = model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        defs[model.__name__] = sub
+        rules.append({
+            "if": {"properties": {"event": {"const": event}}, "required": ["event"]},
+            "then": {"properties": {"fields": {"$ref": f"#/$defs/{model.__name__}"}}},
+        })
+    schema["allOf"] = rules
+    return schema
 
 
 def audit_dir(configured: str = "") -> Path:

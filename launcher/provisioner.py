@@ -8,7 +8,8 @@ client-facing sockets, so every client talks to the gate and never to the kernel
 
 Hooks that differ from :class:`~jupyter_client.provisioning.LocalProvisioner`:
 
-- ``pre_launch``: validates the profile (errors surface before anything starts)
+- ``pre_launch``: validates the profile (errors surface before anything starts; a
+  disabled profile raises :class:`~cellblock.errors.ProfileDisabled`)
   and replaces the kernelspec's argv with the warden's command;
 - ``launch_kernel``: starts the warden and waits for it to say ``ready`` or why not;
 - ``send_signal`` / ``terminate`` / ``kill``: signal the warden only, never the
@@ -35,7 +36,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, Unicode
 
 from .datasets import DATASETS_ENV, select_datasets
-from .errors import JailStartError, JailStartTimeout, PolicyError
+from .errors import JailStartError, JailStartTimeout, PolicyError, ProfileDisabled
 from .policy import load_policy
 from .rundir import sweep_stale
 
@@ -90,6 +91,12 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         connection file, then replaces the command with the warden's."""
         policy = load_policy()
         profile = policy.profile(self.profile)  # UnknownProfile names the known ones
+        if not profile.enabled:
+            raise ProfileDisabled(
+                f"cellblock profile {self.profile!r} is disabled by the operator (enabled = "
+                f"false in [profiles.{self.profile}] of {' + '.join(policy.sources)}); no new "
+                "kernel starts on it"
+            )
         # CELLBLOCK_DATASETS from the kernel's env (jupyter_client and Jupyter Server pass
         # `env`): refused here, before anything starts, if the profile does not allow it.
         # The warden gets the selection on its command line; the jail's env never has it.

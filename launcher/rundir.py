@@ -28,7 +28,14 @@ from pathlib import Path
 from .errors import HostUnsupported
 from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout
 
-__all__ = ["RunDir", "WardenRecord", "is_warden_alive", "runtime_base", "sweep_stale"]
+__all__ = [
+    "STOP_REASON_FILE",
+    "RunDir",
+    "WardenRecord",
+    "is_warden_alive",
+    "runtime_base",
+    "sweep_stale",
+]
 
 RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
 # As root, each kernel gets its own host uid from this range: jails never share a
@@ -36,6 +43,7 @@ RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
 JAIL_UID_BASE = 0x40000000
 JAIL_UID_SPAN = 1 << 24
 MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes with the NUL
+STOP_REASON_FILE = "stop-reason"  # written by `cellblock kill` before it signals the warden
 
 
 def runtime_base() -> Path:
@@ -72,6 +80,7 @@ class WardenRecord:
     started: float
     client_ports: dict[str, int]
     nsjail_pid: int | None = None
+    state: str = "starting"  #: starting, idle, busy, restarting, stopping (`cellblock ps`)
 
 
 class RunDir:
@@ -141,6 +150,14 @@ class RunDir:
             return WardenRecord(**json.loads(self.record_path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+    def read_text(self, name: str, limit: int) -> str:
+        """First line of a small file in the run dir (at most ``limit`` characters), or ""."""
+        try:
+            with open(self.path / name, encoding="utf-8", errors="replace") as f:
+                return f.read(limit).splitlines()[0].strip() if limit else ""
+        except (OSError, IndexError):
+            return ""
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -11,7 +11,12 @@ Started by :class:`cellblock.provisioner.CellblockProvisioner` as
 5. reports ``ready`` (or the error, in words) on a status pipe to the provisioner;
 6. watches nsjail; when the jail ends it tells the client why on iopub
    ("cellblock: kernel stopped, memory limit 1 GiB exceeded");
-7. on every way out (shutdown, SIGTERM from the client, crash, its parent's
+7. runs the profile's budgets (:mod:`cellblock.budgets`) from what the gate's observer
+   sees: interrupts a cell past ``cell_seconds``, kills the jail after the grace and
+   restarts it in place (same run dir, same client sockets, a fresh kernel key), stops the
+   kernel past its lifetime, idle or output budget; SIGUSR1 (``cellblock kill``) stops it
+   "by operator"; every execution, interrupt, restart and exit is an audit event;
+8. on every way out (shutdown, SIGTERM from the client, crash, its parent's
    death) removes the processes, the cgroup and the run dir.
 """
 
@@ -27,6 +32,7 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,15 +40,20 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .audit import AuditLog, audit_dir
 from .broker import DatasetSetup, setup_datasets
+from .budgets import BudgetClock, Execution, Interrupt, Kill, Stop, seconds
 from .cgroups import KernelCgroup, detect
-from .errors import CellblockError, HostUnsupported, JailStartError
+from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
 from .policy import Profile, load_policy
-from .rundir import RunDir, WardenRecord, jail_ids, runtime_base, sweep_stale
+from .rundir import STOP_REASON_FILE, RunDir, WardenRecord, jail_ids, runtime_base, sweep_stale
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .gate.observe import Observed
 
 log = logging.getLogger("cellblock.warden")
 
@@ -52,9 +63,18 @@ STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
 OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
 
 
+_LIBC: list[ctypes.CDLL] = []
+
+
 def set_pdeathsig(sig: int) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    """Ask the kernel to send ``sig`` to this process when its parent thread dies.
+
+    libc is loaded once, in the warden itself (its own ``main`` calls this first), so the
+    call between fork and exec of nsjail never runs the dynamic loader: a restart in place
+    forks while the gate's threads run."""
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    libc = _LIBC[0]
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
@@ -69,7 +89,9 @@ def human_bytes(n: int) -> str:
 
 class Warden:
     """Owns one kernel's jail for its whole life. Not reusable across restarts:
-    jupyter_client restarts a kernel by starting a new warden on the same ports."""
+    jupyter_client restarts a kernel by starting a new warden on the same ports. The one
+    restart a warden does itself is in place, when a cell outlives its grace
+    (:meth:`_restart_in_place`): same run dir, cgroup, gate and client sockets."""
 
     def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any],
                  datasets: str | None = None) -> None:
@@ -90,12 +112,30 @@ class Warden:
         self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
         self.requested_datasets = datasets  # None: the profile's default_datasets
         self.datasets: DatasetSetup | None = None
+        self.telemetry = Telemetry.from_env(kernel_id, profile_name)
+        self.clock: BudgetClock | None = None  # made when the kernel is ready
+        self._lock = threading.Lock()  # around self.clock: the gate thread feeds it
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.record: WardenRecord | None = None
+        self.restarts = 0
+        self._oom_base = 0
+        self._argv: list[str] = []
+        self._inner: dict[str, Any] = {}
+        self._ids = (0, 0)
 
     # -- start ---------------------------------------------------------------
 
     def start(self) -> None:
         """Set up everything and start the jail and the gate. Raises CellblockError."""
         profile = self.profile
+        if not profile.enabled:
+            raise ProfileDisabled(
+                f"profile {self.profile_name!r} is disabled by the operator (enabled = false "
+                f"in [profiles.{self.profile_name}]); no new kernel starts on it"
+            )
+        started = time.monotonic()
         cg_version = None
         if profile.cgroups == "required":
             found = detect()
@@ -125,12 +165,15 @@ class Warden:
             client_ports={k: int(v) for k, v in self.client_conn.items() if k.endswith("_port")},
         )
         self.run.write_record(record)
+        self.record = record
+        self._ids = (uid, gid)
         kernel_key = secrets.token_hex(32)
         inner = {
             **INNER_PORTS, "transport": "ipc", "ip": f"{JAIL_RUN}/k", "key": kernel_key,
             "signature_scheme": "hmac-sha256", "kernel_name": "",
         }
         self.run.write_connection_file(inner, uid, gid)
+        self._inner = inner
         if cg_version is not None:
             self.cgroup = KernelCgroup.create(
                 cg_version, self.policy.host.cgroup_parent, self.kernel_id, profile.limits
@@ -139,11 +182,13 @@ class Warden:
             nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts,
             data_mounts=self.datasets.data_mounts,
         )
-        self.audit.write(
+        self._record(
             "kernel.start", profile=self.profile_name, policy_sha256=self.policy.digest(),
             nsjail_argv_sha256=hashlib.sha256("\0".join(argv).encode()).hexdigest(),
             jail_uid=uid, cgroup=cg_version, warden_pid=os.getpid(),
+            budgets=profile.budgets.model_dump(mode="json"),
         )
+        self._argv = argv
         self._spawn(argv)
         self.datasets.close_staged()  # attached in nsjail's mount namespace now
         self.datasets.broker.start()
@@ -151,6 +196,10 @@ class Warden:
         self.run.write_record(record)
         self._start_gate({**inner, "ip": str(self.run.ipc / "k")})
         self._wait_for_kernel_sockets()
+        with self._lock:
+            self.clock = BudgetClock(profile.budgets, time.monotonic(), profile.audit_code_text)
+        self._set_state("idle")
+        self._record("kernel.ready", startup_seconds=round(time.monotonic() - started, 6))
 
     def _spawn(self, argv: list[str]) -> None:
         cgroup = self.cgroup
@@ -169,18 +218,20 @@ class Warden:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            preexec_fn=in_child,  # noqa: PLW1509 - the warden has no threads yet
+            preexec_fn=in_child,  # noqa: PLW1509 - in_child only calls prctl and writes cgroupfs
             close_fds=True,
         )
-        threading.Thread(target=self._drain, name="nsjail-output", daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc,), name="nsjail-output",
+                         daemon=True).start()
 
-    def _drain(self) -> None:
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
         """Keep the last OUTPUT_TAIL bytes of the jail's own stdout/stderr; drop the rest.
 
-        A kernel writing to fd 1/2 outside a cell cannot fill the host's disk.
+        A kernel writing to fd 1/2 outside a cell cannot fill the host's disk. One thread
+        per jail (a restart in place starts another), each reading only its own pipe.
         """
-        assert self.proc is not None and self.proc.stdout is not None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
             self.tail.append(chunk)
             self.tail_bytes += len(chunk)
             while self.tail_bytes > OUTPUT_TAIL and len(self.tail) > 1:
@@ -202,6 +253,7 @@ class Warden:
             rules=(),
             audit=self._audit,
             allowed_client_msg_types=frozenset(allowed) if allowed is not None else None,
+            observer=self._observe,
         )
         self.gate.start()
 
@@ -238,36 +290,229 @@ class Warden:
     # -- run -------------------------------------------------------------------
 
     def wait(self) -> int:
-        """Block until the jail ends or a stop signal arrives; return the exit status."""
+        """Block until the jail ends, a stop signal arrives or a budget stops the kernel;
+        return the exit status. Budgets act here, on the warden's main thread."""
         assert self.proc is not None
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        pidfd = os.pidfd_open(self.proc.pid)
-        try:
-            while self.proc.poll() is None and self._stop_reason is None:
-                ready, _, _ = select.select([pidfd, rfd], [], [])
-                if rfd in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(rfd, 64)
-        finally:
-            os.close(pidfd)
+        stop = self._watch(rfd)
+        if self._stop_reason == "SIGUSR1":  # cellblock kill
+            text = self.run.read_text(STOP_REASON_FILE, 200)
+            stop = Stop("stopped by operator" + (f": {text}" if text else ""), "operator")
+        if stop is not None:
+            self._set_state("stopping")
+            self._stop_jail()
+            self._end_executions("stopped")
+            evalue = ("cellblock: kernel " if stop.budget == "operator"
+                      else "cellblock: kernel stopped, ") + stop.reason
+            if self.gate is not None:
+                self.gate.announce("CellblockKernelStopped", evalue, replies=True)
+            self._record("kernel.exit", reason=stop.reason, budget=stop.budget,
+                         status=self.proc.returncode, **self._totals())
+            return 1
         if self._stop_reason is not None:
             self._stop_jail()
-            self.audit.write("kernel.exit", reason=f"stopped ({self._stop_reason})",
-                             status=self.proc.returncode)
+            self._end_executions("stopped")
+            self._record("kernel.exit", reason=f"stopped ({self._stop_reason})",
+                         status=self.proc.returncode, **self._totals())
             return 0
         status = self.proc.wait()
         reason = self.death_reason(status)
-        self.audit.write("kernel.exit", reason=reason or "shutdown requested", status=status)
+        self._end_executions("lost")
+        self._record("kernel.exit", reason=reason or "shutdown requested", status=status,
+                     **self._totals())
         if reason:
             log.warning("kernel %s: %s", self.kernel_id, reason)
             if self.gate is not None:
                 self.gate.announce("CellblockKernelStopped", f"cellblock: kernel stopped, {reason}")
         return 0 if reason is None else 1
+
+    def _watch(self, sigfd: int) -> Stop | None:
+        """Run the budgets until a stop signal, a Stop, or the jail's own end (None).
+        A cell past its grace has its jail killed and restarted in place here."""
+        assert self.proc is not None
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            while self._stop_reason is None and self.proc.poll() is None:
+                with self._lock:
+                    clock = self.clock
+                    now = time.monotonic()
+                    actions = clock.due(now) if clock is not None else []
+                    deadline = clock.next_deadline() if clock is not None else None
+                    busy = clock is not None and clock.running() is not None
+                for action in actions:
+                    if isinstance(action, Stop):
+                        return action
+                    if isinstance(action, Interrupt):
+                        self._interrupt(action)
+                    elif isinstance(action, Kill):
+                        os.close(pidfd)
+                        pidfd = -1
+                        failed = self._restart_in_place(action)
+                        if failed is not None:
+                            return failed
+                        pidfd = os.pidfd_open(self.proc.pid)
+                if actions:
+                    continue
+                self._set_state("busy" if busy else "idle")
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([pidfd, sigfd, self._wake_r], [], [], timeout)
+                for fd in (sigfd, self._wake_r):
+                    if fd in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(fd, 4096)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return None
+
+    # -- budgets -------------------------------------------------------------------
+
+    def _observe(self, seen: Observed) -> str | None:
+        """The gate's observer (runs on the gate thread): feed the clock, audit what
+        started or ended, and wake the main thread when a deadline moved."""
+        now = time.monotonic()
+        events: list[tuple[str, str, str, dict[str, Any]]] = []
+        ended: Execution | None = None
+        verdict: str | None = None
+        with self._lock:
+            clock = self.clock
+            if clock is None:
+                return None
+            head, stopped = clock.running(), clock.stopped
+            if seen.kind == "request":
+                verdict = clock.request(seen.msg_id, seen.msg_type, seen.session, seen.content,
+                                        now)
+                if seen.msg_type == "execute_request":
+                    if verdict is None:
+                        ex = clock.queue[seen.msg_id]
+                        fields: dict[str, Any] = {"code_sha256": ex.code_sha256,
+                                                  "queued": ex.started is None}
+                        if ex.code is not None:
+                            fields["code"] = ex.code
+                        events.append(("execution.start", seen.session, seen.msg_id, fields))
+                    else:
+                        budget = "executions" if clock.stopped is None else clock.stopped.budget
+                        events.append(("execution.refused", seen.session, seen.msg_id,
+                                       {"budget": budget, "executions": clock.executions}))
+                elif seen.msg_type == "interrupt_request":
+                    events.append(("kernel.interrupt", seen.session, seen.msg_id,
+                                   {"origin": "client"}))
+            elif seen.kind == "output":
+                if not clock.output(seen.msg_id, seen.bytes_in, seen.bytes_out, now):
+                    verdict = "output_bytes"
+            elif seen.kind == "reply" and seen.msg_type == "execute_request":
+                ended = clock.reply(seen.msg_id, seen.content, now)
+            else:
+                clock.idle(now)
+            moved = clock.running() is not head or clock.stopped is not stopped
+        for event, session, msg_id, fields in events:
+            self._record(event, session=session, parent_msg_id=msg_id, **fields)
+        if ended is not None:
+            self._record_end(ended)
+        if moved:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"!")
+        return verdict
+
+    def _record_end(self, ex: Execution) -> None:
+        queued = (ex.started - ex.forwarded) if ex.started is not None else 0.0
+        self._record(
+            "execution.end", session=ex.session, parent_msg_id=ex.msg_id,
+            status=ex.status, duration_seconds=round(ex.duration, 6),
+            queued_seconds=round(queued, 6), code_sha256=ex.code_sha256,
+            output_bytes_in=ex.bytes_in, output_bytes_out=ex.bytes_out,
+            output_messages=ex.messages, limits_hit=list(ex.limits_hit),
+        )
+
+    def _end_executions(self, status: str) -> None:
+        """The kernel is going away: every execution still open ends with ``status``."""
+        with self._lock:
+            ended = self.clock.killed(time.monotonic()) if self.clock is not None else []
+        for ex in ended:
+            ex.status = status
+            self._record_end(ex)
+
+    def _interrupt(self, action: Interrupt) -> None:
+        ex = action.execution
+        assert self.gate is not None
+        self.gate.announce("CellblockBudget", action.message, msg_id=ex.msg_id)
+        self.gate.interrupt()
+        self._record("kernel.interrupt", session=ex.session, parent_msg_id=ex.msg_id,
+                     origin="budget", budget="cell_seconds",
+                     limit_seconds=self.profile.budgets.cell_seconds)
+
+    def _restart_in_place(self, action: Kill) -> Stop | None:
+        """Kill the jail of a cell past its grace and start a new one on the same run dir,
+        behind the same gate (the client's sockets never close), with a fresh kernel key."""
+        assert self.gate is not None and self.proc is not None
+        ex = action.execution
+        self._set_state("restarting")
+        self._stop_jail()
+        status = self.proc.returncode
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+        self._end_executions("killed")
+        self.gate.announce("CellblockBudget", action.message, replies=True)
+        self.restarts += 1
+        try:
+            for entry in self.run.ipc.iterdir():  # sockets, the old key, anything it left
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            key = secrets.token_hex(32)
+            self._inner = {**self._inner, "key": key}
+            self.run.write_connection_file(self._inner, *self._ids)
+            if not self.gate.rekey(key):
+                raise JailStartError("the gate did not take the new kernel key")
+            self._oom_base = self.cgroup.oom_kills() if self.cgroup is not None else 0
+            self._spawn(self._argv)
+            if self.record is not None:
+                self.record.nsjail_pid = self.proc.pid
+            self._wait_for_kernel_sockets()
+        except (CellblockError, OSError) as exc:
+            return Stop(f"restart after the {seconds(self.profile.budgets.grace_seconds)} "
+                        f"grace failed: {exc}", "grace_seconds")
+        self._record("kernel.restart", session=ex.session, parent_msg_id=ex.msg_id,
+                     reason=action.message, budget="grace_seconds", status=status,
+                     restarts=self.restarts)
+        with self._lock:
+            if self.clock is not None:
+                self.clock.idle(time.monotonic())
+        self._set_state("idle")
+        return None
+
+    def _set_state(self, state: str) -> None:
+        """Publish the kernel's state in warden.json (read by `cellblock ps`)."""
+        record = self.record
+        if record is None or record.state == state:
+            return
+        record.state = state
+        with contextlib.suppress(OSError):
+            self.run.write_record(record)
+
+    def _totals(self) -> dict[str, Any]:
+        with self._lock:
+            clock = self.clock
+            return {
+                "executions": clock.executions if clock else 0,
+                "output_bytes": clock.output_total if clock else 0,
+                "restarts": self.restarts,
+                "lifetime_seconds": round(time.monotonic() - clock.born, 3) if clock else 0.0,
+            }
+
+    def _record(self, event: str, *, session: str | None = None,
+                parent_msg_id: str | None = None, **fields: Any) -> None:
+        """One audit event, and its span when OpenTelemetry is on."""
+        written = self.audit.write(event, session=session, parent_msg_id=parent_msg_id,
+                                   **fields)
+        if self.telemetry is not None:
+            self.telemetry.record(written)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_reason = signal.Signals(signum).name
@@ -275,7 +520,7 @@ class Warden:
     def death_reason(self, status: int) -> str | None:
         """Why the jail ended, in words for the user; None for a requested shutdown."""
         lim = self.profile.limits
-        if self.cgroup is not None and self.cgroup.oom_kills() > 0:
+        if self.cgroup is not None and self.cgroup.oom_kills() > self._oom_base:
             return f"memory limit {human_bytes(lim.memory)} exceeded"
         if self.gate is not None and self.gate.shutdown_requested and status == 0:
             return None
@@ -324,6 +569,11 @@ class Warden:
         if counted:
             self.audit.write("gate.drop_counts", counts=counted)
         self.audit.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _report(fd: int | None, payload: dict[str, Any]) -> None:

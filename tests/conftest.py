@@ -45,6 +45,34 @@ tmp_size = "16MiB"
 home_size = "8MiB"
 open_files = 512
 file_size = "64MiB"
+
+# Budget tests (tests/test_budgets.py): one budget each, small, the others off.
+[profiles.cell.budgets]
+cell_seconds = 1.5
+grace_seconds = 1
+lifetime_seconds = 0
+idle_seconds = 0
+executions = 0
+output_bytes = 0
+
+[profiles.brief.budgets]
+lifetime_seconds = 4
+idle_seconds = 0
+
+[profiles.idler.budgets]
+idle_seconds = 2
+
+[profiles.counted]
+audit_code_text = true
+
+[profiles.counted.budgets]
+executions = 3
+
+[profiles.chatty.budgets]
+output_bytes = "64KiB"
+
+[profiles.off]
+enabled = false
 """
 
 

@@ -1,0 +1,123 @@
+"""The running sandboxes of this host, as `cellblock ps` and `cellblock kill` see them.
+
+Who calls this: the CLI only. A sandbox is a run dir whose ``warden.json`` names a warden
+that is still alive (:func:`cellblock.rundir.is_warden_alive` checks its command line, so a
+recycled pid is never mistaken for one). Stopping one is a signal to its warden, never to
+nsjail: ``SIGUSR1`` means "stopped by operator". The warden then stops the jail, tells the
+client why on iopub ("cellblock: kernel stopped by operator"), writes ``kernel.exit`` to the
+audit log and removes everything, as on any other way out. An optional one-line reason is
+written to ``<run dir>/stop-reason`` first and appended to that message.
+
+Who may stop what: whoever may signal the warden, that is its own user and root. Root also
+sees the sandboxes of other users (their runtime dirs under ``/run/user`` and ``/tmp``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CellblockError
+from .rundir import (
+    RUNTIME_ENV,
+    STOP_REASON_FILE,
+    RunDir,
+    WardenRecord,
+    is_warden_alive,
+    runtime_base,
+)
+
+__all__ = ["Sandbox", "find", "list_sandboxes", "stop", "wait_gone"]
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """One running kernel: its warden record, run dir and (if any) cgroup memory."""
+
+    record: WardenRecord
+    run: RunDir
+    memory: int | None
+
+    @property
+    def kernel_id(self) -> str:
+        return self.record.kernel_id
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.record.started)
+
+
+def _bases() -> list[Path]:
+    """Runtime dirs to look in: ours; as root (without an explicit dir) every user's too."""
+    base = runtime_base()
+    if os.environ.get(RUNTIME_ENV) or os.geteuid() != 0:
+        return [base]
+    tmp = Path("/tmp")  # noqa: S108 - where rundir puts a user's runtime dir without XDG
+    found = [base, *Path("/run/user").glob("*/cellblock"), *tmp.glob("cellblock-*")]
+    return list(dict.fromkeys(p for p in found if p.is_dir()))
+
+
+def _memory(record: WardenRecord) -> int | None:
+    if not record.cgroup_version:
+        return None
+    from .cgroups import KernelCgroup
+
+    return KernelCgroup.for_kernel(record.cgroup_version, record.cgroup_parent,
+                                   record.kernel_id).memory_current()
+
+
+def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:
+    """Every sandbox with a live warden, oldest first."""
+    out = []
+    for base in _bases() if bases is None else bases:
+        with contextlib.suppress(OSError):
+            for entry in base.iterdir():
+                run = RunDir(base, entry.name)
+                record = run.read_record()
+                if record is None or not is_warden_alive(record):
+                    continue
+                out.append(Sandbox(record, run, _memory(record)))
+    return sorted(out, key=lambda s: s.record.started)
+
+
+def find(sandboxes: list[Sandbox], kernel: str) -> Sandbox:
+    """The sandbox whose kernel id is ``kernel`` or starts with it (unambiguously)."""
+    hits = [s for s in sandboxes if s.kernel_id == kernel] or \
+        [s for s in sandboxes if s.kernel_id.startswith(kernel)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise CellblockError(f"no running cellblock kernel {kernel!r} (see `cellblock ps`)")
+    ids = ", ".join(s.kernel_id for s in hits)
+    raise CellblockError(f"kernel id prefix {kernel!r} is ambiguous: {ids}")
+
+
+def stop(sandbox: Sandbox, reason: str = "") -> None:
+    """Ask the sandbox's warden to stop it "by operator" (SIGUSR1), with an optional reason.
+    Raises PermissionError when this user may not signal that warden."""
+    if reason:
+        text = " ".join(reason.split())[:200]
+        with contextlib.suppress(FileNotFoundError):
+            path = sandbox.run.path / STOP_REASON_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    if is_warden_alive(sandbox.record):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sandbox.record.warden_pid, signal.SIGUSR1)
+
+
+def wait_gone(sandboxes: list[Sandbox], timeout: float) -> list[Sandbox]:
+    """Wait until every warden has exited (its cleanup done); return those still alive."""
+    deadline = time.monotonic() + timeout
+    left = list(sandboxes)
+    while left:
+        left = [s for s in left if is_warden_alive(s.record)]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)  # polling the wardens' exit, a condition
+    return left
