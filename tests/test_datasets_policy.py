@@ -109,7 +109,7 @@ def test_bad_dataset_policy(policy_file, text: str, expected: str) -> None:
     path = policy_file(text)
     with pytest.raises(PolicyError) as info:
         load_policy()
-    assert f"invalid policy (builtin + {path})" in str(info.value)
+    assert f"invalid policy (builtin + {path}" in str(info.value)
     assert expected in str(info.value)
 
 
