@@ -230,8 +230,9 @@ class Warden:
         A kernel writing to fd 1/2 outside a cell cannot fill the host's disk. One thread
         per jail (a restart in place starts another), each reading only its own pipe.
         """
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        stdout = proc.stdout
+        assert stdout is not None
+        for chunk in iter(lambda: stdout.read1(65536), b""):  # type: ignore[attr-defined]
             self.tail.append(chunk)
             self.tail_bytes += len(chunk)
             while self.tail_bytes > OUTPUT_TAIL and len(self.tail) > 1:
