@@ -8,6 +8,10 @@ Layout of one kernel's run dir (``<runtime base>/<kernel id>/``)::
                   ZMQ ipc sockets
     pkg/          a copy of cellblock_kernel, bound read-only at /opt/cellblock-kernel
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
+    broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
+    control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
+    mnt/<name>    empty on the host; as root, a directory dataset's read-only view is
+                  attached here in nsjail's private mount namespace (cellblock.broker)
 
 The runtime base is ``$CELLBLOCK_RUNTIME_DIR``, else ``/run/cellblock`` for root,
 else ``$XDG_RUNTIME_DIR/cellblock``, else ``/tmp/cellblock-<uid>``. It is mode
