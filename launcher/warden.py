@@ -243,6 +243,7 @@ class Warden:
 
     def _start_gate(self, kernel_conn: dict[str, Any]) -> None:
         from .gate import Gate, GateLimits
+        from .output import build_output_rules
 
         allowed = self.profile.allowed_requests
         if allowed is not None and self.profile.allow_stdin:
@@ -251,7 +252,7 @@ class Warden:
             client=self.client_conn,
             kernel=kernel_conn,
             limits=GateLimits(),
-            rules=(),
+            rules=build_output_rules(self.profile.output, audit=self._audit),
             audit=self._audit,
             allowed_client_msg_types=frozenset(allowed) if allowed is not None else None,
             observer=self._observe,
@@ -405,7 +406,9 @@ class Warden:
                                    {"origin": "client"}))
             elif seen.kind == "output":
                 if not clock.output(seen.msg_id, seen.bytes_in, seen.bytes_out, now):
-                    verdict = "output_bytes"
+                    # the crossing message: tell its cell at once, from the gate's thread
+                    verdict = "" if stopped is not None else \
+                        f"cellblock: kernel stopped, {clock.stopped.reason}"  # type: ignore[union-attr]
             elif seen.kind == "reply" and seen.msg_type == "execute_request":
                 ended = clock.reply(seen.msg_id, seen.content, now)
             else:

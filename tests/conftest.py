@@ -4,6 +4,7 @@ check after every jail test that it left no process, run dir or cgroup behind.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -104,10 +105,14 @@ def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):  # noqa:
     return value
 
 
-def cgroup_leftovers(parent: str = "cellblock") -> list[str]:
+def cgroup_dirs(parent: str) -> list[Path]:
     root = Path("/sys/fs/cgroup")
-    dirs = [root / parent] + [root / c / parent for c in ("memory", "pids", "cpu")]
-    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()]
+    return [root / parent] + [root / c / parent for c in ("memory", "pids", "cpu")]
+
+
+def cgroup_leftovers(parent: str = "cellblock") -> list[str]:
+    return [str(p) for d in cgroup_dirs(parent) if d.is_dir() for p in d.iterdir()
+            if p.is_dir()]
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +132,10 @@ def jupyter_env() -> Iterator[dict[str, str]]:
         "CELLBLOCK_POLICY": str(policy),
         "CELLBLOCK_RUNTIME_DIR": str(runtime),
         "CELLBLOCK_AUDIT_DIR": str(top / "audit"),
-        "CELLBLOCK_CGROUP_PARENT": os.environ.get("CELLBLOCK_CGROUP_PARENT", ""),
+        # Each test session gets its own cgroup parent, so the leftover check sees only
+        # its own kernels (a delegated parent for unprivileged runs comes from the env).
+        "CELLBLOCK_CGROUP_PARENT": os.environ.get("CELLBLOCK_CGROUP_PARENT", "")
+        or f"cellblock/{top.name}",
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update({k: v for k, v in env.items() if v})
@@ -140,6 +148,10 @@ def jupyter_env() -> Iterator[dict[str, str]]:
         else:
             os.environ[k] = v
     shutil.rmtree(top, ignore_errors=True)
+    if env["CELLBLOCK_CGROUP_PARENT"].endswith(top.name):
+        for d in cgroup_dirs(env["CELLBLOCK_CGROUP_PARENT"]):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 @pytest.fixture
@@ -152,5 +164,5 @@ def no_leftovers(jupyter_env: dict[str, str]) -> Iterator[None]:
     assert procs, f"processes left behind: {jail_processes(marker)}"
     dirs = wait_for(lambda: not (runtime.is_dir() and any(runtime.iterdir())), timeout=10)
     assert dirs, f"run dirs left behind: {list(runtime.iterdir())}"
-    parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"] or "cellblock"
+    parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"]
     assert not cgroup_leftovers(parent), f"cgroups left behind: {cgroup_leftovers(parent)}"

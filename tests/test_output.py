@@ -223,7 +223,7 @@ def test_split_secret_never_leaves(pieces: list[str]) -> None:
 def test_redact_before_truncate() -> None:
     # the secret straddles the head budget: it must not leave as a harmless prefix
     f = make(agent(), stream_head=20, stream_tail=0)
-    seen = stream_out(f, ["x" * 15 + AKIA + "\n"])
+    seen = stream_out(f, ["x" * 14 + " " + AKIA + "\n"])
     assert AKIA[:5] not in seen.replace("x", "")
     assert "AKIA" not in seen
 

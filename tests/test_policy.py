@@ -10,6 +10,7 @@ from cellblock.policy import (
     POLICY_ENV,
     Budgets,
     HostSettings,
+    OutputPolicy,
     Limits,
     Profile,
     find_policy_file,
@@ -294,7 +295,7 @@ def test_env_variable_beats_jupyter_config_path(
 
 # -- docs/policy.md names every key ---------------------------------------------------------
 
-@pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets])
+@pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets, OutputPolicy])
 def test_docs_name_every_key(model: type) -> None:
     text = (ROOT / "docs" / "policy.md").read_text()
     missing = [name for name in model.model_fields if f"`{name}`" not in text]
