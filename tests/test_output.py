@@ -244,3 +244,21 @@ def test_benign_output_unchanged() -> None:
     text = ("date,amount,id\n2024-01-02,12.50,3f2b6c1e-8f55-4a43-9d7c-2f1f0f5b9b10\n"
             "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n")
     assert stream_out(f, [text]) == text
+
+
+def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) -> None:
+    from cellblock.redact import Redactor
+    from cellblock.redact import engine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    engine._scanners.cache_clear()
+    try:
+        Redactor(secrets=True, pii=("email",), exact=())
+        cached = sorted((tmp_path / "cellblock" / "hyperscan").iterdir())
+        assert cached and all(p.stat().st_mode & 0o777 == 0o600 for p in cached)
+        secret = "exact-secret-never-on-disk-71x"
+        r = Redactor(secrets=True, pii=("email",), exact=(secret,))
+        assert "[REDACTED:" in r.redact(f"v={secret}").text
+        assert sorted((tmp_path / "cellblock" / "hyperscan").iterdir()) == cached
+    finally:
+        engine._scanners.cache_clear()

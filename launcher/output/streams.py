@@ -35,7 +35,8 @@ class _Tail:
         self.total_lines = 0
 
     def add(self, text: str) -> None:
-        self.total_bytes += len(text.encode("utf-8", "surrogatepass"))
+        self.total_bytes += len(text) if text.isascii() else \
+            len(text.encode("utf-8", "surrogatepass"))
         self.total_lines += text.count("\n")
         if self.size == 0:
             return
@@ -92,13 +93,28 @@ class CellStreams:
         if self.head_left <= 0:
             self._tail(name).add(text)
             return ""
+        # Only what can still fit in the head, plus the carry-over window, is scanned;
+        # the rest of a huge message goes to the tail unscanned.
+        window = self.redactor.max_match_len if self.redactor is not None else 0
+        room = self.head_left + 2 * window
+        overflow = ""
+        if len(text) > room:
+            text, overflow = text[:room], text[room:]
+        out = self._head(name, text)
+        if overflow:
+            self.head_left = 0  # the head ends here even if redaction shortened it
+            for other, held in list(self.pending.items()):
+                self._tail(other).add(held)
+            self.pending.clear()
+            self._tail(name).add(overflow)
+        return out
+
+    def _head(self, name: str, text: str) -> str:
         if self.redactor is not None:
             combined = self.pending.pop(name, "") + self.redactor.normalise(text)
             cut = self.redactor.scan_end_safe(combined)
             self.pending[name] = combined[cut:]
             out = self._clean(combined[:cut])
-        elif self.normalise:
-            out = text
         else:
             out = text
         raw = out.encode("utf-8", "surrogatepass")

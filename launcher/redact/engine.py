@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
+import os
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import hyperscan
@@ -100,7 +104,8 @@ class RedactResult:
 class _Scanner:
     """One compiled hyperscan database and what each pattern id means."""
 
-    def __init__(self, rules: Iterable[Rule], blocks: Iterable[Block], runs: bool) -> None:
+    def __init__(self, rules: Iterable[Rule], blocks: Iterable[Block], runs: bool,
+                 cacheable: bool = True) -> None:
         self.rules: list[Rule] = list(rules)
         self.blocks: list[Block] = list(blocks)
         expressions: list[bytes] = []
@@ -123,13 +128,7 @@ class _Scanner:
                 expressions.append(pattern.encode())
                 flags.append(hyperscan.HS_FLAG_SOM_LEFTMOST)
                 self.kinds.append((kind, 0))
-        self.db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self.db.compile(
-            expressions=expressions,
-            ids=list(range(len(expressions))),
-            elements=len(expressions),
-            flags=flags,
-        )
+        self.db = _compiled(expressions, flags, cacheable)
         self.max_len = max([r.max_len for r in self.rules] + [b.max_len for b in self.blocks])
         if runs:
             self.max_len = max(self.max_len, DECODE_CAP)
@@ -139,6 +138,44 @@ class _Scanner:
         append = hits.append
         self.db.scan(data, match_event_handler=lambda i, s, e, _f, _c: append((i, s, e)))
         return hits
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cellblock" / "hyperscan"
+
+
+def _compiled(expressions: list[bytes], flags: list[int], cacheable: bool) -> Any:
+    """A compiled hyperscan database, from the on-disk cache when possible.
+
+    Compiling the built-in rules takes about a second, and every kernel's warden is a
+    new process: the serialised database is cached in ``~/.cache/cellblock/hyperscan``
+    (mode 0700), keyed by the hyperscan version and the exact patterns and flags.
+    A database holding operator-registered exact secrets is never written to disk
+    (``cacheable=False``): it would persist the secrets.
+    """
+    key = hashlib.sha256(repr((getattr(hyperscan, "__version__", ""), expressions, flags))
+                         .encode()).hexdigest()[:32]
+    path = _cache_dir() / f"{key}.hsdb"
+    if cacheable:
+        try:
+            db = hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
+            db.scratch = hyperscan.Scratch(db)
+            return db
+        except Exception:  # noqa: BLE001, S110 - missing, stale or torn: compile anew
+            pass
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=expressions, ids=list(range(len(expressions))),
+               elements=len(expressions), flags=flags)
+    if cacheable:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(hyperscan.dumpb(db))
+            os.replace(tmp, path)
+    return db
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,8 +192,10 @@ def _scanners(
     secret_rules.extend(exact.rules_for(exact_secrets))
     pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
     decoding = bool(secret_rules or blocks)
-    main = _Scanner(secret_rules + pii_rules, blocks, runs=decoding)
-    decoded = _Scanner(secret_rules, blocks, runs=False) if decoding else None
+    cacheable = not exact_secrets
+    main = _Scanner(secret_rules + pii_rules, blocks, runs=decoding, cacheable=cacheable)
+    decoded = _Scanner(secret_rules, blocks, runs=False, cacheable=cacheable) \
+        if decoding else None
     return main, decoded
 
 
