@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import BIN, jail_processes
+from conftest import BIN, cgroup_leftovers
 from jupyter_client.manager import AsyncKernelManager
 from test_budgets import audit_events, collect, jailed, run, wait_dead
 
@@ -80,8 +80,13 @@ async def test_kill_all_stops_every_sandbox_within_two_seconds(
     assert took < 2.0, f"kill --all took {took:.2f} s"
     assert sorted(line.split()[0] for line in done.stdout.splitlines()) == sorted(ids)
     assert all(line.endswith("stopped") for line in done.stdout.splitlines())
-    marker = Path(jupyter_env["CELLBLOCK_RUNTIME_DIR"]).parent.name
-    assert not jail_processes(marker)
+    # nothing of these kernels is left: process, run dir, cgroup
+    runtime = Path(jupyter_env["CELLBLOCK_RUNTIME_DIR"])
+    parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"] or "cellblock"
+    for kernel_id in ids:
+        assert not processes_of(kernel_id)
+        assert not (runtime / kernel_id).exists()
+        assert not [c for c in cgroup_leftovers(parent) if c.endswith(kernel_id)]
     assert ps() == []
     out = await collect(kc0, msg_id, timeout=10)
     assert out["errors"] == ["cellblock: kernel stopped by operator"]
@@ -90,6 +95,21 @@ async def test_kill_all_stops_every_sandbox_within_two_seconds(
         exits = [e for e in audit_events(km.kernel_id) if e.event == "kernel.exit"]
         assert exits[0].fields["reason"] == "stopped by operator"
     print(f"kill --all of 3 sandboxes: {took:.3f} s")
+
+
+def processes_of(kernel_id: str) -> list[str]:
+    """Host processes whose command line names this kernel (its warden and nsjail; the
+    kernel inside dies with nsjail, the pid namespace's parent). conftest's
+    jail_processes would also count other test runs' kernels on a shared machine."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if kernel_id.encode() in cmd and b"pytest" not in cmd:
+            found.append(f"{pid}: {cmd[:120]!r}")
+    return found
 
 
 def _wait(condition: Any, timeout: float = 15.0) -> bool:

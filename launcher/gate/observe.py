@@ -14,7 +14,11 @@ request     a client request on shell or control passed every check and  refuses
                                                                          never sees it
 output      an iopub message bound to the request (not ``status``, not   drops it (audited
             ``execute_input``) is about to be sent; ``bytes_in`` is the  ``gate.drop`` with
-            kernel's content size, ``bytes_out`` what the client gets    reason ``budget``)
+            kernel's content size, ``bytes_out`` what the client gets    reason ``budget``);
+                                                                         a non-empty string
+                                                                         is also published
+                                                                         to the request as
+                                                                         an ``error``
 reply       the request's reply was sent to the client (``content`` is   ignored
             the reply's raw content, ``bytes_out`` its size)
 idle        the request's ``status: idle`` was released: it is closed    ignored

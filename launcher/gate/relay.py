@@ -168,6 +168,7 @@ class Gate:
         self.audit_errors = 0  #: audit callbacks that raised (counted, then ignored)
         self._observer = observer
         self._own: dict[str, None] = {}  # msg_ids of the gate's own requests to the kernel
+        self._told: dict[str, str] = {}  # msg_id -> the last error the gate told that request
         self._rekeyed = threading.Event()
 
     # ----------------------------------------------------------- the warden's side
@@ -520,7 +521,10 @@ class Gate:
                     "output", request.msg_id, msg_type, request.session,
                     len(parts[3]), len(out[-1 - len(buffers)]),
                 )
-                if self._observe(observed) is not None:
+                refusal = self._observe(observed)
+                if refusal is not None:
+                    if refusal:
+                        self._tell(request.msg_id, request.header, "CellblockBudget", refusal)
                     raise Dropped("budget", msg_type)
             self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
             if idle:
@@ -534,6 +538,14 @@ class Gate:
         """Publish what the output rules held back for this request, before its idle."""
         if self._rules:
             for msg_type, content in flush_rules(self._rules, parent_msg_id):
+                if self._observer is not None:  # held-back output is output too
+                    refusal = self._observe(Observed("output", parent_msg_id, msg_type, "",
+                                                     len(content), len(content)))
+                    if refusal is not None:
+                        if refusal:
+                            self._tell(parent_msg_id, parent, "CellblockBudget", refusal)
+                        self._drop("kernel", "iopub", Dropped("budget", msg_type))
+                        continue
                 self._publish_own(msg_type, parent, content)
 
     def _resign(
@@ -594,7 +606,7 @@ class Gate:
         if msg_id is not None:  # one running request, kept open
             request = self._table.get(msg_id)
             if request is not None and not request.replied:
-                self._publish_own("error", request.header, content)
+                self._tell(request.msg_id, request.header, ename, evalue)
             return
         # Executing = forwarded and not yet answered. A request that has its reply but
         # whose idle never came (published before the gate's SUB had joined) is not.
@@ -603,8 +615,12 @@ class Gate:
         idle = b'{"execution_state": "idle"}'
         for request in requests:
             self._flush(request.msg_id, request.header)
-        for parent in parents:
-            self._publish_own("error", parent, content)
+        told, self._told = self._told, {}
+        for request in requests or [None]:
+            if request is None:
+                self._publish_own("error", b"{}", content)
+            elif told.get(request.msg_id) != evalue:  # not twice the same words to one cell
+                self._publish_own("error", request.header, content)
         if replies:
             for request in requests:
                 self._reply_error(request.channel, request.idents, request.header,
@@ -612,6 +628,16 @@ class Gate:
         for parent in parents:
             if requests:
                 self._publish_own("status", parent, idle)
+
+    def _tell(self, msg_id: str, parent: bytes, ename: str, evalue: str) -> None:
+        """Publish an ``error`` to one open request, keeping it open."""
+        content = json.dumps(
+            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
+        ).encode("utf-8", "replace")
+        self._publish_own("error", parent, content)
+        self._told[msg_id] = evalue
+        while len(self._told) > 64:
+            del self._told[next(iter(self._told))]
 
     def _refuse(
         self, channel: str, idents: tuple[bytes, ...], parent: bytes, msg_type: str, text: str
