@@ -70,7 +70,7 @@ audit_code_text = true
 executions = 3
 
 [profiles.chatty.budgets]
-output_bytes = "64KiB"
+output_bytes = "32KiB"
 
 [profiles.off]
 enabled = false
