@@ -57,7 +57,7 @@ def detect(root: Path = CGROUP_ROOT) -> CgroupDetection:
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:  # noqa: PTH123 - cgroupfs wants one write() per value
+    with open(path, "w") as f:
         f.write(value)
 
 

@@ -141,7 +141,13 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
             None, _read_status, rfd, self._startup_timeout
         )
         if status is None or not status.get("ok"):
+            exited = self.process.poll() if self.process is not None else None
             await self._stop_warden()
+            if status is None and exited is not None:
+                raise JailStartError(
+                    f"cellblock kernel {self.kernel_id} (profile {self.profile!r}): the warden "
+                    f"exited with status {exited} before reporting; see its log above"
+                )
             if status is None:
                 raise JailStartTimeout(
                     f"cellblock kernel {self.kernel_id} (profile {self.profile!r}) did not "

@@ -105,7 +105,7 @@ class RunDir:
     def create(self, uid: int, gid: int) -> JailLayout:
         base = self.path.parent
         base.mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o711)
+        os.chmod(base, 0o711)  # noqa: S103 - traversable by the jail's uid, not listable
         if len(str(self.ipc / "k-65535")) > MAX_SOCKET_PATH:
             raise HostUnsupported(
                 f"run dir {self.path} is too long for unix socket paths; set "

@@ -212,13 +212,13 @@ class Warden:
             if datasets is not None:
                 datasets.attach_in_child()  # read-only /data views, root only
 
-        self.proc = subprocess.Popen(  # noqa: S603 - argv built from the validated policy
+        self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            preexec_fn=in_child,  # noqa: PLW1509 - in_child only calls prctl and writes cgroupfs
+            preexec_fn=in_child,
             close_fds=True,
         )
         threading.Thread(target=self._drain, args=(self.proc,), name="nsjail-output",
@@ -580,6 +580,12 @@ class Warden:
                 os.close(fd)
 
 
+def zmq_error() -> type[Exception]:
+    import zmq
+
+    return zmq.ZMQError
+
+
 def _report(fd: int | None, payload: dict[str, Any]) -> None:
     if fd is None:
         return
@@ -610,10 +616,14 @@ def main(argv: list[str] | None = None) -> int:
         client_conn = json.loads(args.connection_file.read_text())
         warden = Warden(args.kernel_id, args.profile, client_conn, datasets=args.datasets)
         warden.start()
-    except (CellblockError, OSError, ValueError) as exc:
+    except Exception as exc:  # every failure is reported and cleaned up
         message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, zmq_error()) and "Address already in use" in str(exc):
+            message += (" (a client-facing port was taken between jupyter_client choosing it "
+                        "and the gate binding it; start the kernel again)")
         if warden is not None:
-            warden.audit.write("kernel.start_failed", error=message)
+            with contextlib.suppress(Exception):
+                warden.audit.write("kernel.start_failed", error=message)
             warden.close()
         _report(args.status_fd, {"ok": False, "error": message, "type": type(exc).__name__})
         log.error("kernel %s failed to start: %s", args.kernel_id, message)

@@ -95,7 +95,7 @@ def jail_processes(marker: str = "") -> list[str]:
     return out
 
 
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):  # noqa: ANN001
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):
     """Poll ``condition`` until it returns a truthy value; return it, or the last value."""
     end = time.monotonic() + timeout
     value = condition()

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cellblock.broker import Broker, BrokerLimits, control_request, find_kernel
 from cellblock.datasets import Dataset
 from cellblock.errors import PolicyError
 from cellblock_kernel import datasets as wire
+
 from conftest import wait_for
 
 pytestmark = [pytest.mark.nonroot]

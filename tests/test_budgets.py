@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
+
 from cellblock.budgets import BudgetClock, Interrupt, Kill, Stop
 from cellblock.errors import ProfileDisabled
 from cellblock.policy import Budgets
-from jupyter_client.manager import AsyncKernelManager
 
 
 def jailed(test: Any) -> Any:

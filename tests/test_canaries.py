@@ -173,7 +173,8 @@ CARRIERS = {
     "pem": "print(PEM)",
     "exception": "raise KeyError(C['stripe'] + ' ' + C['aws'])",
     "repr": "C",
-    "dataframe": "import pandas as pd\ndf = pd.DataFrame({'name': list(C), 'secret': list(C.values())})\n"
+    "dataframe": "import pandas as pd\n"
+                 "df = pd.DataFrame({'name': list(C), 'secret': list(C.values())})\n"
                  "display(df)",
     "json": "from IPython.display import JSON, display\ndisplay(JSON({'api_key': C['openai']}))",
     "markdown": "from IPython.display import Markdown, display\n"
@@ -223,7 +224,7 @@ print(u, hashlib.sha256(b"data").hexdigest(), datetime.date(2024, 2, 29), 3.1415
 print(df.to_string())
 df.describe().loc["mean", "amount"]
 """
-    reply, iopub = await raw.execute(code)
+    _, iopub = await raw.execute(code)
     stdout = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
     assert stdout == (
         "3f2b6c1e-8f55-4a43-9d7c-2f1f0f5b9b10 "
@@ -236,7 +237,8 @@ df.describe().loc["mean", "amount"]
 
 
 async def test_flood_reaches_client_as_head_marker_tail(raw: RawClient) -> None:
-    code = "import sys\nfor i in range(1_000_000): sys.stdout.write(f'row {i:07d} ' + 'x' * 88 + '\\n')"
+    code = ("import sys\n"
+            "for i in range(1_000_000): sys.stdout.write(f'row {i:07d} ' + 'x' * 88 + '\\n')")
     reply, iopub = await raw.execute(code)
     assert reply["content"]["status"] == "ok"
     text = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")

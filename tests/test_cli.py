@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cellblock.cli import format_command, one_line
 
 BIN = Path(sys.executable).parent

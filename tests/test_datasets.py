@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cellblock.errors import PolicyError
-from conftest import BIN, TEST_POLICY
 from jupyter_client.manager import AsyncKernelManager
 from test_lifecycle import run_cell
+
+from cellblock.errors import PolicyError
+
+from conftest import BIN, TEST_POLICY
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, TEST_POLICY
 from nbclient import NotebookClient
+
+from conftest import REPO, TEST_POLICY
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
 

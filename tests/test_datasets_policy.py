@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cellblock.datasets import Dataset, parse_selection, select_datasets
 from cellblock.errors import PolicyError
 from cellblock.jailcmd import JailLayout, nsjail_argv

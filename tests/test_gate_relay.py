@@ -27,12 +27,13 @@ from typing import Any
 
 import pytest
 import zmq
-from cellblock.gate import Gate, GateLimits
-from cellblock.gate.wire import DELIM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.session import Session
+
+from cellblock.gate import Gate, GateLimits
+from cellblock.gate.wire import DELIM
 
 WAIT = 15.0  # seconds: the deadline of any single wait
 

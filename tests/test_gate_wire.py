@@ -7,8 +7,12 @@ import hashlib
 import hmac
 import json
 
-import cellblock.gate
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jupyter_client.session import Session
+
+import cellblock.gate
 from cellblock.gate import GateLimits
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import WITHHOLD, Withheld, apply_rules
@@ -29,9 +33,6 @@ from cellblock.gate.wire import (
     parse_parent,
     split,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from jupyter_client.session import Session
 
 KEY = b"kernel-key"
 SIGNER = Signer(KEY)

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+
 from cellblock.errors import HostUnsupported, PolicyError
 from cellblock.jailcmd import (
     JailLayout,

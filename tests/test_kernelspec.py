@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jupyter_client.kernelspec import KernelSpecManager
+
 from cellblock.kernelspec import (
     install_all,
     install_kernelspec,
@@ -17,7 +19,6 @@ from cellblock.kernelspec import (
     write_kernelspec,
 )
 from cellblock.policy import Profile, load_policy
-from jupyter_client.kernelspec import KernelSpecManager
 
 BIN = Path(sys.executable).parent
 

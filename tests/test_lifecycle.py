@@ -82,7 +82,7 @@ def test_kernelspecs_listed(jupyter_env: dict[str, str]) -> None:
 
 
 async def test_execute(kernel: tuple[AsyncKernelManager, Any]) -> None:
-    km, kc = kernel
+    _, kc = kernel
     out = await run_cell(kc, "1+1")
     assert out["reply"]["status"] == "ok"
     assert out["results"] == [{"text/plain": "2"}]
@@ -138,7 +138,8 @@ async def test_writes_outside_scratch_fail(kernel: tuple[AsyncKernelManager, Any
     _, kc = kernel
     code = """
 import errno, os, sys
-for path in ["/x", "/etc/passwd", "/usr/lib/evil", sys.prefix + "/evil.pth", "/opt/cellblock-kernel/x", "/proc/sys/kernel/core_pattern"]:
+for path in ["/x", "/etc/passwd", "/usr/lib/evil", sys.prefix + "/evil.pth",
+             "/opt/cellblock-kernel/x", "/proc/sys/kernel/core_pattern"]:
     try:
         open(path, "a").write("x")
         print("WROTE", path)
@@ -385,7 +386,8 @@ tag = "FOR" + "GED"  # built at run time: the code itself comes back in execute_
 wrong.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-WRONG-KEY"}, parent=parent)
 right = Session(key=k.session.key, username="kernel")
 fake_parent = dict(parent["header"], msg_id="not-a-request-the-gate-forwarded")
-right.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-PARENT"}, parent=fake_parent)
+right.send(k.iopub_socket, "stream", {"name": "stdout", "text": tag + "-PARENT"},
+           parent=fake_parent)
 right.send(k.iopub_socket, "execute_reply", {"status": "ok"}, parent=parent)
 print("sent")
 """

@@ -16,9 +16,10 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import BIN, cgroup_leftovers
 from jupyter_client.manager import AsyncKernelManager
 from test_budgets import audit_events, collect, jailed, run, wait_dead
+
+from conftest import BIN, cgroup_leftovers
 
 CLI = str(BIN / "cellblock")
 
@@ -249,11 +250,12 @@ def test_warden_imports_no_opentelemetry() -> None:
 
 def test_telemetry_spans_in_memory() -> None:
     pytest.importorskip("opentelemetry.sdk.trace")
-    from cellblock.audit import AuditEvent
-    from cellblock.telemetry import Telemetry
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cellblock.audit import AuditEvent
+    from cellblock.telemetry import Telemetry
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -247,8 +247,7 @@ def test_benign_output_unchanged() -> None:
 
 
 def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) -> None:
-    from cellblock.redact import Redactor
-    from cellblock.redact import engine
+    from cellblock.redact import Redactor, engine
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     engine._scanners.cache_clear()

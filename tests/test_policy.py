@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cellblock.errors import PolicyError, UnknownProfile
 from cellblock.policy import (
     POLICY_ENV,
     Budgets,
     HostSettings,
-    OutputPolicy,
     Limits,
+    OutputPolicy,
     Profile,
     find_policy_file,
     load_policy,

@@ -16,6 +16,7 @@ import urllib.parse
 import uuid
 
 import pytest
+
 from cellblock.redact import Finding, Redactor, RedactResult, normalise
 
 _rng = random.Random(20240611)

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from jailprobe import POLICY, REPO, JailResult, run_in_jail
 
 # Every test here but the static one starts real jails; all must pass unprivileged too.

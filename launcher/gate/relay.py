@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any
 
 import zmq
+
 from cellblock.gate.observe import Observed, Observer
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules

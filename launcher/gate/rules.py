@@ -41,7 +41,7 @@ __all__ = ["WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "
 WITHHOLD = b""
 
 
-class Withheld(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Withheld(Exception):
     """A rule withheld the message on purpose; nothing is sent and nothing is audited."""
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import hyperscan
+
 from cellblock.redact import (
     chat,
     cloud,
@@ -162,7 +163,7 @@ def _compiled(expressions: list[bytes], flags: list[int], cacheable: bool) -> An
             db = hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
             db.scratch = hyperscan.Scratch(db)
             return db
-        except Exception:  # noqa: BLE001, S110 - missing, stale or torn: compile anew
+        except Exception:  # noqa: S110 - missing, stale or torn: compile anew
             pass
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     db.compile(expressions=expressions, ids=list(range(len(expressions))),
