@@ -254,8 +254,8 @@ finally:
 
 async def test_interrupt_restart_keeps_ports(kernel: tuple[AsyncKernelManager, Any]) -> None:
     km, kc = kernel
-    msg_id = kc.execute("x = 41\nwhile True: pass")
-    await wait_busy(kc, msg_id)
+    msg_id = kc.execute("x = 41\nprint('spinning', flush=True)\nwhile True: pass")
+    await wait_for_stream(kc, msg_id, "spinning")  # x is set; the loop is running
     await km.interrupt_kernel()
     reply = await kc.get_shell_msg(timeout=30)
     assert reply["parent_header"]["msg_id"] == msg_id
@@ -273,10 +273,11 @@ async def test_interrupt_restart_keeps_ports(kernel: tuple[AsyncKernelManager, A
     assert out["stdout"] == "False\n"
 
 
-async def wait_busy(kc: Any, msg_id: str) -> None:
+async def wait_for_stream(kc: Any, msg_id: str, text: str) -> None:
     while True:
         msg = await kc.get_iopub_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" \
+                and text in msg["content"]["text"]:
             return
 
 

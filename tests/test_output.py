@@ -261,3 +261,27 @@ def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) ->
         assert sorted((tmp_path / "cellblock" / "hyperscan").iterdir()) == cached
     finally:
         engine._scanners.cache_clear()
+
+
+def test_held_back_text_released_after_a_short_wait() -> None:
+    import time
+
+    f = make(agent())
+    out, _ = run(f, "stream", {"name": "stdout", "text": "epoch 1 done\n"})
+    assert out is None  # held back: it could be the start of a secret
+    now = time.monotonic()
+    assert f.tick(now) == []  # not yet
+    assert f.tick(now + 1) == [("p1", "stream", {"name": "stdout", "text": "epoch 1 done\n"})]
+    assert f.flush("p1") == []  # released once, not again at idle
+
+
+def test_split_secret_within_the_wait_is_still_caught() -> None:
+    import time
+
+    f = make(agent())
+    run(f, "stream", {"name": "stdout", "text": AKIA[:8]})
+    assert f.tick(time.monotonic()) == []
+    run(f, "stream", {"name": "stdout", "text": AKIA[8:] + "\n"})
+    seen = "".join(c["text"] for _, _, c in f.tick(time.monotonic() + 1))
+    seen += "".join(c["text"] for _, c in f.flush("p1"))
+    assert AKIA not in seen and "[REDACTED:" in seen

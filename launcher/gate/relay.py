@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import zmq
 
 from cellblock.gate.observe import Observed, Observer
 from cellblock.gate.replay import ReplayWindow
-from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules
+from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules, tick_rules
 from cellblock.gate.tracker import (
     BUFFER_TYPES,
     CLIENT_TYPES,
@@ -75,6 +76,7 @@ AuditCallback = Callable[[str, dict[str, Any]], None]
 
 _ROUTED = ("shell", "control", "stdin")
 _BATCH = 256  # messages read from one socket before the poller is consulted again
+_TICK_S = 0.05  # how often output rules with a tick() are asked for timed releases
 _HB_MAX_BYTES = 4096
 _HB_MAX_PENDING = 256
 _EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
@@ -322,11 +324,20 @@ class Gate:
         for name, monitor in self._monitors.items():
             watch(monitor, partial(self._reconnect, name))
         keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
+        ticking = any(hasattr(rule, "tick") for rule in self._rules)
+        timeout = int(_TICK_S * 1000) if ticking else None
+        next_tick = time.monotonic() + _TICK_S
         while not self._stopping:
             try:
-                ready = poller.poll()
+                ready = poller.poll(timeout)
             except zmq.ContextTerminated:
                 return
+            if ticking and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + _TICK_S
+                try:
+                    self._tick()
+                except Exception:  # the gate never crashes on what it is sent
+                    self._emit("gate.error", {"reason": "internal_error"})
             for sock, _event in ready:
                 handler = handlers[sock]
                 for _ in range(_BATCH):
@@ -535,10 +546,22 @@ class Gate:
         if self._observer is not None:
             self._observe(Observed("idle", msg_id, msg_type, session))
 
+    def _tick(self) -> None:
+        """Publish what output rules release on a timer, for requests still open."""
+        for parent_msg_id, msg_type, content in tick_rules(self._rules, time.monotonic()):
+            request = self._table.get(parent_msg_id)
+            if request is not None:
+                self._publish_held(parent_msg_id, request.header, [(msg_type, content)])
+
     def _flush(self, parent_msg_id: str, parent: bytes) -> None:
         """Publish what the output rules held back for this request, before its idle."""
         if self._rules:
-            for msg_type, content in flush_rules(self._rules, parent_msg_id):
+            self._publish_held(parent_msg_id, parent, flush_rules(self._rules, parent_msg_id))
+
+    def _publish_held(self, parent_msg_id: str, parent: bytes,
+                      items: list[tuple[str, bytes]]) -> None:
+        if items:
+            for msg_type, content in items:
                 if self._observer is not None:  # held-back output is output too
                     refusal = self._observe(Observed("output", parent_msg_id, msg_type, "",
                                                      len(content), len(content)))

@@ -22,6 +22,11 @@ kernel), and publishes each ``(msg_type, content)`` as an iopub message of that 
 signed with the client key. This is how held-back text and truncation markers reach the
 client before the client stops collecting the cell's output.
 
+And ``tick(now) -> list[tuple[str, str, dict]]``: the relay calls it about every 50 ms with
+``time.monotonic()``, and publishes each ``(parent_msg_id, msg_type, content)`` for a request
+still open. This is how carried-over text that waited long enough reaches the client while a
+cell is still running (a short ``print`` in a long loop).
+
 Rules run in order; each sees the previous rule's output. A rule that raises is treated
 as a drop (fail closed), audited as ``rule_error:<name>``. ``header`` and ``parent`` are the
 parsed, validated dicts: rules must not mutate them. Rules are called from the gate's one
@@ -36,7 +41,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from cellblock.gate.wire import Dropped
 
-__all__ = ["WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "rule_name"]
+__all__ = [
+    "WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "rule_name", "tick_rules",
+]
 
 WITHHOLD = b""
 
@@ -118,5 +125,22 @@ def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[s
             continue
         for msg_type, content in items:
             out.append((msg_type, json.dumps(content, ensure_ascii=False).encode(
+                "utf-8", "replace")))
+    return out
+
+
+def tick_rules(rules: Sequence[OutputRule], now: float) -> list[tuple[str, str, bytes]]:
+    """Collect what the rules release on a timer, as (parent_msg_id, msg_type, content)."""
+    out: list[tuple[str, str, bytes]] = []
+    for rule in rules:
+        tick = getattr(rule, "tick", None)
+        if tick is None:
+            continue
+        try:
+            items = tick(now)
+        except Exception:  # noqa: S112 - fail closed: held text is discarded
+            continue
+        for parent_id, msg_type, content in items:
+            out.append((parent_id, msg_type, json.dumps(content, ensure_ascii=False).encode(
                 "utf-8", "replace")))
     return out

@@ -35,6 +35,7 @@ __all__ = ["OutputFilter", "build_output_rules", "build_redactor"]
 _BUNDLE_TYPES = {"display_data", "update_display_data", "execute_result", "inspect_reply"}
 _COMM_TYPES = {"comm_open", "comm_msg", "comm_close"}
 Audit = Callable[[str, dict[str, Any]], None]
+CARRY_LATENCY = 0.2  # seconds held-back stream text may wait for the rest of a match
 
 
 def build_redactor(policy: OutputPolicy, env: Mapping[str, str] | None = None) -> Any:
@@ -125,6 +126,20 @@ class OutputFilter:
         self._findings = cell.findings
         cell.findings = []
         self._report(parent_msg_id, "stream")
+        return out
+
+    def tick(self, now: float) -> list[tuple[str, str, dict[str, Any]]]:
+        """Called by the relay every ~50 ms: carried-over text that waited long enough."""
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        for parent_id, cell in self.cells.items():
+            if not cell.since:
+                continue
+            for name, text in cell.release_due(now, CARRY_LATENCY):
+                out.append((parent_id, "stream", {"name": name, "text": text}))
+            if cell.findings:
+                self._findings = cell.findings
+                cell.findings = []
+                self._report(parent_id, "stream")
         return out
 
     # -- pieces --------------------------------------------------------------

@@ -16,6 +16,7 @@ flush, once the whole candidate has been seen.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -72,6 +73,7 @@ class CellStreams:
         self.normalise = normalise
         self.nonce = nonce
         self.pending: dict[str, str] = {}
+        self.since: dict[str, float] = {}  # when each stream's held-back text started waiting
         self.tails: dict[str, _Tail] = {}
         self.findings: list[Any] = []
 
@@ -106,6 +108,7 @@ class CellStreams:
             for other, held in list(self.pending.items()):
                 self._tail(other).add(held)
             self.pending.clear()
+            self.since.clear()
             self._tail(name).add(overflow)
         return out
 
@@ -113,10 +116,37 @@ class CellStreams:
         if self.redactor is not None:
             combined = self.pending.pop(name, "") + self.redactor.normalise(text)
             cut = self.redactor.scan_end_safe(combined)
-            self.pending[name] = combined[cut:]
+            if cut < len(combined):
+                self.pending[name] = combined[cut:]
+                self.since.setdefault(name, time.monotonic())
+            else:
+                self.since.pop(name, None)
             out = self._clean(combined[:cut])
         else:
             out = text
+        return self._budget(name, out)
+
+    def release_due(self, now: float, latency: float) -> list[tuple[str, str]]:
+        """Held-back text that has waited ``latency`` seconds, redacted, to send now.
+
+        The carry-over catches a secret split across messages sent close together;
+        a short ``print`` in a long-running cell must still show up promptly (THREATS
+        O3's "small latency budget"). A secret whose halves are printed further apart
+        than ``latency`` is not caught: redaction is a net, not a boundary."""
+        out = []
+        for name, since in list(self.since.items()):
+            if now - since < latency:
+                continue
+            del self.since[name]
+            text = self.pending.pop(name, "")
+            if text and self.head_left > 0:
+                released = self._budget(name, self._clean(text))
+                if released:
+                    out.append((name, released))
+        return out
+
+    def _budget(self, name: str, out: str) -> str:
+        """Release ``out`` within the head budget; the excess starts the tail."""
         raw = out.encode("utf-8", "surrogatepass")
         if len(raw) <= self.head_left:
             self.head_left -= len(raw)
@@ -129,6 +159,7 @@ class CellStreams:
         for other, held in list(self.pending.items()):
             self._tail(other).add(held)
         self.pending.clear()
+        self.since.clear()
         return keep
 
     def flush(self) -> list[tuple[str, str]]:
