@@ -4,6 +4,7 @@ check after every jail test that it left no process, run dir or cgroup behind.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +168,47 @@ def no_leftovers(jupyter_env: dict[str, str]) -> Iterator[None]:
     assert dirs, f"run dirs left behind: {list(runtime.iterdir())}"
     parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"]
     assert not cgroup_leftovers(parent), f"cgroups left behind: {cgroup_leftovers(parent)}"
+
+
+CANARY_ENV = "CELLBLOCK_TEST_CANARY_ENV"
+
+
+@pytest.fixture
+async def kernel(request: pytest.FixtureRequest, jupyter_env: dict[str, str],
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Any, Any]]:
+    """A started cellblock kernel and its client (profile from ``@pytest.mark.profile``,
+    default agent). A canary variable is set in the client's environment, which the
+    jail must never see."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    marker = request.node.get_closest_marker("profile")
+    profile = marker.args[0] if marker else "agent"
+    monkeypatch.setenv(CANARY_ENV, "canary-env-value-8d1f2e")
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+
+
+def audit_events(kernel_id: str) -> list[Any]:
+    """The audit events of one kernel of this test session."""
+    from cellblock.audit import read_events
+
+    path = Path(os.environ["CELLBLOCK_AUDIT_DIR"]) / f"{kernel_id}.jsonl"
+    return list(read_events(path)) if path.exists() else []
+
+
+async def wait_dead(km: Any, timeout: float = 30) -> bool:
+    """Poll until the kernel manager says the kernel is gone."""
+    end = time.monotonic() + timeout
+    while await km.is_alive():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.02)  # polling a condition
+    return True

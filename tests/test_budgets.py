@@ -8,12 +8,8 @@ client sees, then what the audit log says.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import os
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +18,8 @@ from jupyter_client.manager import AsyncKernelManager
 from cellblock.budgets import BudgetClock, Interrupt, Kill, Stop
 from cellblock.errors import ProfileDisabled
 from cellblock.policy import Budgets
+
+from conftest import audit_events, wait_dead
 
 
 def jailed(test: Any) -> Any:
@@ -158,36 +156,7 @@ async def run(kc: Any, code: str, timeout: float = 60) -> dict[str, Any]:
     return await collect(kc, kc.execute(code), timeout)
 
 
-def audit_events(kernel_id: str) -> list[Any]:
-    from cellblock.audit import read_events
 
-    path = Path(os.environ["CELLBLOCK_AUDIT_DIR"]) / f"{kernel_id}.jsonl"
-    return list(read_events(path)) if path.exists() else []
-
-
-async def wait_dead(km: AsyncKernelManager, timeout: float = 30) -> bool:
-    end = time.monotonic() + timeout
-    while await km.is_alive():
-        if time.monotonic() > end:
-            return False
-        await asyncio.sleep(0.02)  # polling a condition
-    return True
-
-
-@pytest.fixture
-async def kernel(request: pytest.FixtureRequest,
-                 jupyter_env: dict[str, str]) -> AsyncIterator[tuple[AsyncKernelManager, Any]]:
-    profile = request.node.get_closest_marker("profile").args[0]
-    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=False)
 
 
 @pytest.mark.profile("cell")

@@ -8,25 +8,21 @@ raising early.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
-from conftest import BIN, wait_for
+from conftest import BIN, CANARY_ENV, audit_events, wait_dead, wait_for
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
 
-CANARY_ENV = "CELLBLOCK_TEST_CANARY_ENV"
 
 
 async def run_cell(kc: Any, code: str, timeout: float = 60, **kw: Any) -> dict[str, Any]:
@@ -51,24 +47,6 @@ async def run_cell(kc: Any, code: str, timeout: float = 60, **kw: Any) -> dict[s
     out["reply"] = reply["content"]
     return out
 
-
-@pytest.fixture
-async def kernel(request: pytest.FixtureRequest, jupyter_env: dict[str, str],
-                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[AsyncKernelManager, Any]]:
-    """A started cellblock kernel (profile from ``@pytest.mark.profile``, default agent)."""
-    marker = request.node.get_closest_marker("profile")
-    profile = marker.args[0] if marker else "agent"
-    monkeypatch.setenv(CANARY_ENV, "canary-env-value-8d1f2e")
-    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=False)
 
 
 def test_kernelspecs_listed(jupyter_env: dict[str, str]) -> None:
@@ -203,25 +181,13 @@ async def test_memory_limit_names_the_limit(kernel: tuple[AsyncKernelManager, An
     err = errors[-1]
     assert err["parent_header"]["msg_id"] == msg_id
     assert err["content"]["evalue"] == "cellblock: kernel stopped, memory limit 256 MiB exceeded"
-    assert await _wait_dead(km)
+    assert await wait_dead(km)
     exits = wait_for(lambda: [e for e in audit_events(km.kernel_id) if e.event == "kernel.exit"])
     assert exits and exits[0].fields["reason"] == "memory limit 256 MiB exceeded"
 
 
-def audit_events(kernel_id: str) -> list[Any]:
-    from cellblock.audit import read_events
-
-    path = Path(os.environ["CELLBLOCK_AUDIT_DIR"]) / f"{kernel_id}.jsonl"
-    return list(read_events(path)) if path.exists() else []
 
 
-async def _wait_dead(km: AsyncKernelManager, timeout: float = 20) -> bool:
-    end = asyncio.get_running_loop().time() + timeout
-    while await km.is_alive():
-        if asyncio.get_running_loop().time() > end:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 @pytest.mark.profile("tiny")

@@ -109,38 +109,31 @@ def apply_rules(
     return content, metadata
 
 
-def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
-    """Collect what the rules kept back for ``parent_msg_id``, as (msg_type, content bytes).
+def _collect(rules: Sequence[OutputRule], hook: str, arg: object) -> list[tuple[Any, ...]]:
+    """Call ``rule.<hook>(arg)`` on every rule that has it; content dicts become bytes.
 
-    A rule that raises here loses its held text (fail closed: nothing unscanned is sent).
+    A rule that raises loses what it held (fail closed: nothing unscanned is sent).
     """
-    out: list[tuple[str, bytes]] = []
+    out: list[tuple[Any, ...]] = []
     for rule in rules:
-        flush = getattr(rule, "flush", None)
-        if flush is None:
+        method = getattr(rule, hook, None)
+        if method is None:
             continue
         try:
-            items = flush(parent_msg_id)
+            items = method(arg)
         except Exception:  # noqa: S112 - fail closed: held text is discarded
             continue
-        for msg_type, content in items:
-            out.append((msg_type, json.dumps(content, ensure_ascii=False).encode(
+        for *head, content in items:
+            out.append((*head, json.dumps(content, ensure_ascii=False).encode(
                 "utf-8", "replace")))
     return out
+
+
+def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
+    """What the rules kept back for ``parent_msg_id``, as (msg_type, content bytes)."""
+    return _collect(rules, "flush", parent_msg_id)  # type: ignore[return-value]
 
 
 def tick_rules(rules: Sequence[OutputRule], now: float) -> list[tuple[str, str, bytes]]:
-    """Collect what the rules release on a timer, as (parent_msg_id, msg_type, content)."""
-    out: list[tuple[str, str, bytes]] = []
-    for rule in rules:
-        tick = getattr(rule, "tick", None)
-        if tick is None:
-            continue
-        try:
-            items = tick(now)
-        except Exception:  # noqa: S112 - fail closed: held text is discarded
-            continue
-        for parent_id, msg_type, content in items:
-            out.append((parent_id, msg_type, json.dumps(content, ensure_ascii=False).encode(
-                "utf-8", "replace")))
-    return out
+    """What the rules release on a timer, as (parent_msg_id, msg_type, content bytes)."""
+    return _collect(rules, "tick", now)  # type: ignore[return-value]
