@@ -720,16 +720,7 @@ class Gate:
         ).encode()
 
     def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
-        header = json.dumps(
-            {
-                "msg_id": uuid.uuid4().hex,
-                "msg_type": msg_type,
-                "username": "cellblock",
-                "session": self._session,
-                "date": _now(),
-                "version": "5.3",
-            }
-        ).encode()
+        header = self._own_header(msg_type)
         parts = [header, parent, b"{}", content]
         out = [msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts]
         self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
