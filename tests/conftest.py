@@ -212,3 +212,16 @@ async def wait_dead(km: Any, timeout: float = 30) -> bool:
             return False
         await asyncio.sleep(0.02)  # polling a condition
     return True
+
+
+@pytest.fixture
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Write an operator policy file and point $CELLBLOCK_POLICY at it."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "policy.toml"
+        path.write_text(text)
+        monkeypatch.setenv("CELLBLOCK_POLICY", str(path))
+        return path
+
+    return write

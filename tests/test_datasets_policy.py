@@ -9,7 +9,7 @@ import pytest
 from cellblock.datasets import Dataset, parse_selection, select_datasets
 from cellblock.errors import PolicyError
 from cellblock.jailcmd import JailLayout, nsjail_argv
-from cellblock.policy import POLICY_ENV, Profile, load_policy
+from cellblock.policy import Profile, load_policy
 
 pytestmark = [pytest.mark.nonroot]
 
@@ -28,18 +28,9 @@ default_datasets = ["sales"]
 """
 
 
-@pytest.fixture
-def policy_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    def write(text: str) -> Path:
-        path = tmp_path / "policy.toml"
-        path.write_text(text)
-        monkeypatch.setenv(POLICY_ENV, str(path))
-        return path
-    return write
 
-
-def test_policy_shape_from_the_issue(policy_file) -> None:
-    policy_file(POLICY)
+def test_policy_shape_from_the_issue(operator) -> None:
+    operator(POLICY)
     policy = load_policy()
     assert policy.datasets["sales"] == Dataset(path="/srv/data/sales.csv",
                                                description="Daily sales, 2024")
@@ -57,8 +48,8 @@ def test_policy_shape_from_the_issue(policy_file) -> None:
     ("weather", ("weather",)),
     ("weather, sales,weather", ("weather", "sales")),
 ])
-def test_select(policy_file, requested: str | None, expected: tuple[str, ...]) -> None:
-    policy_file(POLICY)
+def test_select(operator, requested: str | None, expected: tuple[str, ...]) -> None:
+    operator(POLICY)
     assert select_datasets(load_policy(), "agent", requested) == expected
 
 
@@ -69,16 +60,16 @@ def test_select(policy_file, requested: str | None, expected: tuple[str, ...]) -
                      "'agent'"),
     ("../etc", "dataset '../etc' (from $CELLBLOCK_DATASETS) is not allowed"),
 ])
-def test_select_refuses_outside_the_profile(policy_file, requested: str,
+def test_select_refuses_outside_the_profile(operator, requested: str,
                                             message: str) -> None:
-    policy_file(POLICY)
+    operator(POLICY)
     with pytest.raises(PolicyError) as info:
         select_datasets(load_policy(), "agent", requested)
     assert str(info.value).startswith(message)
 
 
-def test_profile_without_datasets_allows_none(policy_file) -> None:
-    policy_file(POLICY)
+def test_profile_without_datasets_allows_none(operator) -> None:
+    operator(POLICY)
     assert select_datasets(load_policy(), "analyst", None) == ()
     with pytest.raises(PolicyError, match="it allows: none"):
         select_datasets(load_policy(), "analyst", "sales")
@@ -106,8 +97,8 @@ def test_parse_selection() -> None:
     ('[datasets."Bad Name"]\npath = "/srv/x"\n', "'Bad Name'"),
     ('[datasets.x]\n', "datasets.x.path"),
 ])
-def test_bad_dataset_policy(policy_file, text: str, expected: str) -> None:
-    path = policy_file(text)
+def test_bad_dataset_policy(operator, text: str, expected: str) -> None:
+    path = operator(text)
     with pytest.raises(PolicyError) as info:
         load_policy()
     assert f"invalid policy (builtin + {path}" in str(info.value)

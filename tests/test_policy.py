@@ -30,19 +30,6 @@ def _no_outside_policy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write an operator file and point $CELLBLOCK_POLICY at it."""
-
-    def write(text: str) -> Path:
-        path = tmp_path / "policy.toml"
-        path.write_text(text)
-        monkeypatch.setenv(POLICY_ENV, str(path))
-        return path
-
-    return write
-
-
 # -- parse_size ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -67,8 +67,13 @@ def sc(nr, *args):
     return {"ret": ret, "errno": ctypes.get_errno() if ret == -1 else 0}
 
 
+_KEEP = []  # buffers passed by address must outlive the expression that made them
+
+
 def buf(n):
-    return ctypes.create_string_buffer(n)
+    b = ctypes.create_string_buffer(n)
+    _KEEP.append(b)
+    return b
 
 
 def addr(obj):
