@@ -225,3 +225,52 @@ def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         return path
 
     return write
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def jupyter_app(argv: list[str], port: int, token: str, cwd: Path, name: str,
+                ready: str = "/api/status",
+                timeout: float = 180) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a Jupyter web app (``jupyter lab``, ``jupyter kernelgateway``, ...) listening on
+    127.0.0.1:``port`` with ``token``; yield it once GET ``ready`` answers 200, stop it
+    (SIGTERM, then SIGKILL) afterwards. Its output goes to ``cwd/<name>.log``, which a
+    failed start quotes. Used by tests/test_jupyterlab.py and tests/test_gateway.py."""
+    import signal
+    import urllib.error
+    import urllib.request
+
+    log_path = cwd / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            return True
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{ready}",
+                                     headers={"Authorization": f"token {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    try:
+        up = wait_for(answers, timeout=timeout, interval=0.2) and proc.poll() is None
+        assert up, f"{argv[:3]} did not answer {ready}:\n{log_path.read_text()[-3000:]}"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
