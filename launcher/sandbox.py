@@ -1,0 +1,413 @@
+"""A jailed Python kernel for an LLM backend: start it, ``run(code)``, read what happened.
+
+::
+
+    from cellblock.sandbox import Sandbox
+
+    async with Sandbox("agent", datasets=["sales"]) as sb:
+        r = await sb.run("import pandas as pd; 1 + 1")
+        r.stdout, r.results, r.error, r.policy.redactions
+
+    with SyncSandbox("agent") as sb:          # the same, for code without an event loop
+        print(sb.run("print('hi')").stdout)
+
+Who calls what: a backend (or ``cellblock mcp``, :mod:`cellblock.mcp_server`) makes a
+:class:`Sandbox`, enters it (or calls :meth:`Sandbox.start`), calls :meth:`Sandbox.run`
+once per tool call, and leaves it (or calls :meth:`Sandbox.close`). It is built on
+jupyter_client's AsyncKernelManager and AsyncKernelClient with the kernelspec derived from
+the policy (:func:`cellblock.notebook_run.sandbox_kernel_manager`), so everything the
+provisioner, warden and gate do applies unchanged; this module speaks no protocol of its own.
+
+Obligations (as trio states them for its resources):
+
+- closing always releases everything (the kernel, its warden and jail, the client's
+  channels), on every path; closing twice is fine;
+- a failed :meth:`~Sandbox.start` leaves nothing running and raises the cause: an
+  :class:`~cellblock.errors.UnknownProfile` naming the known profiles, a
+  :class:`~cellblock.errors.PolicyError` naming a dataset the profile does not allow and the
+  ones it does, or the provisioner's :class:`~cellblock.errors.JailStartError`;
+- :meth:`~Sandbox.run` calls are serialised (one cell at a time per sandbox); a cell that
+  outlives the client's timeout raises :class:`CellTimeout` after interrupting it; a kernel
+  that stops during a cell returns a result whose ``kernel_stopped`` says why, and every later
+  :meth:`~Sandbox.run` raises :class:`SandboxStopped` until :meth:`~Sandbox.restart`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from queue import Empty
+from typing import Any, Self, TypeVar
+
+from .audit import audit_dir
+from .datasets import DATASETS_ENV, parse_selection, select_datasets
+from .errors import CellblockError, JailStartError, PolicyError, ProfileDisabled
+from .policy import Policy, load_policy
+from .run_result import AuditTail, ErrorInfo, Output, PolicyReport, RunResult, policy_report
+
+__all__ = [
+    "CellTimeout",
+    "PolicyReport",
+    "RunResult",
+    "Sandbox",
+    "SandboxStopped",
+    "SyncSandbox",
+    "check_launch",
+]
+
+T = TypeVar("T")
+STOPPED = "CellblockKernelStopped"  # the ename of the gate's "the kernel is gone" notice
+_POLL = 0.5  # seconds between liveness checks while a cell is quiet
+
+
+class CellTimeout(CellblockError, TimeoutError):
+    """A cell did not finish within the client's timeout (the kernel was interrupted)."""
+
+
+class SandboxStopped(CellblockError, RuntimeError):
+    """The sandbox is closed, not started, or its kernel stopped; :meth:`Sandbox.restart`
+    (or :meth:`Sandbox.start` on a new one) gives a fresh kernel."""
+
+
+def _names(datasets: Sequence[str] | str | None) -> tuple[str, ...]:
+    if datasets is None:
+        return ()
+    if isinstance(datasets, str):
+        return parse_selection(datasets)
+    return parse_selection(",".join(datasets))
+
+
+def check_launch(policy: Policy, profile: str, datasets: Sequence[str] | str | None
+                 ) -> tuple[str, ...]:
+    """Check that a sandbox of ``profile`` asking for ``datasets`` may start, before anything
+    does; return the datasets it is granted (none asked: the profile's ``default_datasets``).
+
+    Raises UnknownProfile naming the known profiles, ProfileDisabled, or PolicyError naming
+    the dataset and what the profile allows."""
+    prof = policy.profile(profile)
+    if not prof.enabled:
+        raise ProfileDisabled(f"cellblock profile {profile!r} is disabled by the operator "
+                              f"(enabled = false in [profiles.{profile}]); no new kernel "
+                              "starts on it")
+    for name in _names(datasets):
+        if name not in prof.datasets:
+            allowed = ", ".join(prof.datasets) or "none"
+            raise PolicyError(f"dataset {name!r} is not allowed by profile {profile!r}; "
+                              f"it allows: {allowed}")
+    return select_datasets(policy, profile, ",".join(_names(datasets)))
+
+
+class Sandbox:
+    """One jailed kernel of a cellblock profile (see the module docstring).
+
+    ``datasets``: names the profile allows (None or empty: its ``default_datasets``).
+    ``timeout``: the client's limit per cell, in seconds; None: the profile's
+    ``cell_seconds`` + ``grace_seconds`` + 30 s, so the warden's own budget acts first
+    (600 s if the profile has no cell budget).
+    """
+
+    def __init__(self, profile: str = "agent", *, datasets: Sequence[str] | str | None = None,
+                 timeout: float | None = None) -> None:
+        self.profile = profile
+        self.requested = _names(datasets)
+        self.granted: tuple[str, ...] = ()
+        self._timeout = timeout
+        self._km: Any = None
+        self._kc: Any = None
+        self._tail: AuditTail | None = None
+        self._stopped: str | None = None
+        self._lock: asyncio.Lock | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def kernel_id(self) -> str | None:
+        return str(self._km.kernel_id) if self._km is not None else None
+
+    @property
+    def started(self) -> bool:
+        return self._km is not None
+
+    @property
+    def audit_log(self) -> Path | None:
+        """The running kernel's audit log, ``<audit dir>/<kernel id>.jsonl``."""
+        return self._tail.path if self._tail is not None else None
+
+    def default_timeout(self, policy: Policy | None = None) -> float:
+        if self._timeout is not None:
+            return self._timeout
+        budgets = (policy or load_policy()).profile(self.profile).budgets
+        if not budgets.cell_seconds:
+            return 600.0
+        return budgets.cell_seconds + budgets.grace_seconds + 30.0
+
+    async def start(self) -> None:
+        """Start the kernel and wait until it answers. A no-op if it is running."""
+        async with self._locked():
+            await self._start()
+
+    async def _start(self) -> None:
+        if self._km is not None:
+            return
+        from .notebook_run import sandbox_kernel_manager
+
+        policy = load_policy()
+        self.granted = check_launch(policy, self.profile, self.requested)
+        profile = policy.profile(self.profile)
+        env = {k: v for k, v in os.environ.items() if k != DATASETS_ENV}
+        if self.requested:
+            env[DATASETS_ENV] = ",".join(self.requested)
+        km = sandbox_kernel_manager(self.profile)
+        kc = None
+        try:
+            await km.start_kernel(env=env)
+            kc = km.client()
+            kc.start_channels()
+            try:
+                await kc.wait_for_ready(timeout=profile.startup_timeout)
+            except RuntimeError as exc:
+                raise JailStartError(
+                    f"cellblock sandbox (profile {self.profile!r}, kernel {km.kernel_id}) did "
+                    f"not answer: {exc}") from None
+        except BaseException:
+            await _release(km, kc)
+            raise
+        self._km, self._kc, self._stopped = km, kc, None
+        self._tail = AuditTail(audit_dir(policy.audit.dir) / f"{km.kernel_id}.jsonl")
+        self._tail.take()  # start-up events are not any cell's
+
+    async def close(self) -> None:
+        """Stop the kernel and release everything. Idempotent; safe after a failed start."""
+        km, kc = self._km, self._kc
+        self._km = self._kc = self._tail = None
+        await _release(km, kc)
+
+    async def restart(self) -> None:
+        """A fresh kernel (new jail, empty state, the same profile and datasets)."""
+        async with self._locked():
+            km, kc = self._km, self._kc
+            self._km = self._kc = self._tail = None
+            await _release(km, kc)
+            await self._start()
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (an interrupt_request, relayed by the gate)."""
+        if self._km is not None:
+            await self._km.interrupt_kernel()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _locked(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    # -- running code --------------------------------------------------------------
+
+    async def run(self, code: str, timeout: float | None = None) -> RunResult:
+        """Execute ``code``; return once the cell's ``status: idle`` and reply arrived.
+
+        Raises :class:`SandboxStopped` if the sandbox is not running, :class:`CellTimeout`
+        (after interrupting the cell) if it runs past ``timeout`` seconds (default: see the
+        class docstring)."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        async with self._locked():
+            if self._km is None or self._kc is None:
+                raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not "
+                                     "running; start() or enter it first")
+            if self._stopped is not None:
+                raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}, kernel "
+                                     f"{self.kernel_id}) has stopped: {self._stopped}; "
+                                     "restart() for a fresh kernel")
+            limit = self.default_timeout() if timeout is None else timeout
+            return await self._run(code, limit)
+
+    async def _run(self, code: str, limit: float) -> RunResult:
+        kc, km = self._kc, self._km
+        assert self._tail is not None
+        self._tail.take()  # whatever came after the last cell (a late timed-out one)
+        msg_id = kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
+        deadline = time.monotonic() + limit
+        text = {"stdout": "", "stderr": ""}
+        outputs: list[Output] = []
+        errors: list[ErrorInfo] = []
+        stopped: str | None = None
+        idle = False
+        while not idle:
+            msg = await self._next(kc.get_iopub_msg, deadline, limit)
+            if msg is None:  # quiet: is the kernel still there?
+                if not await km.is_alive():
+                    stopped = stopped or "cellblock: kernel stopped (its warden exited)"
+                    break
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content.get("name") in text:
+                text[content["name"]] += str(content.get("text", ""))
+            elif kind in ("execute_result", "display_data", "update_display_data"):
+                outputs.append(Output(kind, dict(content.get("data") or {}),
+                                      dict(content.get("metadata") or {})))
+            elif kind == "error":
+                err = ErrorInfo(str(content.get("ename", "")), str(content.get("evalue", "")),
+                                tuple(str(t) for t in content.get("traceback") or ()))
+                errors.append(err)
+                if err.name == STOPPED:
+                    stopped = err.value
+            elif kind == "status" and content.get("execution_state") == "idle":
+                idle = True
+        reply = await self._reply(msg_id, deadline, limit, waiting=stopped is None)
+        if stopped is None and reply is None and not await km.is_alive():
+            stopped = "cellblock: kernel stopped (its warden exited)"
+        if stopped is not None:
+            self._stopped = stopped
+        content = reply["content"] if reply is not None else {}
+        status = str(content.get("status", "stopped" if stopped else "unknown"))
+        report = policy_report(self._tail.take(), msg_id, text["stdout"], text["stderr"],
+                               stopped is not None)
+        return RunResult(
+            stdout=text["stdout"], stderr=text["stderr"], outputs=tuple(outputs),
+            errors=tuple(errors), status=status,
+            execution_count=content.get("execution_count"), kernel_stopped=stopped,
+            policy=report,
+        )
+
+    async def _next(self, get: Any, deadline: float, limit: float) -> dict[str, Any] | None:
+        """The next message from ``get``, None after ``_POLL`` quiet seconds; past the
+        deadline, interrupt the cell and raise CellTimeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            with contextlib.suppress(Exception):
+                await self.interrupt()
+            raise CellTimeout(
+                f"cellblock sandbox (profile {self.profile!r}, kernel {self.kernel_id}): the "
+                f"cell did not finish within the {limit:g} s timeout (run(timeout=...)); it "
+                "was interrupted, and the kernel and its state are kept")
+        try:
+            msg: dict[str, Any] = await get(timeout=min(_POLL, left))
+        except Empty:
+            return None
+        return msg
+
+    async def _reply(self, msg_id: str, deadline: float, limit: float, waiting: bool
+                     ) -> dict[str, Any] | None:
+        """The execute_reply to ``msg_id``. With ``waiting`` False (the gate said the kernel
+        stopped, and a dead kernel's cell gets no reply), only what has already arrived."""
+        kc, km = self._kc, self._km
+        while True:
+            if not waiting:
+                try:
+                    msg = await kc.get_shell_msg(timeout=0.05)
+                except Empty:
+                    return None
+            else:
+                msg = await self._next(kc.get_shell_msg, deadline, limit)
+                if msg is None:
+                    if not await km.is_alive():
+                        return None
+                    continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
+
+async def _release(km: Any, kc: Any) -> None:
+    """Stop ``kc``'s channels and ``km``'s kernel; every step is tried whatever failed."""
+    if kc is not None:
+        with contextlib.suppress(Exception):
+            kc.stop_channels()
+    if km is None:
+        return
+    try:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=False)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await km.shutdown_kernel(now=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await km.cleanup_resources()
+
+
+class SyncSandbox:
+    """:class:`Sandbox` for code without an event loop: the same methods, blocking.
+
+    The async sandbox runs on an event loop of its own, in a thread this object owns
+    (started by :meth:`start`, ended by :meth:`close`), so it also works where a loop is
+    already running (a Jupyter notebook)."""
+
+    def __init__(self, profile: str = "agent", *, datasets: Sequence[str] | str | None = None,
+                 timeout: float | None = None) -> None:
+        self.sandbox = Sandbox(profile, datasets=datasets, timeout=timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kernel_id(self) -> str | None:
+        return self.sandbox.kernel_id
+
+    @property
+    def granted(self) -> tuple[str, ...]:
+        return self.sandbox.granted
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            coro.close()
+            raise SandboxStopped(f"cellblock sandbox (profile {self.sandbox.profile!r}) is "
+                                 "not running; start() or enter it first")
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    def start(self) -> None:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="cellblock-sandbox",
+                                      daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+        try:
+            self._call(self.sandbox.start())
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, code: str, timeout: float | None = None) -> RunResult:
+        return self._call(self.sandbox.run(code, timeout))
+
+    def restart(self) -> None:
+        self._call(self.sandbox.restart())
+
+    def interrupt(self) -> None:
+        self._call(self.sandbox.interrupt())
+
+    def close(self) -> None:
+        """Stop the kernel, then the loop and its thread. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            self._call(self.sandbox.close())
+        finally:
+            self._loop = self._thread = None
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
