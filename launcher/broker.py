@@ -574,33 +574,42 @@ def control_request(run_path: Path, op: str, dataset: str | None = None,
 
 
 def find_kernel(prefix: str, base: Path | None = None) -> Path:
-    """The run dir of the running kernel whose id is ``prefix`` or starts with it."""
-    from .rundir import runtime_base
+    """The run dir of the running kernel whose id is ``prefix`` or starts with it (ids come
+    from each run dir's ``warden.json``: a kernel adopted from the warm pool keeps the run
+    dir it was started in)."""
+    from .rundir import RunDir, runtime_base
 
     base = runtime_base() if base is None else base
     if not prefix or "/" in prefix or prefix.startswith("."):
         raise PolicyError(f"kernel {prefix!r}: give a kernel id or a unique prefix of one")
-    names = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
-    matches = [n for n in names if n == prefix] or [n for n in names if n.startswith(prefix)]
-    matches = [n for n in matches if (base / n / CONTROL_SOCKET).exists()]
+    ids: dict[str, Path] = {}
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        record = RunDir(base, entry.name).read_record()
+        if record is not None and (entry / CONTROL_SOCKET).exists():
+            ids[record.kernel_id] = entry
+    matches = [k for k in ids if k == prefix] or [k for k in ids if k.startswith(prefix)]
     if not matches:
         raise PolicyError(f"no running kernel with id {prefix!r} under {base} (is "
                           f"$CELLBLOCK_RUNTIME_DIR the same as the kernel's?)")
     if len(matches) > 1:
         raise PolicyError(f"kernel id prefix {prefix!r} is ambiguous: {', '.join(matches)}")
-    return base / matches[0]
+    return ids[matches[0]]
 
 
 def operator_request(kernel: str, op: str, dataset: str) -> str:
     """``cellblock grant|revoke KERNEL NAME``: the warden's answer, or PolicyError."""
+    from .rundir import RunDir
+
     run = find_kernel(kernel)
+    record = RunDir(run.parent, run.name).read_record()
+    name = record.kernel_id if record is not None else run.name
     try:
         reply = control_request(run, op, dataset)
     except (OSError, wire.WireError) as exc:
-        raise PolicyError(f"kernel {run.name}: cannot reach its warden: {exc}") from None
+        raise PolicyError(f"kernel {name}: cannot reach its warden: {exc}") from None
     if not reply.get("ok"):
-        raise PolicyError(f"kernel {run.name}: {reply.get('message')}")
-    return f"kernel {run.name}: {reply.get('message')}"
+        raise PolicyError(f"kernel {name}: {reply.get('message')}")
+    return f"kernel {name}: {reply.get('message')}"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -166,6 +166,11 @@ class Profile(_Model):
         None, description="client request msg_types forwarded to the kernel (None: all known)"
     )
     startup_timeout: float = Field(60.0, gt=0, le=3600)
+    warm_pool: int = Field(
+        0, ge=0, le=64,
+        description="kernels kept started and waiting, per client process (Jupyter Server, "
+        "an LLM backend), so that a start adopts one instead of booting a jail; 0: none",
+    )
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
     enabled: bool = Field(True, description="false: no new kernel starts on this profile")

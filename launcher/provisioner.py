@@ -2,16 +2,19 @@
 
 A kernelspec names it in ``metadata.kernel_provisioner`` with the profile in its
 ``config`` stanza (``cellblock install`` writes these). It enforces nothing
-itself: it resolves the profile, starts one warden per kernel (which owns the
-jail and the gate), and hands jupyter_client the connection info of the gate's
-client-facing sockets, so every client talks to the gate and never to the kernel.
+itself: it resolves the profile, asks this process's spawner (:mod:`cellblock.wardens`)
+for a warden (which owns the jail and the gate; from the warm pool when the profile keeps
+one), and hands jupyter_client the connection info of the gate's client-facing sockets,
+so every client talks to the gate and never to the kernel.
 
 Hooks that differ from :class:`~jupyter_client.provisioning.LocalProvisioner`:
 
 - ``pre_launch``: validates the profile (errors surface before anything starts; a
-  disabled profile raises :class:`~cellblock.errors.ProfileDisabled`)
-  and replaces the kernelspec's argv with the warden's command;
-- ``launch_kernel``: starts the warden and waits for it to say ``ready`` or why not;
+  disabled profile raises :class:`~cellblock.errors.ProfileDisabled`), picks the
+  datasets, and lets LocalProvisioner choose the client-facing ports and write the
+  client's connection file;
+- ``launch_kernel``: asks the spawner for a warden and waits for it to say ``ready`` or
+  why not; ``process`` is then a :class:`~cellblock.wardens.WardenProcess`;
 - ``send_signal`` / ``terminate`` / ``kill``: signal the warden only, never the
   process group, since a signal reaching nsjail ends the whole jail. ``kill``
   gives the warden a grace period to clean up before SIGKILL;
@@ -24,11 +27,8 @@ by the gate, so no SIGINT is ever sent here.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import select
 import signal
-import sys
 import time
 from typing import Any
 
@@ -39,33 +39,14 @@ from .datasets import DATASETS_ENV, select_datasets
 from .errors import JailStartError, JailStartTimeout, PolicyError, ProfileDisabled
 from .policy import load_policy
 from .rundir import sweep_stale
+from .wardens import SpawnerClient
 
 __all__ = ["CellblockProvisioner"]
 
 
-def _read_status(fd: int, timeout: float) -> dict[str, Any] | None:
-    """Read the warden's one-line status from ``fd``; None on timeout or EOF."""
-    deadline = time.monotonic() + timeout
-    buf = b""
-    try:
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buf += chunk
-    finally:
-        os.close(fd)
-    try:
-        line = buf.split(b"\n", 1)[0]
-        return json.loads(line) if line else None
-    except ValueError:
-        return None
+def _jsonable(info: Any) -> dict[str, Any]:
+    """The connection info as JSON types (jupyter_client keeps the key as bytes)."""
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in dict(info).items()}
 
 
 class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -99,7 +80,7 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
             )
         # CELLBLOCK_DATASETS from the kernel's env (jupyter_client and Jupyter Server pass
         # `env`): refused here, before anything starts, if the profile does not allow it.
-        # The warden gets the selection on its command line; the jail's env never has it.
+        # The warden gets the selection in its launch request; the jail's env never has it.
         launch_env = kwargs.get("env")  # jupyter_client's default is os.environ
         launch_env = os.environ if launch_env is None else launch_env
         granted = select_datasets(policy, self.profile, launch_env.get(DATASETS_ENV))
@@ -114,41 +95,31 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         connection_file = km.connection_file if km is not None else ""
         if not connection_file:
             raise PolicyError("cellblock needs a KernelManager with a connection file")
-        kwargs["cmd"] = [
-            sys.executable, "-m", "cellblock.warden",
-            "--kernel-id", str(self.kernel_id),
-            "--profile", self.profile,
-            "--connection-file", connection_file,
-            "--parent-pid", str(os.getpid()),
-            "--datasets", ",".join(granted),
-        ]
+        self._granted = granted
+        # What a tool that ignores provisioners would run: not a kernel (kernelspec argv).
+        kwargs["cmd"] = ["cellblock-warden", "--kernel-id", str(self.kernel_id),
+                         "--profile", self.profile]
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
-        """Called by KernelManager after pre_launch. Starts the warden and waits until it
-        reports ready; raises JailStartError with the warden's reason otherwise."""
-        rfd, wfd = os.pipe()
-        try:
-            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), wfd)
-            connection_info = await super().launch_kernel([*cmd, "--status-fd", str(wfd)],
-                                                          **kwargs)
-        except BaseException:
-            os.close(rfd)
-            raise
-        finally:
-            os.close(wfd)
-        status = await asyncio.get_running_loop().run_in_executor(
-            None, _read_status, rfd, self._startup_timeout
-        )
-        if status is None or not status.get("ok"):
-            exited = self.process.poll() if self.process is not None else None
-            await self._stop_warden()
-            if status is None and exited is not None:
+        """Called by KernelManager after pre_launch. Asks the spawner for a warden and waits
+        until it reports ready; raises JailStartError with the warden's reason otherwise."""
+        env = kwargs.get("env")
+        request = {
+            "op": "launch", "kernel_id": str(self.kernel_id), "profile": self.profile,
+            "client_conn": _jsonable(self.connection_info),
+            "datasets": ",".join(self._granted),
+            "env": dict(os.environ if env is None else env),
+        }
+        process, status = await SpawnerClient.instance().launch(request,
+                                                                self._startup_timeout)
+        if process is None:
+            if "exit" in status:
                 raise JailStartError(
                     f"cellblock kernel {self.kernel_id} (profile {self.profile!r}): the warden "
-                    f"exited with status {exited} before reporting; see its log above"
+                    f"exited with status {status['exit']} before reporting; see its log above"
                 )
-            if status is None:
+            if not status.get("error"):
                 raise JailStartTimeout(
                     f"cellblock kernel {self.kernel_id} (profile {self.profile!r}) did not "
                     f"report ready within {self._startup_timeout:.0f} s"
@@ -157,7 +128,11 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
                 f"cellblock kernel {self.kernel_id} (profile {self.profile!r}) failed to "
                 f"start: {status.get('error')}"
             )
-        return connection_info  # type: ignore[no-any-return]
+        self.process = process
+        self.pid = process.pid
+        self.pgid = None  # never signal a group: the warden has its own session
+        self.cwd = kwargs.get("cwd", os.getcwd())
+        return self.connection_info  # type: ignore[no-any-return]
 
     async def send_signal(self, signum: int) -> None:
         """Signal the warden only. SIGINT is refused: interrupts are messages, and a

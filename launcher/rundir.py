@@ -1,8 +1,11 @@
 """Per-kernel run directories on the host, and the sweep that removes leftovers.
 
-Layout of one kernel's run dir (``<runtime base>/<kernel id>/``)::
+Layout of one kernel's run dir (``<runtime base>/<slot>/``; the slot is the kernel id,
+or ``pool-<hex>`` for a kernel started ahead of time for the warm pool, whose kernel id is
+only known when a client adopts it: ``warden.json`` always names the current kernel id)::
 
-    warden.json   who owns this kernel: warden pid, profile, ports, cgroup, jail uid
+    warden.json   who owns this kernel: kernel id, warden pid and start time, profile,
+                  ports, cgroup, jail uid
     ipc/          bound read-write at /run/cellblock in the jail; owned by the jail
                   uid, mode 0700; holds the inner connection file and the kernel's
                   ZMQ ipc sockets
@@ -37,6 +40,7 @@ __all__ = [
     "RunDir",
     "WardenRecord",
     "is_warden_alive",
+    "process_start",
     "runtime_base",
     "sweep_stale",
 ]
@@ -84,7 +88,13 @@ class WardenRecord:
     started: float
     client_ports: dict[str, int]
     nsjail_pid: int | None = None
-    state: str = "starting"  #: starting, idle, busy, restarting, stopping (`cellblock ps`)
+    state: str = "starting"  #: pooled, starting, idle, busy, restarting, stopping (`cellblock ps`)
+    slot: str = ""  #: the run dir's and cgroup's name (the kernel id unless it was pooled)
+    warden_start: int = 0  #: the warden's start time (/proc/<pid>/stat field 22), against pid reuse
+
+    @property
+    def cgroup_name(self) -> str:
+        return self.slot or self.kernel_id
 
 
 class RunDir:
@@ -167,13 +177,22 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def is_warden_alive(record: WardenRecord) -> bool:
-    """True when the warden pid is alive and is still that kernel's warden."""
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot, or None if it is gone.
+
+    A pid and its start time name one process for good: a recycled pid has another."""
     try:
-        cmdline = Path(f"/proc/{record.warden_pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return False
-    return b"cellblock.warden" in cmdline and record.kernel_id.encode() in cmdline
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+
+
+def is_warden_alive(record: WardenRecord) -> bool:
+    """True when the warden pid is alive and is still that kernel's warden (same start
+    time: wardens are forked by the spawner, so their command lines do not tell them apart)."""
+    return record.warden_start != 0 and process_start(record.warden_pid) == record.warden_start
 
 
 def sweep_stale(base: Path | None = None) -> list[str]:
@@ -207,7 +226,7 @@ def sweep_stale(base: Path | None = None) -> list[str]:
             continue
         if record.cgroup_version:
             KernelCgroup.for_kernel(
-                record.cgroup_version, record.cgroup_parent, record.kernel_id
+                record.cgroup_version, record.cgroup_parent, record.cgroup_name
             ).remove()
         run.remove()
         removed.append(record.kernel_id)

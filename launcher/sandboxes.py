@@ -1,8 +1,8 @@
 """The running sandboxes of this host, as `cellblock ps` and `cellblock kill` see them.
 
 Who calls this: the CLI only. A sandbox is a run dir whose ``warden.json`` names a warden
-that is still alive (:func:`cellblock.rundir.is_warden_alive` checks its command line, so a
-recycled pid is never mistaken for one). Stopping one is a signal to its warden, never to
+that is still alive (:func:`cellblock.rundir.is_warden_alive` checks its pid and start time,
+so a recycled pid is never mistaken for one). Stopping one is a signal to its warden, never to
 nsjail: ``SIGUSR1`` means "stopped by operator". The warden then stops the jail, tells the
 client why on iopub ("cellblock: kernel stopped by operator"), writes ``kernel.exit`` to the
 audit log and removes everything, as on any other way out. An optional one-line reason is
@@ -67,7 +67,7 @@ def _memory(record: WardenRecord) -> int | None:
     from .cgroups import KernelCgroup
 
     return KernelCgroup.for_kernel(record.cgroup_version, record.cgroup_parent,
-                                   record.kernel_id).memory_current()
+                                   record.cgroup_name).memory_current()
 
 
 def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:

@@ -1,14 +1,15 @@
 """The warden: one host process per kernel that owns the jail.
 
-Started by :class:`cellblock.provisioner.CellblockProvisioner` as
-``python -m cellblock.warden ...``. It
+Forked by the spawner (:mod:`cellblock.spawner`) for each launch the provisioner asks for
+(:func:`run_forked`). It
 
-1. dies with its parent (``PR_SET_PDEATHSIG``), so a killed client leaves nothing;
+1. dies with the client: it watches the client process through a pidfd (inherited from
+   the spawner), so a killed client leaves nothing, even if the spawner died first;
 2. makes the run dir, a fresh kernel HMAC key and the inner connection file;
 3. makes the kernel's cgroup and starts nsjail inside it;
 4. runs the gate between the client's connection (tcp, client key) and the
    kernel's (ipc, kernel key);
-5. reports ``ready`` (or the error, in words) on a status pipe to the provisioner;
+5. reports ``ready`` (or the error, in words) on the launch's socket to the provisioner;
 6. watches nsjail; when the jail ends it tells the client why on iopub
    ("cellblock: kernel stopped, memory limit 1 GiB exceeded");
 7. runs the profile's budgets (:mod:`cellblock.budgets`) from what the gate's observer
@@ -16,13 +17,18 @@ Started by :class:`cellblock.provisioner.CellblockProvisioner` as
    restarts it in place (same run dir, same client sockets, a fresh kernel key), stops the
    kernel past its lifetime, idle or output budget; SIGUSR1 (``cellblock kill``) stops it
    "by operator"; every execution, interrupt, restart and exit is an audit event;
-8. on every way out (shutdown, SIGTERM from the client, crash, its parent's
-   death) removes the processes, the cgroup and the run dir.
+8. on every way out (shutdown, SIGTERM from the client, crash, the client's death)
+   removes the processes, the cgroup and the run dir.
+
+A warden for the warm pool does 2 and 3 ahead of time, under a ``pool-<hex>`` slot name,
+then waits: for a launch to adopt it (:meth:`Warden.adopt`: the kernel id, the client's
+connection and key, the grants; then 4 and 5), for its jail to end, or to be retired.
+Until it is adopted its audit events are held in memory and written to the kernel's log
+at adoption.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -34,22 +40,31 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditLog, audit_dir
 from .broker import DatasetSetup, setup_datasets
 from .budgets import BudgetClock, Execution, Interrupt, Kill, Stop, seconds
 from .cgroups import KernelCgroup, detect
+from .datasets import parse_selection, select_datasets
 from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
 from .policy import Profile, load_policy
-from .rundir import STOP_REASON_FILE, RunDir, WardenRecord, jail_ids, runtime_base, sweep_stale
+from .rundir import (
+    STOP_REASON_FILE,
+    RunDir,
+    WardenRecord,
+    jail_ids,
+    process_start,
+    runtime_base,
+    sweep_stale,
+)
+from .spawner import recv_fds
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -63,19 +78,14 @@ STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
 OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
 
 
-_LIBC: list[ctypes.CDLL] = []
+# Loaded at import (in the spawner, before any fork): the call between fork and exec of
+# nsjail must never run the dynamic loader, since the gate's threads run by then.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def set_pdeathsig(sig: int) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent thread dies.
-
-    libc is loaded once, in the warden itself (its own ``main`` calls this first), so the
-    call between fork and exec of nsjail never runs the dynamic loader: a restart in place
-    forks while the gate's threads run."""
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    libc = _LIBC[0]
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
+    if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
@@ -87,15 +97,38 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+class HeldAudit:
+    """The audit sink of a pooled warden, until a launch adopts it and names the kernel:
+    events are kept (at most ``limit``) and written to the kernel's log at adoption."""
+
+    def __init__(self, limit: int = 200) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.limit = limit
+
+    def write(self, event: str, *, session: str | None = None,
+              parent_msg_id: str | None = None, **fields: Any) -> None:
+        if len(self.events) < self.limit:
+            self.events.append((event, {"session": session, "parent_msg_id": parent_msg_id,
+                                        **fields}))
+
+    def close(self) -> None:
+        self.events.clear()
+
+
 class Warden:
     """Owns one kernel's jail for its whole life. Not reusable across restarts:
     jupyter_client restarts a kernel by starting a new warden on the same ports. The one
     restart a warden does itself is in place, when a cell outlives its grace
-    (:meth:`_restart_in_place`): same run dir, cgroup, gate and client sockets."""
+    (:meth:`_restart_in_place`): same run dir, cgroup, gate and client sockets.
 
-    def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any],
-                 datasets: str | None = None) -> None:
+    A cold launch calls :meth:`start`; the warm pool calls :meth:`start_pooled` and later
+    :meth:`adopt`. ``kernel_id`` is the slot name (run dir, cgroup) and, for a cold launch,
+    the kernel id too."""
+
+    def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any] | None,
+                 datasets: str | None = None, *, pooled: bool = False) -> None:
         self.kernel_id = kernel_id
+        self.slot = kernel_id
         self.profile_name = profile_name
         self.client_conn = client_conn
         self.policy = load_policy()
@@ -109,10 +142,12 @@ class Warden:
         self.drops: dict[str, int] = {}
         self._stop_reason: str | None = None
         self._closed = False
-        self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
+        self.pooled = pooled
+        self.audit: AuditLog | HeldAudit = (
+            HeldAudit() if pooled else AuditLog(audit_dir(self.policy.audit.dir), kernel_id))
         self.requested_datasets = datasets  # None: the profile's default_datasets
         self.datasets: DatasetSetup | None = None
-        self.telemetry = Telemetry.from_env(kernel_id, profile_name)
+        self.telemetry = None if pooled else Telemetry.from_env(kernel_id, profile_name)
         self.clock: BudgetClock | None = None  # made when the kernel is ready
         self._lock = threading.Lock()  # around self.clock: the gate thread feeds it
         self._wake_r, self._wake_w = os.pipe()
@@ -124,18 +159,65 @@ class Warden:
         self._argv: list[str] = []
         self._inner: dict[str, Any] = {}
         self._ids = (0, 0)
+        self._started = time.monotonic()
+        self.client_pidfd = -1  # the client process; readable once it is gone
 
     # -- start ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Set up everything and start the jail and the gate. Raises CellblockError."""
+        """Cold launch: set up everything, start the jail and the gate, return when the
+        kernel is up. Raises CellblockError."""
+        self._prepare_jail()
+        assert self.client_conn is not None
+        self._start_gate(self._kernel_conn())  # builds the output rules while the kernel boots
+        self._wait_for_kernel_sockets()
+        self._ready()
+
+    def start_pooled(self) -> None:
+        """Warm pool: start the jail and wait for the kernel's sockets; no client yet."""
+        self._prepare_jail()
+        self._wait_for_kernel_sockets()
+        self._set_state("pooled")
+
+    def adopt(self, kernel_id: str, client_conn: dict[str, Any], datasets: str | None) -> None:
+        """A launch takes this pooled kernel: from now on it is ``kernel_id``, it speaks to
+        the client with the client's key, and it has the launch's file datasets (a launch
+        with directory datasets is never sent here). Raises CellblockError."""
+        assert self.pooled and self.record is not None and self.datasets is not None
+        held = self.audit
+        self.kernel_id = kernel_id
+        self.client_conn = client_conn
+        self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
+        self.telemetry = Telemetry.from_env(kernel_id, self.profile_name)
+        if isinstance(held, HeldAudit):
+            for event, fields in held.events:
+                self._record(event, **fields)
+        self._record("kernel.adopt", pool_slot=self.slot,
+                     pooled_seconds=round(time.monotonic() - self._started, 6))
+        self.record.kernel_id = kernel_id
+        self.record.client_ports = {k: int(v) for k, v in client_conn.items()
+                                    if k.endswith("_port")}
+        self.run.write_record(self.record)
+        granted = select_datasets(self.policy, self.profile_name, datasets) \
+            if datasets is None or parse_selection(datasets) else ()
+        for name in granted:
+            self.datasets.broker.grant(name)
+        if granted:
+            self._audit_write("broker.grant", granted=list(granted), origin="launch")
+        self._started = time.monotonic()
+        self._start_gate(self._kernel_conn())
+        self._ready()
+
+    def _kernel_conn(self) -> dict[str, Any]:
+        return {**self._inner, "ip": str(self.run.ipc / "k")}
+
+    def _prepare_jail(self) -> None:
         profile = self.profile
         if not profile.enabled:
             raise ProfileDisabled(
                 f"profile {self.profile_name!r} is disabled by the operator (enabled = false "
                 f"in [profiles.{self.profile_name}]); no new kernel starts on it"
             )
-        started = time.monotonic()
         cg_version = None
         if profile.cgroups == "required":
             found = detect()
@@ -155,14 +237,17 @@ class Warden:
         layout = self.run.create(uid, gid)
         self.datasets = setup_datasets(
             run_path=self.run.path, policy=self.policy, profile_name=self.profile_name,
-            requested=self.requested_datasets, jail_uid=uid, audit=self.audit.write,
+            requested="" if self.pooled else self.requested_datasets, jail_uid=uid,
+            audit=self._audit_write,
         )
         layout = dataclasses.replace(layout, broker_dir=self.datasets.broker.socket_dir)
         record = WardenRecord(
             kernel_id=self.kernel_id, profile=self.profile_name, warden_pid=os.getpid(),
             jail_uid=uid, cgroup_version=cg_version,
             cgroup_parent=self.policy.host.cgroup_parent, started=time.time(),
-            client_ports={k: int(v) for k, v in self.client_conn.items() if k.endswith("_port")},
+            client_ports={k: int(v) for k, v in (self.client_conn or {}).items()
+                          if k.endswith("_port")},
+            slot=self.slot, warden_start=process_start(os.getpid()) or 0,
         )
         self.run.write_record(record)
         self.record = record
@@ -176,7 +261,7 @@ class Warden:
         self._inner = inner
         if cg_version is not None:
             self.cgroup = KernelCgroup.create(
-                cg_version, self.policy.host.cgroup_parent, self.kernel_id, profile.limits
+                cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits
             )
         argv = nsjail_argv(
             nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts,
@@ -186,7 +271,7 @@ class Warden:
             "kernel.start", profile=self.profile_name, policy_sha256=self.policy.digest(),
             nsjail_argv_sha256=hashlib.sha256("\0".join(argv).encode()).hexdigest(),
             jail_uid=uid, cgroup=cg_version, warden_pid=os.getpid(),
-            budgets=profile.budgets.model_dump(mode="json"),
+            budgets=profile.budgets.model_dump(mode="json"), pooled=self.pooled,
         )
         self._argv = argv
         self._spawn(argv)
@@ -194,12 +279,17 @@ class Warden:
         self.datasets.broker.start()
         record.nsjail_pid = self.proc.pid if self.proc else None
         self.run.write_record(record)
-        self._start_gate({**inner, "ip": str(self.run.ipc / "k")})
-        self._wait_for_kernel_sockets()
+
+    def _ready(self) -> None:
         with self._lock:
-            self.clock = BudgetClock(profile.budgets, time.monotonic(), profile.audit_code_text)
+            self.clock = BudgetClock(self.profile.budgets, time.monotonic(),
+                                     self.profile.audit_code_text)
         self._set_state("idle")
-        self._record("kernel.ready", startup_seconds=round(time.monotonic() - started, 6))
+        self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
+
+    def _audit_write(self, event: str, **fields: Any) -> Any:
+        """The broker's audit sink: whatever log the warden has now (held while pooled)."""
+        return self.audit.write(event, **fields)
 
     def _spawn(self, argv: list[str]) -> None:
         cgroup = self.cgroup
@@ -295,13 +385,7 @@ class Warden:
         """Block until the jail ends, a stop signal arrives or a budget stops the kernel;
         return the exit status. Budgets act here, on the warden's main thread."""
         assert self.proc is not None
-        rfd, wfd = os.pipe()
-        os.set_blocking(rfd, False)
-        os.set_blocking(wfd, False)
-        signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        stop = self._watch(rfd)
+        stop = self._watch(self._signal_fd())
         if self._stop_reason == "SIGUSR1":  # cellblock kill
             text = self.run.read_text(STOP_REASON_FILE, 200)
             stop = Stop("stopped by operator" + (f": {text}" if text else ""), "operator")
@@ -333,6 +417,57 @@ class Warden:
                 self.gate.announce("CellblockKernelStopped", f"cellblock: kernel stopped, {reason}")
         return 0 if reason is None else 1
 
+    def _signal_fd(self) -> int:
+        """Catch the stop signals (once); return the fd that becomes readable on one."""
+        if getattr(self, "_sigfd", None) is None:
+            rfd, wfd = os.pipe()
+            os.set_blocking(rfd, False)
+            os.set_blocking(wfd, False)
+            signal.set_wakeup_fd(wfd)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
+            self._sigfd = rfd
+        return self._sigfd
+
+    def _client_gone(self, ready: list[int]) -> bool:
+        if self.client_pidfd >= 0 and self.client_pidfd in ready:
+            self._stop_reason = "client exited"
+            return True
+        return False
+
+    def wait_for_adoption(self, pool: int) -> tuple[dict[str, Any], int] | None:
+        """Pooled: block until the spawner hands over a launch (its request and socket),
+        or return None when this kernel should go (its jail ended, a stop signal, the
+        client or the spawner is gone)."""
+        assert self.proc is not None
+        sigfd = self._signal_fd()
+        pidfd = os.pidfd_open(self.proc.pid)
+        sock = socket.socket(fileno=os.dup(pool))
+        try:
+            buf = bytearray()
+            fds: list[int] = []
+            watched = [pidfd, sigfd, pool] + ([self.client_pidfd] if self.client_pidfd >= 0
+                                               else [])
+            while self._stop_reason is None:
+                ready, _, _ = select.select(watched, [], [])
+                if self._client_gone(ready) or pidfd in ready:
+                    return None
+                if sigfd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(sigfd, 4096)
+                    continue
+                data, got = recv_fds(sock, 1 << 20, 2)
+                fds += got
+                if not data:
+                    return None  # the spawner is gone: nobody can adopt this kernel now
+                buf += data
+                if b"\n" in buf and fds:
+                    return json.loads(bytes(buf).partition(b"\n")[0]), fds[0]
+            return None
+        finally:
+            sock.close()
+            os.close(pidfd)
+
     def _watch(self, sigfd: int) -> Stop | None:
         """Run the budgets until a stop signal, a Stop, or the jail's own end (None).
         A cell past its grace has its jail killed and restarted in place here."""
@@ -362,7 +497,12 @@ class Warden:
                     continue
                 self._set_state("busy" if busy else "idle")
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready, _, _ = select.select([pidfd, sigfd, self._wake_r], [], [], timeout)
+                watched = [pidfd, sigfd, self._wake_r]
+                if self.client_pidfd >= 0:
+                    watched.append(self.client_pidfd)
+                ready, _, _ = select.select(watched, [], [], timeout)
+                if self._client_gone(ready):
+                    break
                 for fd in (sigfd, self._wake_r):
                     if fd in ready:
                         with contextlib.suppress(BlockingIOError):
@@ -587,53 +727,66 @@ def zmq_error() -> type[Exception]:
 
 
 def _report(fd: int | None, payload: dict[str, Any]) -> None:
+    """One status line to the provisioner. The socket stays open: the provisioner learns
+    that the warden ended from the spawner's exit line, or from EOF."""
     if fd is None:
         return
     with contextlib.suppress(OSError):
         os.write(fd, (json.dumps(payload) + "\n").encode())
-        os.close(fd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cellblock.warden``: run by the provisioner, not by people."""
-    parser = argparse.ArgumentParser(prog="cellblock.warden")
-    parser.add_argument("--kernel-id", required=True)
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--connection-file", required=True, type=Path)
-    parser.add_argument("--parent-pid", required=True, type=int)
-    parser.add_argument("--status-fd", type=int, default=None)
-    parser.add_argument("--datasets", default=None,
-                        help="comma-separated datasets granted at launch (default: the "
-                        "profile's default_datasets)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="[cellblock warden %(asctime)s] %(message)s")
+def _start_error(exc: Exception) -> str:
+    message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, zmq_error()) and "Address already in use" in str(exc):
+        message += (" (a client-facing port was taken between jupyter_client choosing it "
+                    "and the gate binding it; start the kernel again)")
+    return message
 
-    set_pdeathsig(signal.SIGTERM)
-    if os.getppid() != args.parent_pid:  # the parent died before prctl took effect
-        return 1
+
+def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool) -> int:
+    """The warden's life, in a process the spawner forked (:mod:`cellblock.spawner`).
+
+    ``req`` is the launch request (kernel id, profile, the client's connection info, the
+    datasets); ``channel`` is the launch's socket (a cold launch), or the socket to the
+    spawner on which a pooled warden says it is ready and waits to be adopted. Returns the
+    exit status."""
+    from .spawner import set_title
+
+    handler = logging.getLogger().handlers[:1]
+    for h in handler:
+        h.setFormatter(logging.Formatter("[cellblock warden %(asctime)s] %(message)s"))
+    set_title(f"cellblock-warden {req['kernel_id']}".encode())
     warden: Warden | None = None
+    status: int | None = None if pooled else channel
     try:
-        client_conn = json.loads(args.connection_file.read_text())
-        warden = Warden(args.kernel_id, args.profile, client_conn, datasets=args.datasets)
-        warden.start()
+        warden = Warden(str(req["kernel_id"]), str(req["profile"]), req.get("client_conn"),
+                        datasets=req.get("datasets"), pooled=pooled)
+        warden.client_pidfd = client_pidfd
+        if not pooled:
+            warden.start()
+        else:
+            warden.start_pooled()
+            _report(channel, {"ok": True, "pid": os.getpid()})
+            handed = warden.wait_for_adoption(channel)
+            if handed is None:
+                return 0
+            req, status = handed
+            set_title(f"cellblock-warden {req['kernel_id']}".encode())
+            warden.adopt(str(req["kernel_id"]), req["client_conn"], req.get("datasets"))
     except Exception as exc:  # every failure is reported and cleaned up
-        message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, zmq_error()) and "Address already in use" in str(exc):
-            message += (" (a client-facing port was taken between jupyter_client choosing it "
-                        "and the gate binding it; start the kernel again)")
+        message = _start_error(exc)
         if warden is not None:
             with contextlib.suppress(Exception):
                 warden.audit.write("kernel.start_failed", error=message)
-            warden.close()
-        _report(args.status_fd, {"ok": False, "error": message, "type": type(exc).__name__})
-        log.error("kernel %s failed to start: %s", args.kernel_id, message)
+        _report(status if status is not None else channel,
+                {"ok": False, "error": message, "type": type(exc).__name__})
+        log.error("kernel %s failed to start: %s", req.get("kernel_id"), message)
         return 2
-    _report(args.status_fd, {"ok": True, "pid": os.getpid()})
+    finally:
+        if warden is not None and (warden.clock is None):
+            warden.close()  # failed, or pooled and never adopted
+    _report(status, {"ok": True, "pid": os.getpid()})
     try:
         return warden.wait()
     finally:
         warden.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

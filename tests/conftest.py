@@ -79,20 +79,36 @@ enabled = false
 """
 
 
+def _proc(pid: str, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 def jail_processes(marker: str = "") -> list[str]:
-    """Host processes that belong to cellblock kernels (optionally one kernel)."""
+    """Host processes that belong to cellblock kernels of this test session (``marker``
+    is in its runtime dir): wardens (forked by the spawner, titled ``cellblock-warden``,
+    with the session's environment), nsjail, and the kernels whose nsjail is ours or gone."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+        cmd = _proc(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+        if not cmd or "pytest" in cmd:
             continue
-        if "pytest" in cmd:
+        if cmd.startswith("cellblock-warden"):
+            ours = marker.encode() in _proc(pid, "environ")
+        elif "nsjail --config" in cmd:
+            ours = marker in cmd
+        elif "-m cellblock_kernel" in cmd:
+            stat = _proc(pid, "stat")
+            ppid = stat[stat.rfind(b")") + 2:].split()[1].decode() if stat else "1"
+            parent = _proc(ppid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
+            ours = ppid == "1" or "nsjail" not in parent or marker in parent
+        else:
             continue
-        ours = any(k in cmd for k in ("cellblock.warden", "nsjail --config")) and marker in cmd
-        if ours or "-m cellblock_kernel" in cmd:
+        if ours:
             out.append(f"{pid}: {cmd[:160]}")
     return out
 

@@ -486,15 +486,29 @@ def test_grant_and_revoke_through_the_control_socket(broker: Broker, audit: Audi
 
 
 def test_find_kernel_by_prefix(tmp_path: Path) -> None:
+    from cellblock.rundir import RunDir, WardenRecord
+
+    def make(slot: str, kernel_id: str, control: bool = True) -> None:
+        (tmp_path / slot).mkdir()
+        if control:
+            (tmp_path / slot / "control.sock").touch()
+        RunDir(tmp_path, slot).write_record(WardenRecord(
+            kernel_id=kernel_id, profile="agent", warden_pid=1, jail_uid=1,
+            cgroup_version=None, cgroup_parent="cellblock", started=0.0, client_ports={},
+            slot=slot))
+
     for kid in ("abc123", "abd456", "zzz"):
-        (tmp_path / kid).mkdir()
-        (tmp_path / kid / "control.sock").touch()
-    (tmp_path / "abx").mkdir()  # no control socket: not a running kernel
+        make(kid, kid)
+    make("pool-77aa", "qqq789")  # adopted from the warm pool: found by its kernel id
+    make("abx", "abx", control=False)  # no control socket: not a running kernel
+    (tmp_path / "abz").mkdir()  # no record: not a kernel
+    (tmp_path / "abz" / "control.sock").touch()
     assert find_kernel("abc", tmp_path) == tmp_path / "abc123"
     assert find_kernel("zzz", tmp_path) == tmp_path / "zzz"
+    assert find_kernel("qqq", tmp_path) == tmp_path / "pool-77aa"
     with pytest.raises(PolicyError, match="ambiguous: abc123, abd456"):
         find_kernel("ab", tmp_path)
-    for bad in ("abx", "nope", "", "../x"):
+    for bad in ("abx", "abz", "pool-77aa", "nope", "", "../x"):
         with pytest.raises(PolicyError):
             find_kernel(bad, tmp_path)
 

@@ -1,0 +1,255 @@
+"""The client side of the spawner: start it once per process, ask it for wardens, and hold
+each warden as a ``Popen``-like handle.
+
+Who calls this: :class:`cellblock.provisioner.CellblockProvisioner` (``launch_kernel``) and
+:func:`cellblock.pool.warm`. One :class:`SpawnerClient` per client process (per pid: a
+forked client gets its own); it starts ``python -m cellblock.spawner`` on first use, and
+again if that process died. Kernels started by a spawner that died keep running: their
+wardens watch the client process, not the spawner.
+
+:class:`WardenProcess` is what jupyter_client sees as the kernel's process (the
+provisioner's ``process``): ``poll``, ``wait``, ``send_signal``, ``terminate``, ``kill``
+and ``pid``, like :class:`subprocess.Popen`. Signals go through a pidfd, so a recycled pid
+is never signalled. The exit status comes from the spawner (which reaps the warden), or,
+if the spawner is gone, is reported as -1 when the launch socket reaches EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .spawner import send_fds
+
+__all__ = ["SpawnerClient", "WardenProcess"]
+
+UNKNOWN_EXIT = -1  # the warden ended but no exit status was reported (the spawner is gone)
+
+
+class WardenProcess:
+    """A warden forked by the spawner, seen from the client (see the module docstring)."""
+
+    stdin = stdout = stderr = None  # what LocalProvisioner.wait() closes on a Popen
+
+    def __init__(self, sock: socket.socket, pid: int, pending: bytes = b"") -> None:
+        self._sock = sock
+        self.pid = pid
+        self.returncode: int | None = None
+        self._buf = bytearray(pending)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # already gone (and reaped): its exit line is on the socket
+            self._pidfd = -1
+
+    def _read(self, timeout: float | None) -> None:
+        """Read what the socket has (waiting up to ``timeout``); set ``returncode`` on an
+        exit line or EOF."""
+        if self.returncode is not None:
+            return
+        if b"\n" not in self._buf:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+            if not ready:
+                return
+            try:
+                chunk = self._sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._finish(UNKNOWN_EXIT)
+                return
+            self._buf += chunk
+        while b"\n" in self._buf:
+            line, _, rest = bytes(self._buf).partition(b"\n")
+            self._buf = bytearray(rest)
+            with contextlib.suppress(ValueError, AttributeError):
+                code = json.loads(line).get("exit")
+                if isinstance(code, int):
+                    self._finish(code)
+                    return
+
+    def _finish(self, code: int) -> None:
+        self.returncode = code
+        self._sock.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def poll(self) -> int | None:
+        self._read(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(["cellblock-warden", str(self.pid)],
+                                                timeout or 0)
+            self._read(left)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None and self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class SpawnerClient:
+    """This process's connection to its spawner. Thread-safe; use :meth:`instance`."""
+
+    _instances: dict[int, SpawnerClient] = {}
+    _class_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+
+    @classmethod
+    def instance(cls) -> SpawnerClient:
+        with cls._class_lock:
+            client = cls._instances.get(os.getpid())
+            if client is None:
+                client = cls._instances[os.getpid()] = cls()
+                atexit.register(client.close)
+            return client
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the spawner go (it stops when its control socket closes; pooled kernels are
+        retired). Kernels still running stop on their own when this process exits.
+        Idempotent; called at exit."""
+        with self._lock:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _ensure(self) -> socket.socket:
+        """The control socket of a running spawner (started, or restarted, here)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None and self._control:
+                return self._control
+            if self._control is not None:
+                self._control.close()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "cellblock.spawner", "--parent-pid",
+                     str(os.getpid()), "--control-fd", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else subprocess.DEVNULL,
+                    start_new_session=True, close_fds=True,
+                )
+            finally:
+                theirs.close()
+            self._control = ours
+            return ours
+
+    def request(self, req: dict[str, Any]) -> socket.socket:
+        """Send one request; return its socket (the spawner or the warden answers on it)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for attempt in (1, 2):
+                control = self._ensure()
+                try:
+                    send_fds(control, b"launch", [theirs.fileno()])
+                    break
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    with self._lock:  # the spawner died under us: start another
+                        if self._proc is not None:
+                            self._proc.kill()
+                            self._proc.wait()
+        finally:
+            theirs.close()
+        payload = json.dumps(req).encode() + b"\n"
+        if len(payload) > 65536:  # more than a socket buffer holds: do not block the caller
+            threading.Thread(target=_send_all, args=(mine, payload), daemon=True).start()
+        else:
+            mine.sendall(payload)
+        return mine
+
+    async def launch(self, req: dict[str, Any], timeout: float) -> tuple[WardenProcess | None,
+                                                                         dict[str, Any]]:
+        """Ask for a warden; wait for its first status line. Returns the handle (None if
+        the warden never reported) and the status (``{"ok": bool, ...}``)."""
+        sock = self.request(req)
+        status, rest = await asyncio.get_running_loop().run_in_executor(
+            None, _read_status, sock, timeout)
+        if status is None or not status.get("ok") or "pid" not in status:
+            if status is not None and "exit" in status:  # it died before reporting
+                status = {"ok": False, "exit": status["exit"]}
+            sock.close()
+            return None, status or {"ok": False}
+        return WardenProcess(sock, int(status["pid"]), rest), status
+
+    def pool(self, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Ask about (and fill) a warm pool: ``{"ok", "size", "ready", "starting", ...}``."""
+        sock = self.request({**req, "op": "pool"})
+        try:
+            return _read_status(sock, timeout)[0] or {"ok": False, "error": "no answer"}
+        finally:
+            sock.close()
+
+
+def _has_fd(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+def _send_all(sock: socket.socket, payload: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(payload)
+
+
+def _read_status(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | None, bytes]:
+    """The first JSON line on ``sock`` within ``timeout`` (None on timeout, EOF or bad
+    JSON), and whatever was read after it."""
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None, b""
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            return None, b""
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, b""
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    try:
+        status = json.loads(line)
+    except ValueError:
+        return None, b""
+    return (status if isinstance(status, dict) else None), rest
