@@ -1,0 +1,160 @@
+"""An analyst in JupyterLab, end to end, in a real browser.
+
+Starts `jupyter lab` on 127.0.0.1 (token, a free port, the test session's kernelspecs) and
+drives Debian's chromium (/usr/bin/chromium, installed by .ci/install) with Playwright,
+which cannot download a browser of its own here. One session walks what a person does:
+the cellblock kernels are in the launcher; a notebook opens on `cellblock-analyst`; a cell
+runs and shows its output; a planted secret shows redacted in the rendered output; a
+running cell is stopped with the toolbar's interrupt button and the kernel keeps its state;
+the toolbar's restart (dialog accepted) gives a fresh kernel whose old variables are gone.
+Screenshots of each step go to test-artifacts/jupyterlab/.
+
+Chromium runs with --no-sandbox: its own sandbox needs user namespaces or a setuid helper,
+and the page it shows is our own JupyterLab on loopback. That also lets the test run
+unprivileged (marked ``nonroot``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO, free_port, jupyter_app
+
+pytestmark = [pytest.mark.jail, pytest.mark.nonroot]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # Without these chromium keeps calling home, and the closed network refuses each call.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = REPO / "test-artifacts" / "jupyterlab"
+TOKEN = uuid.uuid4().hex
+TIMEOUT_MS = 120_000  # kernels start on a busy 2-core machine; every wait is on a condition
+# No news or update checks: a popup over the notebook, and a request to the internet.
+NO_NEWS = {"fetchNews": "false", "checkForUpdates": False}
+
+
+@pytest.fixture
+def lab(tmp_path: Path, no_leftovers: None) -> Iterator[tuple[str, Path]]:
+    """A JupyterLab on 127.0.0.1 serving an empty directory; yields its base URL and log.
+    Requesting ``no_leftovers`` first makes its check run after JupyterLab stopped (which
+    shuts its kernels down)."""
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    settings = tmp_path / "settings"
+    notification = settings / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)
+    (notification / "notification.jupyterlab-settings").write_text(json.dumps(NO_NEWS))
+    port = free_port()
+    argv = [str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+            f"--LabApp.user_settings_dir={settings}",
+            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+            *(["--allow-root"] if os.geteuid() == 0 else [])]
+    with jupyter_app(argv, port, TOKEN, tmp_path, "jupyterlab"):
+        yield f"http://127.0.0.1:{port}", tmp_path / "jupyterlab.log"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/install)")
+def test_analyst_in_jupyterlab(lab: tuple[str, Path]) -> None:
+    from playwright.sync_api import Locator, Page, expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    expect.set_options(timeout=TIMEOUT_MS)
+    url, log = lab
+
+    def shot(page: Page, name: str) -> None:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    def run_cell(page: Page, code: str) -> Locator:
+        """Type ``code`` into the notebook's last cell, run it, return that cell (by index:
+        running the last cell adds a new one below, which `.last` would then mean)."""
+        cells = page.locator(".jp-Notebook .jp-CodeCell")
+        cell = cells.nth(cells.count() - 1)
+        cell.locator(".cm-content").click()
+        page.keyboard.insert_text(code)
+        page.locator('[data-command="notebook:run-cell-and-select-next"]').click()
+        return cell
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(f"{url}/lab?token={TOKEN}")
+
+            # The launcher shows a tile per cellblock profile.
+            notebooks = page.locator('.jp-LauncherCard[data-category="Notebook"]')
+            analyst = notebooks.filter(has_text="Python (cellblock: analyst)")
+            expect(analyst).to_have_count(1)
+            expect(notebooks.filter(has_text="Python (cellblock: agent)")).to_have_count(1)
+            shot(page, "01-launcher")
+
+            # A notebook on cellblock-analyst; wait until its kernel is idle.
+            analyst.click()
+            status = page.locator(".jp-Notebook-ExecutionIndicator")
+            expect(page.locator(".jp-KernelName")).to_have_text("Python (cellblock: analyst)")
+            expect(status).to_have_attribute("data-status", "idle")
+            shot(page, "02-notebook")
+
+            # A cell runs and its output shows.
+            cell = run_cell(page, 'x = 6 * 7\nprint("answer", x)')
+            expect(cell.locator(".jp-OutputArea-output")).to_have_text("answer 42")
+            shot(page, "03-output")
+
+            # A planted secret is redacted in what the browser renders. The source builds it
+            # from two halves, so the whole secret can only appear through the output.
+            secret = "AKIA" + "IOSFODNN7EXAMPLE"
+            cell = run_cell(page, 'print("key:", "AKIA" + "IOSFODNN7EXAMPLE")')
+            output = cell.locator(".jp-OutputArea-output")
+            expect(output).to_have_text("key: [REDACTED:aws-access-key-id]")
+            assert secret not in output.inner_text()
+            assert secret not in page.content()
+            shot(page, "04-redacted")
+
+            # The toolbar's interrupt stops a running cell; the kernel keeps its state.
+            # The cell says when it is in its sleep: interrupting earlier would test less.
+            cell = run_cell(page, 'import time\nprint("sleeping", flush=True)\ntime.sleep(600)')
+            expect(cell.locator(".jp-InputPrompt")).to_have_text("[*]:")
+            expect(cell.locator(".jp-OutputArea-output").first).to_have_text("sleeping")
+            expect(status).to_have_attribute("data-status", "busy")
+            shot(page, "05-running")
+            page.locator('[data-command="notebook:interrupt-kernel"]').click()
+            expect(cell.locator(".jp-OutputArea")).to_contain_text("KeyboardInterrupt")
+            expect(cell.locator(".jp-InputPrompt")).to_have_text("[3]:")
+            expect(status).to_have_attribute("data-status", "idle")
+            cell = run_cell(page, 'print("still here", x)')
+            expect(cell.locator(".jp-OutputArea-output")).to_have_text("still here 42")
+            shot(page, "06-interrupted")
+
+            # The toolbar's restart, dialog accepted: a fresh kernel without the old `x`.
+            page.locator('[data-command="notebook:restart-kernel"]').click()
+            dialog = page.locator(".jp-Dialog")
+            expect(dialog).to_contain_text("Restart")
+            shot(page, "07-restart-dialog")
+            accept = dialog.locator("button.jp-mod-accept")
+            expect(accept).to_have_text("Restart")
+            accept.click()
+            expect(dialog).to_have_count(0)
+            expect(status).to_have_attribute("data-status", "idle")
+            cell = run_cell(page, 'print("x" in globals(), "after restart")')
+            expect(cell.locator(".jp-OutputArea-output")).to_have_text("False after restart")
+            expect(cell.locator(".jp-InputPrompt")).to_have_text("[1]:")
+            shot(page, "08-restarted")
+        except Exception as e:
+            shot(page, "failure")
+            raise AssertionError(f"{e}\n--- {log.name} (end) ---\n{log.read_text()[-4000:]}"
+                                 ) from e
+        finally:
+            browser.close()
