@@ -10,6 +10,7 @@
     cellblock ps [--json]                                      running sandboxes
     cellblock audit [--kernel ID] [--event GLOB] [--since T] [--follow] [--json] [--schema]
     cellblock kill KERNEL... | --all | --profile NAME [--reason TEXT]   the kill switch
+    cellblock mcp [--profile NAME] [--datasets a,b]             an MCP server on stdio
 
 Exit status: 0 success, 1 a check or a notebook failed, 2 bad input (the message
 names the bad value and what is allowed).
@@ -177,6 +178,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.errors else 0
 
 
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from .mcp_server import main as serve_mcp
+
+    return serve_mcp(args.profile, args.datasets)
+
+
 def _cmd_grant(args: argparse.Namespace) -> int:
     from .broker import operator_request
 
@@ -322,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("--timeout", type=float, default=10.0,
                       help="seconds to wait for each warden to finish cleaning up")
     kill.set_defaults(func=_cmd_kill)
+
+    mcp = sub.add_parser("mcp", help="serve MCP on stdin/stdout: run_python, list_datasets "
+                         "and restart on one sandbox per session")
+    mcp.add_argument("--profile", default="agent")
+    mcp.add_argument("--datasets", default="", help="comma-separated datasets the profile "
+                     "allows (default: its default_datasets)")
+    mcp.set_defaults(func=_cmd_mcp)
     return p
 
 

@@ -123,6 +123,7 @@ class Sandbox:
         self._tail: AuditTail | None = None
         self._stopped: str | None = None
         self._lock: asyncio.Lock | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -183,10 +184,14 @@ class Sandbox:
         self._tail.take()  # start-up events are not any cell's
 
     async def close(self) -> None:
-        """Stop the kernel and release everything. Idempotent; safe after a failed start."""
+        """Stop the kernel and release everything. Idempotent; safe after a failed start.
+        Concurrent calls wait for the same release, and cancelling one does not stop it."""
         km, kc = self._km, self._kc
         self._km = self._kc = self._tail = None
-        await _release(km, kc)
+        if km is not None or kc is not None:
+            self._closing = asyncio.ensure_future(_release(km, kc))
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
 
     async def restart(self) -> None:
         """A fresh kernel (new jail, empty state, the same profile and datasets)."""
