@@ -1,0 +1,559 @@
+"""The containment notebooks (``notebooks/containment/``), run through nbclient on real
+jailed kernels, and the attacks that end a kernel, run from here.
+
+Every case cell of a containment notebook tries one attack from THREATS.md and prints
+``HELD <case>`` only if it failed exactly as expected (an errno, an exception, a
+signal); a cell whose outcome can only be seen outside the jail (what the gate let
+through, what reached a host listener) prints ``SENT <case>`` and a host check here
+decides. A case passes only if its cell printed its own token and nothing else, raised
+nothing, and its host check (if any) passed. The notebooks' case lists are pinned, so a
+deleted cell fails the inventory test.
+
+Host facts are checked on the host: listeners on the host's loopback (TCP, IPv6, UDP,
+abstract unix) that must see no connection, dataset files that must be unchanged, the
+run dir that must hold no core file, processes that must not outlive their kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import getpass
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import tomllib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+from nbformat import NotebookNode
+
+from conftest import BIN, REPO, TEST_POLICY
+
+pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
+
+NOTEBOOKS = REPO / "notebooks" / "containment"
+ROOT = os.geteuid() == 0
+TOKEN = re.compile(r"\b(HELD|SENT) ([A-Z][0-9]+[a-z]?)\b")
+CELL_TIMEOUT = 60
+GROUPS = {"N": "network", "F": "filesystem", "K": "process", "R": "resources",
+          "S": "persistence", "B": "broker"}
+
+# What each notebook must contain, in order: a deleted or renamed cell fails the
+# inventory test, and so does a new one until it is listed here.
+INVENTORY: dict[str, list[str]] = {
+    "network": ["N1", "N3", "N4", "N4b", "N5", "N8", "N8b", "N2", "N2b", "N2c", "N2d", "N9",
+                "N10", "N10b", "N6", "N6b", "N7", "N11", "N11b", "N12", "N13", "N14", "N14b",
+                "N16", "N16b"],
+    "filesystem": ["F1", "F1b", "F1c", "F2", "F3", "F4", "F6", "F7", "F19", "F5", "F8", "F9",
+                   "F9b", "F9c", "F9d", "F9e", "F15", "F20", "F21", "F22", "F23", "F24", "F25"],
+    "process": ["K1", "K2", "K4", "K5", "K6", "K17", "K3", "K7", "K8", "K9", "K10", "K11", "K12",
+                "K13", "K14", "K18", "K15", "K16", "K16b", "K19", "S6", "S7"],
+    "resources": ["R1", "R2", "R14", "R3", "R4", "R4b", "R5", "R5b", "R7", "R7b"],
+    "output": ["R8", "R9", "R10", "R18", "R19", "R20", "N16c"],
+    "datasets": ["F11", "F12", "F13", "F14", "F15b", "B9", "B10", "F16", "F17", "F18", "N15",
+                 "B11", "B12", "B13", "R17"],
+}
+GROUP_COUNTS = {"network": 27, "filesystem": 32, "process": 20, "persistence": 2,
+                "resources": 17, "broker": 5}
+
+
+# -- reading and running a notebook -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    notebook: str
+    index: int
+    case: str
+    verdict: str  # "kernel": HELD printed in the jail; "gate": SENT, decided on the host
+
+
+def load(name: str) -> NotebookNode:
+    return nbformat.read(str(NOTEBOOKS / f"{name}.ipynb"), as_version=4)
+
+
+def cases_of(name: str, nb: NotebookNode | None = None) -> list[Case]:
+    nb = load(name) if nb is None else nb
+    out = []
+    for i, cell in enumerate(nb.cells):
+        meta = cell.metadata.get("cellblock")
+        if cell.cell_type == "code" and meta:
+            out.append(Case(name, i, meta["case"], meta["verdict"]))
+    return out
+
+
+def inject(nb: NotebookNode, params: dict[str, Any]) -> NotebookNode:
+    """Papermill-style: a cell setting ``params`` right after the one tagged parameters."""
+    nb = copy.deepcopy(nb)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    cell["id"] = "injected-parameters"
+    nb.cells.insert(at + 1, cell)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs = []
+    return nb
+
+
+def output_text(cell: NotebookNode) -> str:
+    """Everything a cell showed, as text: streams, text MIME values and errors."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts += [v if isinstance(v, str) else json.dumps(v) for k, v in out.data.items()
+                      if k.startswith("text/") or k.endswith("json")]
+        elif out.output_type == "error":
+            parts.append(f"{out.ename}: {out.evalue}")
+    return "\n".join(parts)
+
+
+def errors(cell: NotebookNode) -> list[str]:
+    return [f"{o.ename}: {o.evalue}" for o in cell.get("outputs", []) if o.output_type == "error"]
+
+
+Hook = Callable[[AsyncKernelManager], Awaitable[None]]
+
+
+@dataclass
+class Run:
+    """An executed notebook and what the host saw while it ran."""
+
+    name: str
+    nb: NotebookNode
+    host: dict[str, Any] = field(default_factory=dict)
+
+    def cell(self, case: str) -> NotebookNode:
+        for cell in self.nb.cells:
+            if cell.metadata.get("cellblock", {}).get("case") == case:
+                return cell
+        raise KeyError(case)
+
+
+async def execute(nb: NotebookNode, km: AsyncKernelManager,
+                  hooks: dict[str, Hook] | None = None) -> NotebookNode:
+    """Run every code cell of ``nb`` on the started kernel ``km`` with nbclient, one by
+    one; ``hooks[case]`` runs on the host right before that case's cell."""
+    hooks = hooks or {}
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, allow_errors=True,
+                            startup_timeout=60)
+    async with client.async_setup_kernel():
+        try:
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                case = cell.metadata.get("cellblock", {}).get("case")
+                if case in hooks:
+                    await hooks[case](km)
+                await client.async_execute_cell(cell, index,
+                                                execution_count=client.code_cells_executed + 1)
+        finally:
+            assert client.kc is not None
+            client.kc.stop_channels()
+    return nb
+
+
+async def start_kernel(profile: str, env: dict[str, str] | None = None) -> AsyncKernelManager:
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel(**({"env": env} if env is not None else {}))
+    return km
+
+
+# -- the verdict of one case ------------------------------------------------------------
+
+def check_case(run: Run, case: str, host_check: Callable[[Run, NotebookNode], None] | None
+               ) -> None:
+    """The case's cell printed exactly its own token, raised nothing (a gate case: its
+    host check passed); a setup cell before it printed no token of its own."""
+    cell = run.cell(case)
+    verdict = cell.metadata["cellblock"]["verdict"]
+    text = output_text(cell)
+    tokens = TOKEN.findall(text)
+    want = ("HELD" if verdict == "kernel" else "SENT", case)
+    if verdict == "kernel" or host_check is None or not getattr(host_check, "errors_ok", False):
+        assert not errors(cell), f"{run.name} {case}: the cell raised: {errors(cell)}\n{text}"
+    assert tokens == [want], (
+        f"{run.name} {case}: expected exactly '{' '.join(want)}' in the cell's output, "
+        f"found {tokens}:\n{text[-3000:]}"
+    )
+    if verdict == "gate":
+        assert host_check is not None, f"{run.name} {case}: a gate case needs a host check"
+    if host_check is not None:
+        host_check(run, cell)
+
+
+def check_setup_cells(run: Run) -> None:
+    for i, cell in enumerate(run.nb.cells):
+        if cell.cell_type == "code" and not cell.metadata.get("cellblock"):
+            assert not errors(cell), f"{run.name}: setup cell {i} raised: {errors(cell)}"
+            assert not TOKEN.findall(output_text(cell)), f"{run.name}: setup cell {i}"
+
+
+_RUNS: dict[str, Run] = {}
+
+
+def run_once(name: str, runner: Callable[[], Awaitable[Run]]) -> Run:
+    """Each notebook runs once per test session; every case test reads the same run."""
+    if name not in _RUNS:
+        run = asyncio.run(runner())
+        check_setup_cells(run)
+        _RUNS[name] = run
+    return _RUNS[name]
+
+
+def case_params(name: str) -> list[Any]:
+    return [pytest.param(c.case, id=f"{name}-{c.case}") for c in cases_of(name)]
+
+
+# -- inventory ---------------------------------------------------------------------------
+
+def test_inventory_is_pinned() -> None:
+    """Every notebook holds exactly the cases listed, once each, in order; one markdown
+    heading per group names them; the counts per group are as pinned."""
+    found = {p.stem: [c.case for c in cases_of(p.stem)] for p in NOTEBOOKS.glob("*.ipynb")}
+    assert found == INVENTORY
+    counts: dict[str, int] = {}
+    for ids in found.values():
+        assert len(ids) == len(set(ids)), ids
+        for case in ids:
+            group = GROUPS[case[0]]
+            counts[group] = counts.get(group, 0) + 1
+    assert counts == GROUP_COUNTS
+    for name in found:
+        nb = load(name)
+        helpers = [c for c in nb.cells if "helpers" in c.metadata.get("tags", [])]
+        assert len(helpers) == 1, name
+        assert helpers[0].source == load("network").cells[1].source, f"{name}: helpers differ"
+        for c in cases_of(name, nb):
+            source = nb.cells[c.index].source
+            word = "held" if c.verdict == "kernel" else "sent"
+            assert f'{word}("{c.case}"' in source, f"{name} {c.case}: no {word}() call"
+            assert source.startswith(f"# {c.case}: "), f"{name} {c.case}: no heading comment"
+        headings = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        for c in cases_of(name, nb):
+            base = re.sub(r"[a-z]$", "", c.case)
+            assert re.search(rf"\b{base}\b", headings), f"{name}: no markdown cell names {base}"
+
+
+# -- network ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def host_listeners() -> Iterator[dict[str, Any]]:
+    """Real services on the host's loopback: TCP on 127.0.0.1 and ::1, UDP on 127.0.0.1,
+    and an abstract unix socket. Non-blocking, so a check can see whether anything came."""
+    tcp = socket.create_server(("127.0.0.1", 0))
+    tcp6 = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    abstract = f"cellblock-containment-{secrets.token_hex(6)}"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind("\0" + abstract)
+    unix.listen()
+    socks = [tcp, tcp6, udp, unix]
+    for s in socks:
+        s.setblocking(False)
+    try:
+        yield {"HOST_TCP_PORT": tcp.getsockname()[1], "HOST_TCP6_PORT": tcp6.getsockname()[1],
+               "HOST_UDP_PORT": udp.getsockname()[1], "HOST_ABSTRACT": abstract,
+               "_socks": socks}
+    finally:
+        for s in socks:
+            s.close()
+
+
+def arrivals(socks: list[socket.socket]) -> list[str]:
+    """What reached the host listeners (nothing, if the jail's network held)."""
+    seen = []
+    for s in socks:
+        try:
+            if s.type == socket.SOCK_DGRAM:
+                seen.append(f"datagram {s.recvfrom(512)!r}")
+            else:
+                seen.append(f"connection {s.accept()!r}")
+        except BlockingIOError:
+            pass
+    return seen
+
+
+async def run_network() -> Run:
+    with host_listeners() as params:
+        socks = params.pop("_socks")
+        km = await start_kernel("agent")
+        try:
+            info = km.get_connection_info()
+            params["GATE_PORTS"] = [info[k] for k in ("shell_port", "iopub_port",
+                                                      "stdin_port", "control_port", "hb_port")]
+            nb = await execute(inject(load("network"), params), km)
+        finally:
+            await km.shutdown_kernel(now=False)
+        return Run("network", nb, {"arrivals": arrivals(socks)})
+
+
+def no_remote_url(run: Run, cell: NotebookNode) -> None:
+    """N16: the client got the output, with every remote URL removed or the HTML withheld."""
+    text = output_text(cell)
+    assert "evil.tld" not in text, text
+    assert "#cellblock-remote-url-removed" in text or \
+        "[cellblock: withheld text/html (not allowed by the profile)]" in text, text
+
+
+def nothing_arrived(run: Run, cell: NotebookNode) -> None:
+    assert run.host["arrivals"] == [], run.host["arrivals"]
+
+
+NETWORK_HOST_CHECKS = {"N2": nothing_arrived, "N2b": nothing_arrived, "N2c": nothing_arrived,
+                       "N9": nothing_arrived, "N16": no_remote_url, "N16b": no_remote_url}
+
+
+@pytest.mark.parametrize("case", case_params("network"))
+def test_network(case: str) -> None:
+    check_case(run_once("network", run_network), case, NETWORK_HOST_CHECKS.get(case))
+
+
+# -- filesystem -------------------------------------------------------------------------
+
+async def run_filesystem() -> Run:
+    km = await start_kernel("agent")
+    try:
+        params = {"HOST_ROOT": ROOT, "HOST_USER": getpass.getuser()}
+        nb = await execute(inject(load("filesystem"), params), km)
+    finally:
+        await km.shutdown_kernel(now=False)
+    return Run("filesystem", nb)
+
+
+@pytest.mark.parametrize("case", case_params("filesystem"))
+def test_filesystem(case: str) -> None:
+    check_case(run_once("filesystem", run_filesystem), case, None)
+
+
+# -- processes and kernel interfaces ----------------------------------------------------
+
+def warden_pid(km: AsyncKernelManager) -> int:
+    provisioner = km.provisioner
+    assert provisioner is not None and provisioner.process is not None  # type: ignore[attr-defined]
+    return int(provisioner.process.pid)  # type: ignore[attr-defined]
+
+
+def core_files(run_dir: Path) -> list[str]:
+    return [str(p) for p in run_dir.rglob("core*")] if run_dir.is_dir() else []
+
+
+async def run_process() -> Run:
+    km = await start_kernel("agent")
+    run_dir = Path(os.environ["CELLBLOCK_RUNTIME_DIR"]) / str(km.kernel_id)
+    try:
+        params = {"HOST_PIDS": [os.getpid(), warden_pid(km)]}
+        nb = await execute(inject(load("process"), params), km)
+        alive = await km.is_alive()
+        cores = core_files(run_dir)
+    finally:
+        await km.shutdown_kernel(now=False)
+    return Run("process", nb, {"alive": alive, "cores": cores})
+
+
+def kernel_survived(run: Run, cell: NotebookNode) -> None:
+    """K17: the host processes the jail tried to signal, and the kernel, are fine."""
+    assert run.host["alive"]
+
+
+def no_core_on_host(run: Run, cell: NotebookNode) -> None:
+    """K19/S10: nothing named core* appeared in the kernel's run dir on the host."""
+    assert run.host["cores"] == [], run.host["cores"]
+
+
+PROCESS_HOST_CHECKS = {"K17": kernel_survived, "K19": no_core_on_host}
+
+
+@pytest.mark.parametrize("case", case_params("process"))
+def test_process(case: str) -> None:
+    check_case(run_once("process", run_process), case, PROCESS_HOST_CHECKS.get(case))
+
+
+# -- resources --------------------------------------------------------------------------
+
+def tiny_limits() -> dict[str, int]:
+    """The tiny profile's limits from conftest's TEST_POLICY, in bytes and counts."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+    def size(text: str) -> int:
+        number, unit = re.fullmatch(r"(\d+)(KiB|MiB|GiB)", text).groups()  # type: ignore[union-attr]
+        return int(number) * units[unit]
+
+    limits = tomllib.loads(TEST_POLICY)["profiles"]["tiny"]["limits"]
+    return {"MEMORY": size(limits["memory"]), "PIDS": limits["pids"],
+            "TMP_SIZE": size(limits["tmp_size"]), "HOME_SIZE": size(limits["home_size"]),
+            "OPEN_FILES": limits["open_files"]}
+
+
+async def run_resources() -> Run:
+    km = await start_kernel("tiny")
+    try:
+        nb = await execute(inject(load("resources"), tiny_limits()), km)
+        alive = await km.is_alive()
+    finally:
+        await km.shutdown_kernel(now=False)
+    return Run("resources", nb, {"alive": alive})
+
+
+@pytest.mark.parametrize("case", case_params("resources"))
+def test_resources(case: str) -> None:
+    run = run_once("resources", run_resources)
+    check_case(run, case, None)
+    assert run.host["alive"], "the kernel did not survive the resource notebook"
+
+
+# -- output floods ----------------------------------------------------------------------
+
+MARKER = re.compile(r"\[cellblock [0-9a-f]{6}: [0-9,]+ bytes(, [0-9,]+ lines)? of stdout "
+                    r"truncated\]")
+AGENT_STREAM = (16 + 4) * 1024  # the agent profile's stream_head + stream_tail
+
+
+def streams(cell: NotebookNode) -> str:
+    return "".join(o.text for o in cell.outputs if o.output_type == "stream")
+
+
+def bounded_with_marker(run: Run, cell: NotebookNode) -> None:
+    """R8, R9, R18, R19: the client got the head, one truncation marker and the tail."""
+    text = streams(cell)
+    assert len(text.encode()) < AGENT_STREAM + 1024, len(text)
+    assert len(MARKER.findall(text)) == 1, text[-2000:]
+
+
+def image_withheld(run: Run, cell: NotebookNode) -> None:
+    """R10: the 50 MB image was replaced by a note; nothing of it reached the client."""
+    assert all("image/png" not in o.get("data", {}) for o in cell.outputs)
+    assert "[cellblock: withheld image/png of 50,000,000 bytes (limit 524,288)]" \
+        in output_text(cell)
+
+
+def image_passed_opaque(run: Run, cell: NotebookNode) -> None:
+    """R20: the PNG bomb reached the client byte for byte: the gate did not decode it."""
+    import base64
+
+    images = [o.data["image/png"] for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    digest = hashlib.sha256(base64.b64decode(images[0])).hexdigest()
+    assert f"sha256 {digest}" in output_text(cell)
+
+
+def svg_withheld(run: Run, cell: NotebookNode) -> None:
+    """N16c: for the agent, SVG is not an allowed MIME type; no URL got through."""
+    assert "evil.tld" not in output_text(cell)
+    assert "[cellblock: withheld image/svg+xml (not allowed by the profile)]" in output_text(cell)
+
+
+OUTPUT_HOST_CHECKS = {"R8": bounded_with_marker, "R9": bounded_with_marker,
+                      "R10": image_withheld, "R18": bounded_with_marker,
+                      "R19": bounded_with_marker, "R20": image_passed_opaque,
+                      "N16c": svg_withheld}
+
+
+async def run_output() -> Run:
+    km = await start_kernel("agent")
+    try:
+        nb = await execute(inject(load("output"), {}), km)
+        alive = await km.is_alive()
+    finally:
+        await km.shutdown_kernel(now=False)
+    return Run("output", nb, {"alive": alive})
+
+
+@pytest.mark.parametrize("case", case_params("output"))
+def test_output(case: str) -> None:
+    run = run_once("output", run_output)
+    check_case(run, case, OUTPUT_HOST_CHECKS.get(case))
+    assert run.host["alive"], "the kernel did not survive the output notebook"
+
+
+# -- datasets and the broker ------------------------------------------------------------
+
+SALES = "day,amount\n1,10\n2,20\n"
+
+
+def make_datasets(top: Path) -> str:
+    """World-writable dataset files on the host, a symlink and a FIFO among them; returns
+    the policy text that names them (the test policy plus datasets for the agent)."""
+    d = top / "data"
+    (d / "weather").mkdir(parents=True)
+    (d / "sales.csv").write_text(SALES)
+    (d / "notes.txt").write_text("meeting notes\n")
+    (d / "weather" / "jan.csv").write_text("jan\n")
+    (d / "weather" / "shadow").symlink_to("/etc/shadow")
+    (d / "leak.csv").symlink_to("/etc/shadow")
+    os.mkfifo(d / "pipe.csv")
+    for p in [top, d, d / "weather"]:
+        os.chmod(p, 0o777 if p != top else 0o755)
+    for p in [d / "sales.csv", d / "notes.txt", d / "weather" / "jan.csv"]:
+        os.chmod(p, 0o666)
+    names = {"sales": "sales.csv", "weather": "weather", "notes": "notes.txt",
+             "leak": "leak.csv", "pipe": "pipe.csv"}
+    text = TEST_POLICY + "".join(f'\n[datasets.{n}]\npath = "{d / f}"\n' for n, f in names.items())
+    return text + f"\n[profiles.agent]\ndatasets = {json.dumps(list(names))}\n"
+
+
+def host_dataset_state(top: Path) -> dict[str, Any]:
+    d = top / "data"
+    return {"sales": (d / "sales.csv").read_text(), "jan": (d / "weather" / "jan.csv").read_text(),
+            "modes": [oct(os.stat(p).st_mode & 0o777) for p in (d / "sales.csv",
+                                                               d / "weather" / "jan.csv")],
+            "weather": sorted(p.name for p in (d / "weather").iterdir()),
+            "tmp_alias": (d / "alias").exists()}
+
+
+async def run_datasets() -> Run:
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="cellblock-containment-"))
+    policy = top / "policy.toml"
+    policy.write_text(make_datasets(top))
+    old = os.environ["CELLBLOCK_POLICY"]
+    os.environ["CELLBLOCK_POLICY"] = str(policy)
+    try:
+        env = {**os.environ, "CELLBLOCK_DATASETS": "sales,weather,notes,leak,pipe"}
+        km = await start_kernel("agent", env=env)
+
+        async def revoke_notes(km: AsyncKernelManager) -> None:
+            out = subprocess.run([str(BIN / "cellblock"), "revoke", str(km.kernel_id), "notes"],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+
+        try:
+            nb = await execute(inject(load("datasets"), {"HOST_ROOT": ROOT}), km,
+                               hooks={"B13": revoke_notes})
+        finally:
+            await km.shutdown_kernel(now=False)
+        return Run("datasets", nb, {"files": host_dataset_state(top)})
+    finally:
+        os.environ["CELLBLOCK_POLICY"] = old
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def host_files_unchanged(run: Run, cell: NotebookNode) -> None:
+    assert run.host["files"] == {"sales": SALES, "jan": "jan\n", "modes": ["0o666", "0o666"],
+                                 "weather": ["jan.csv", "shadow"], "tmp_alias": False}
+
+
+DATASET_HOST_CHECKS = {case: host_files_unchanged for case in ("F11", "F12", "F13", "F14",
+                                                                "F15b")}
+
+
+@pytest.mark.parametrize("case", case_params("datasets"))
+def test_datasets(case: str) -> None:
+    check_case(run_once("datasets", run_datasets), case, DATASET_HOST_CHECKS.get(case))
