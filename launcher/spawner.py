@@ -62,6 +62,7 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024  # one request line (it carries the launch e
 REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request after the descriptor
 POOL_FAILURES = 3  # pooled starts that fail in a row before a pool stops refilling
 POOL_MAX = 64  # at most this many pooled kernels per profile
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 # Environment variables that shape a jail before it has a client; a pooled kernel is only
 # adopted by a launch whose values match (the rest is applied at adoption).
 POOL_ENV = ("CELLBLOCK_POLICY", "CELLBLOCK_RUNTIME_DIR", "CELLBLOCK_CGROUP_PARENT",
@@ -254,7 +255,7 @@ class Spawner:
             write_line(sock, {"ok": False, "error": str(exc)})
             sock.close()
             return
-        size = int(req.get("size") or profile.warm_pool)
+        size = int(req["size"]) if req.get("size") is not None else profile.warm_pool
         size = max(0, min(size, POOL_MAX))
         pool = self._pool(key, str(req["profile"]), size, req["env"])
         pool.size = size
@@ -354,13 +355,19 @@ class Spawner:
               also_close: socket.socket | None = None) -> Child | None:
         channel = status if status is not None else pool
         assert channel is not None
+        # The warden starts with the stop signals blocked, until its handlers are in place
+        # (a pooled warden retired right after the fork still cleans up).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if status is not None:
                 write_line(status, {"ok": False, "error": f"cannot fork a warden: {exc}"})
             return None
-        if pid == 0:  # the warden
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:  # the warden
             code = 70
             try:
                 self._close_in_child(keep=channel)
@@ -427,8 +434,7 @@ def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
                    pooled: bool) -> int:
     """In the forked child: shed the spawner's state, then run the warden."""
     os.setsid()  # its own session: a signal to the spawner's group never reaches it
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD,
-                signal.SIGPIPE):
+    for sig in (*STOP_SIGNALS, signal.SIGCHLD):  # SIGPIPE stays ignored, as in any Python
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     keep = sorted({0, 1, 2, channel, client_pidfd})

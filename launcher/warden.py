@@ -64,7 +64,7 @@ from .rundir import (
     runtime_base,
     sweep_stale,
 )
-from .spawner import recv_fds
+from .spawner import STOP_SIGNALS, recv_fds
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ PR_SET_PDEATHSIG = 1
 INNER_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
 OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
+# Ready means the gate's iopub subscription to the kernel is live (ipykernel's
+# iopub_welcome, milliseconds after its sockets exist); a kernel that never sends one is
+# reported ready after this many seconds anyway.
+WELCOME_WAIT = 2.0
 
 
 # Loaded at import (in the spawner, before any fork): the call between fork and exec of
@@ -171,13 +175,46 @@ class Warden:
         assert self.client_conn is not None
         self._start_gate(self._kernel_conn())  # builds the output rules while the kernel boots
         self._wait_for_kernel_sockets()
+        self.gate.wait_kernel_subscribed(WELCOME_WAIT)
         self._ready()
 
     def start_pooled(self) -> None:
-        """Warm pool: start the jail and wait for the kernel's sockets; no client yet."""
+        """Warm pool: start the jail and wait until the kernel answers a kernel_info_request
+        of the warden's own (it has booted completely); no client yet."""
         self._prepare_jail()
         self._wait_for_kernel_sockets()
+        self._probe_kernel()
         self._set_state("pooled")
+
+    def _probe_kernel(self) -> None:
+        """One kernel_info round trip on the kernel's shell socket, signed with the kernel
+        key; raises JailStartError if the kernel does not answer in its startup time."""
+        import zmq
+
+        from .gate.wire import DELIM, Signer
+
+        header = json.dumps({"msg_id": secrets.token_hex(16), "msg_type": "kernel_info_request",
+                             "username": "cellblock", "session": secrets.token_hex(16),
+                             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "version": "5.3"}).encode()
+        parts = [header, b"{}", b"{}", b"{}"]
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            sock.connect(f"ipc://{self.run.ipc / 'k'}-{INNER_PORTS['shell_port']}")
+            sock.send_multipart([DELIM, Signer(self._inner["key"]).sign(parts), *parts])
+            deadline = self._started + self.profile.startup_timeout
+            while not sock.poll(50):
+                self._check_stopped()
+                if time.monotonic() > deadline:
+                    raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
+                                         "within the profile's startup_timeout")
+            sock.recv_multipart()
+        finally:
+            sock.close()
+            ctx.term()
 
     def adopt(self, kernel_id: str, client_conn: dict[str, Any], datasets: str | None) -> None:
         """A launch takes this pooled kernel: from now on it is ``kernel_id``, it speaks to
@@ -206,6 +243,7 @@ class Warden:
             self._audit_write("broker.grant", granted=list(granted), origin="launch")
         self._started = time.monotonic()
         self._start_gate(self._kernel_conn())
+        self.gate.wait_kernel_subscribed(WELCOME_WAIT)
         self._ready()
 
     def _kernel_conn(self) -> dict[str, Any]:
@@ -366,7 +404,14 @@ class Warden:
                     f"kernel {self.kernel_id} did not bind its sockets within "
                     f"{self.profile.startup_timeout:.0f} s (profile startup_timeout)"
                 )
+            self._check_stopped()
             time.sleep(0.005)  # poll interval for a condition, not a fixed wait
+
+    def _check_stopped(self) -> None:
+        """During a start: give up (and clean up) once a stop signal has arrived."""
+        if self._stop_reason is not None:
+            raise JailStartError(f"kernel {self.kernel_id}: stopped during its start "
+                                 f"({self._stop_reason})")
 
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
         """Gate events (drops, strips, reconnects). The first 100 of each kind are
@@ -762,6 +807,8 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
         warden = Warden(str(req["kernel_id"]), str(req["profile"]), req.get("client_conn"),
                         datasets=req.get("datasets"), pooled=pooled)
         warden.client_pidfd = client_pidfd
+        warden._signal_fd()  # a stop signal during the start ends it cleanly
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
         if not pooled:
             warden.start()
         else:

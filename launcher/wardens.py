@@ -30,9 +30,9 @@ import threading
 import time
 from typing import Any
 
-from .spawner import send_fds
+from .spawner import POOL_FAILURES, send_fds
 
-__all__ = ["SpawnerClient", "WardenProcess"]
+__all__ = ["SpawnerClient", "WardenProcess", "warm"]
 
 UNKNOWN_EXIT = -1  # the warden ended but no exit status was reported (the spawner is gone)
 
@@ -253,3 +253,35 @@ def _read_status(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | 
     except ValueError:
         return None, b""
     return (status if isinstance(status, dict) else None), rest
+
+
+def warm(profile: str, *, size: int | None = None, timeout: float = 60.0,
+         env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fill this process's warm pool for ``profile`` (``size``, default the profile's
+    ``warm_pool``; 0 empties it) and wait up to ``timeout`` seconds until every pooled
+    kernel is up. Returns the pool's state (``ready``, ``starting``, ``size``,
+    ``failures``). Raises CellblockError for an unknown profile or a bad policy, and
+    JailStartError when pooled kernels keep failing to start.
+
+    An LLM backend calls this once at boot so that its first kernel start is warm too;
+    without it the pool fills after the profile's first start."""
+    from .errors import CellblockError, JailStartError
+
+    client = SpawnerClient.instance()
+    req: dict[str, Any] = {"profile": profile, "env": dict(os.environ if env is None else env),
+                           "reset_failures": True}
+    if size is not None:
+        req["size"] = size
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.pool(req, timeout=max(1.0, deadline - time.monotonic()))
+        req.pop("reset_failures", None)
+        if not state.get("ok"):
+            raise CellblockError(f"warm pool of profile {profile!r}: {state.get('error')}")
+        if state["failures"] >= POOL_FAILURES:
+            raise JailStartError(
+                f"warm pool of profile {profile!r}: {state['failures']} kernels in a row "
+                "failed to start; start one kernel on the profile to see why")
+        if state["ready"] >= state["size"] or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.02)  # polling the pool's state, a condition

@@ -76,6 +76,10 @@ output_bytes = "32KiB"
 
 [profiles.off]
 enabled = false
+
+# Warm pool tests (tests/test_pool.py).
+[profiles.pooled]
+warm_pool = 2
 """
 
 
@@ -88,8 +92,9 @@ def _proc(pid: str, name: str) -> bytes:
 
 def jail_processes(marker: str = "") -> list[str]:
     """Host processes that belong to cellblock kernels of this test session (``marker``
-    is in its runtime dir): wardens (forked by the spawner, titled ``cellblock-warden``,
-    with the session's environment), nsjail, and the kernels whose nsjail is ours or gone."""
+    is in its runtime dir, or a kernel id): wardens (forked by the spawner, titled
+    ``cellblock-warden <kernel id>``, with the session's environment), nsjail, the kernels
+    whose nsjail is ours or gone, and spawners whose client is gone."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -97,14 +102,16 @@ def jail_processes(marker: str = "") -> list[str]:
         cmd = _proc(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
         if not cmd or "pytest" in cmd:
             continue
+        stat = _proc(pid, "stat")
+        ppid = stat[stat.rfind(b")") + 2:].split()[1].decode() if stat else "1"
+        parent = _proc(ppid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
         if cmd.startswith("cellblock-warden"):
-            ours = marker.encode() in _proc(pid, "environ")
+            ours = marker in cmd or marker.encode() in _proc(pid, "environ")
+        elif cmd.startswith("cellblock-spawner"):  # lives as long as its client, no longer
+            ours = marker.encode() in _proc(pid, "environ") and (ppid == "1" or not parent)
         elif "nsjail --config" in cmd:
             ours = marker in cmd
         elif "-m cellblock_kernel" in cmd:
-            stat = _proc(pid, "stat")
-            ppid = stat[stat.rfind(b")") + 2:].split()[1].decode() if stat else "1"
-            parent = _proc(ppid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
             ours = ppid == "1" or "nsjail" not in parent or marker in parent
         else:
             continue

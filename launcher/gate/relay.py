@@ -17,9 +17,11 @@ with the client's ROUTER identity as the one ident frame.
 Kernel -> client (hostile): layout, signature (kernel key), header and parent JSON, size,
 replay window, msg_type allowlist per channel, then binding to a request the gate forwarded
 (see :mod:`cellblock.gate.tracker`). Replies are routed by the gate's own table, never by the
-ident frames the kernel sent. The original frames are re-signed with the client key; JSON is
-re-encoded only when an output rule changed the content. Iopub topics are replaced by the
-msg_type (the kernel's topic frame is unsigned).
+ident frames the kernel sent. An ``input_reply`` is forwarded only from the client that
+was sent an ``input_request``, once; without ``input_reply`` in the allowlist, no
+``input_request`` is forwarded at all (nobody could answer it). The original frames are
+re-signed with the client key; JSON is re-encoded only when an output rule changed the
+content. Iopub topics are replaced by the msg_type (the kernel's topic frame is unsigned).
 
 Decisions:
 
@@ -151,6 +153,8 @@ class Gate:
         self._rules = tuple(rules)
         self._audit = audit
         self._allowed = allowed_client_msg_types
+        # P12: with no input_reply allowed, nobody could answer an input_request: drop it.
+        self._stdin = self._allowed is None or "input_reply" in self._allowed
         self._table = RequestTable(self._limits.max_open_requests)
         self._replay = ReplayWindow(self._limits.replay_window)
         self._session = uuid.uuid4().hex  # the gate's own session, for announce()
@@ -173,6 +177,7 @@ class Gate:
         self._own: dict[str, None] = {}  # msg_ids of the gate's own requests to the kernel
         self._told: dict[str, str] = {}  # msg_id -> the last error the gate told that request
         self._rekeyed = threading.Event()
+        self._kernel_welcomed = threading.Event()
 
     # ----------------------------------------------------------- the warden's side
 
@@ -201,7 +206,10 @@ class Gate:
                 sock = self._client[name] = ctx.socket(zmq.ROUTER)
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
                 self._bind(sock, name)
-            self._client["iopub"] = ctx.socket(zmq.PUB)
+            # XPUB, as ipykernel's own iopub: each new subscriber gets an iopub_welcome
+            # (JEP 65), so a client knows its subscription is live before it asks.
+            self._client["iopub"] = ctx.socket(zmq.XPUB)
+            self._client["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)
             self._bind(self._client["iopub"], "iopub")
             for name, kind in (*((n, zmq.DEALER) for n in (*_ROUTED, "hb")), ("iopub", zmq.SUB)):
                 sock = self._kernel[name] = ctx.socket(kind)
@@ -259,6 +267,12 @@ class Gate:
         if not self._wake(b"rekey", key.encode()):
             return False
         return self._rekeyed.wait(timeout)
+
+    def wait_kernel_subscribed(self, timeout: float) -> bool:
+        """Block until the kernel has welcomed the gate's iopub subscription (JEP 65), so
+        nothing the kernel publishes from now on is lost to ZMQ's slow joiner; False after
+        ``timeout`` (a kernel without iopub_welcome). Thread-safe."""
+        return self._kernel_welcomed.wait(timeout)
 
     def _wake(self, *frames: bytes) -> bool:
         with self._lock:
@@ -319,6 +333,7 @@ class Gate:
             watch(self._client[name], partial(self._from_client, name))
             watch(self._kernel[name], partial(self._from_kernel, name))
         watch(self._kernel["iopub"], partial(self._from_kernel, "iopub"))
+        watch(self._client["iopub"], self._subscription)
         watch(self._client["hb"], self._hb_from_client)
         watch(self._kernel["hb"], self._hb_from_kernel)
         for name, monitor in self._monitors.items():
@@ -423,6 +438,8 @@ class Gate:
                 raise Dropped("msg_type_not_allowed", msg_type)
             idents = tuple(msg.idents)
             msg_id = header["msg_id"]
+            if channel == "stdin":  # only from the client that was asked, once per question
+                self._table.bind_input_reply(idents)
             if channel != "stdin" and self._observer is not None:
                 refusal = self._observe(
                     Observed("request", msg_id, msg_type, header["session"], content=msg.parts[3])
@@ -464,6 +481,9 @@ class Gate:
         msg_type = header["msg_type"]
         if self._replay.seen(header["msg_id"]):
             raise Dropped("replay", msg_type)
+        if msg_type == "iopub_welcome" and channel == "iopub" and not parent:
+            self._kernel_welcomed.set()  # our subscription to the kernel is live
+            return
         if msg_type not in KERNEL_TYPES[channel]:
             raise Dropped("unexpected_msg_type", msg_type)
         if parent and self._own and parent["msg_id"] in self._own:
@@ -482,12 +502,16 @@ class Gate:
             self._relay_iopub(msg_type, header, parent, parts, buffers)
             return
         if channel == "stdin":
+            if not self._stdin:
+                raise Dropped("stdin_not_allowed", msg_type)
             request = self._table.bind_input_request(parent)
         else:
             request = self._table.bind_reply(channel, msg_type, parent)
         out = self._resign(channel, msg_type, header, parent, parts, buffers, request.idents)
         self._client[channel].send_multipart(out, zmq.NOBLOCK)
-        if channel != "stdin":
+        if channel == "stdin":
+            self._table.asked(request)
+        else:
             held = self._table.replied(request)
             if self._observer is not None:
                 observed = Observed(
@@ -590,6 +614,24 @@ class Gate:
             if content is not parts[3] or metadata is not parts[2]:
                 parts = [parts[0], parts[1], metadata, content]
         return [*idents, DELIM, self._client_signer.sign(parts), *parts, *buffers]
+
+    # iopub subscriptions
+
+    def _subscription(self, frames: list[bytes]) -> None:
+        """A client subscribed on the client-facing XPUB: welcome it, as ipykernel does."""
+        for frame in frames:
+            if frame[:1] != b"\x01" or len(frame) > 257:
+                continue
+            topic = frame[1:]
+            try:
+                subscription = topic.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            content = json.dumps({"subscription": subscription}).encode()
+            header = self._own_header("iopub_welcome")
+            parts = [header, b"{}", b"{}", content]
+            out = [topic or b"iopub_welcome", DELIM, self._client_signer.sign(parts), *parts]
+            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
 
     # heartbeat
 
