@@ -41,13 +41,15 @@ from . import __version__
 from .errors import CellblockError, HostUnsupported
 from .policy import load_policy
 from .run_result import RunResult
-from .sandbox import Sandbox, check_launch
+from .sandbox import Sandbox, SandboxStopped, check_launch
 
 __all__ = ["TOOLS", "Session", "build_server", "main", "tool_result"]
 
 log = logging.getLogger("cellblock.mcp")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 TEXT_TYPES = ("text/plain", "text/markdown", "text/latex", "application/json")
+RESTART_HINT = ("The sandbox kernel has stopped and its state is lost; call the `restart` "
+                "tool for a fresh one.")
 
 
 def _tools(profile: str) -> list[Any]:
@@ -134,8 +136,7 @@ def tool_result(result: RunResult) -> Any:
     if failed and not result.errors:
         content.append(_text(f"the cell ended with status {result.status!r}"))
     if result.kernel_stopped:
-        content.append(_text("The sandbox kernel has stopped and its state is lost; call the "
-                             "`restart` tool for a fresh one."))
+        content.append(_text(RESTART_HINT))
     summary = result.policy.summary()
     if summary:
         content.append(_text(f"[cellblock policy: {summary}]"))
@@ -166,6 +167,11 @@ class Session:
             if not self.sandbox.started:
                 await self.sandbox.start()
             return tool_result(await self.sandbox.run(code))
+        except SandboxStopped as exc:
+            reason = self.sandbox.stopped
+            if reason is None:
+                return _error(str(exc))
+            return _error(f"{reason}. {RESTART_HINT}")
         except (CellblockError, TimeoutError) as exc:
             return _error(str(exc))
 

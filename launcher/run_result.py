@@ -40,6 +40,7 @@ __all__ = [
     "PolicyReport",
     "RunResult",
     "policy_report",
+    "stop_message",
     "strip_ansi",
 ]
 
@@ -228,6 +229,18 @@ def policy_report(events: list[AuditEvent], msg_id: str, stdout: str, stderr: st
         output_bytes_out=end.fields.get("output_bytes_out") if end is not None else None,
         audited=end is not None,
     )
+
+
+def stop_message(events: list[AuditEvent]) -> str:
+    """The user's words for a kernel that ended, from its ``kernel.exit`` among ``events``,
+    worded as the warden words its notice (``"cellblock: kernel stopped, ..."``)."""
+    for event in events:
+        if event.event == "kernel.exit":
+            reason = str(event.fields.get("reason", "")) or "no reason recorded"
+            if reason.startswith("stopped"):
+                return f"cellblock: kernel {reason}"
+            return f"cellblock: kernel stopped, {reason}"
+    return "cellblock: kernel stopped (its warden exited without a kernel.exit event)"
 
 
 def _exit_limit(fields: dict[str, Any]) -> list[str]:

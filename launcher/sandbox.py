@@ -49,7 +49,15 @@ from .audit import audit_dir
 from .datasets import DATASETS_ENV, parse_selection, select_datasets
 from .errors import CellblockError, JailStartError, PolicyError, ProfileDisabled
 from .policy import Policy, load_policy
-from .run_result import AuditTail, ErrorInfo, Output, PolicyReport, RunResult, policy_report
+from .run_result import (
+    AuditTail,
+    ErrorInfo,
+    Output,
+    PolicyReport,
+    RunResult,
+    policy_report,
+    stop_message,
+)
 
 __all__ = [
     "CellTimeout",
@@ -232,12 +240,24 @@ class Sandbox:
             if self._km is None or self._kc is None:
                 raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not "
                                      "running; start() or enter it first")
+            if self._stopped is None:  # between cells: a budget, an operator, a crash
+                assert self._tail is not None
+                events = self._tail.take()
+                if not await self._km.is_alive() or any(e.event == "kernel.exit"
+                                                        for e in events):
+                    self._stopped = stop_message(events)
             if self._stopped is not None:
                 raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}, kernel "
                                      f"{self.kernel_id}) has stopped: {self._stopped}; "
                                      "restart() for a fresh kernel")
             limit = self.default_timeout() if timeout is None else timeout
             return await self._run(code, limit)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the kernel stopped (``"cellblock: kernel stopped, ..."``), once a cell or a
+        :meth:`run` call found it gone; None while it runs."""
+        return self._stopped
 
     async def _run(self, code: str, limit: float) -> RunResult:
         kc, km = self._kc, self._km
@@ -249,12 +269,12 @@ class Sandbox:
         outputs: list[Output] = []
         errors: list[ErrorInfo] = []
         stopped: str | None = None
-        idle = False
+        idle = gone = False
         while not idle:
             msg = await self._next(kc.get_iopub_msg, deadline, limit)
             if msg is None:  # quiet: is the kernel still there?
                 if not await km.is_alive():
-                    stopped = stopped or "cellblock: kernel stopped (its warden exited)"
+                    gone = True
                     break
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -273,14 +293,15 @@ class Sandbox:
                     stopped = err.value
             elif kind == "status" and content.get("execution_state") == "idle":
                 idle = True
-        reply = await self._reply(msg_id, deadline, limit, waiting=stopped is None)
-        if stopped is None and reply is None and not await km.is_alive():
-            stopped = "cellblock: kernel stopped (its warden exited)"
+        reply = await self._reply(msg_id, deadline, limit, waiting=not gone and stopped is None)
+        events = self._tail.take()
+        if stopped is None and reply is None and (gone or not await km.is_alive()):
+            stopped = stop_message(events)  # it died without the gate saying so
         if stopped is not None:
             self._stopped = stopped
         content = reply["content"] if reply is not None else {}
         status = str(content.get("status", "stopped" if stopped else "unknown"))
-        report = policy_report(self._tail.take(), msg_id, text["stdout"], text["stderr"],
+        report = policy_report(events, msg_id, text["stdout"], text["stderr"],
                                stopped is not None)
         return RunResult(
             stdout=text["stdout"], stderr=text["stderr"], outputs=tuple(outputs),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from cellblock.audit import read_events
 from cellblock.errors import CellblockError, PolicyError, UnknownProfile
 from cellblock.sandbox import CellTimeout, Sandbox, SandboxStopped, SyncSandbox
 
-from conftest import TEST_POLICY
+from conftest import BIN, TEST_POLICY
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
 
@@ -168,6 +169,23 @@ async def test_a_kernel_killed_at_its_memory_limit_says_so(sandbox: Sandbox) -> 
         await sandbox.run("1")
     await sandbox.restart()
     assert (await sandbox.run("1 + 1")).results == [{"text/plain": "2"}]
+
+
+async def test_a_kernel_stopped_between_cells_is_found_by_the_next_run(
+        sandbox: Sandbox) -> None:
+    await sandbox.run("x = 1")
+    assert sandbox.kernel_id is not None
+    done = await asyncio.to_thread(
+        subprocess.run, [str(BIN / "cellblock"), "kill", sandbox.kernel_id, "--reason",
+                         "maintenance"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(SandboxStopped, match=r"has stopped: cellblock: kernel stopped by "
+                                             r"operator: maintenance; restart\(\) for a fresh"):
+        await sandbox.run("x")
+    assert sandbox.stopped == "cellblock: kernel stopped by operator: maintenance"
+    await sandbox.restart()
+    assert sandbox.stopped is None
+    assert (await sandbox.run("2")).results == [{"text/plain": "2"}]
 
 
 async def test_a_client_timeout_raises_and_interrupts_the_cell(sandbox: Sandbox) -> None:
