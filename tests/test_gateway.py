@@ -32,7 +32,9 @@ def gateway(tmp_path: Path, no_leftovers: None) -> Iterator[str]:
     port = free_port()
     argv = [str(BIN / "jupyter"), "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",
             f"--KernelGatewayApp.port={port}", "--KernelGatewayApp.port_retries=0",
-            f"--KernelGatewayApp.auth_token={TOKEN}"]
+            f"--KernelGatewayApp.auth_token={TOKEN}",
+            # Only jailed kernels on offer: docs/scaling.md recommends this for every host.
+            "--KernelSpecManager.allowed_kernelspecs=cellblock-agent"]
     with jupyter_app(argv, port, TOKEN, tmp_path, "kernelgateway", ready="/api/kernelspecs"):
         yield f"127.0.0.1:{port}"
 
@@ -44,7 +46,7 @@ async def test_kernel_gateway_rest_and_websocket(gateway: str) -> None:
     assert refused.value.code == 401, "the gateway answered without the token"
     specs = json.loads((await http.fetch(f"http://{gateway}/api/kernelspecs",
                                          headers=AUTH)).body)
-    assert {"cellblock-agent", "cellblock-analyst"} <= set(specs["kernelspecs"])
+    assert set(specs["kernelspecs"]) == {"cellblock-agent"}
 
     kernel_id = await start_kernel(http, gateway, "cellblock-agent", TOKEN)
     try:
@@ -70,3 +72,23 @@ async def test_kernel_gateway_rest_and_websocket(gateway: str) -> None:
     assert wait_for(lambda: not jail_processes(kernel_id), timeout=30), \
         jail_processes(kernel_id)
     http.close()
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+    "jupyter_client's KernelSpecManager.get_kernel_spec ignores allowed_kernelspecs and falls "
+    "back to ipykernel's built-in python3 spec, so POST {'name': 'python3'} starts a kernel "
+    "outside the jail; needs a cellblock KernelSpecManager that refuses other names"))
+async def test_gateway_refuses_an_unjailed_kernel(gateway: str) -> None:
+    """A host that offers only cellblock kernels must not start any other by name."""
+    http = AsyncHTTPClient()
+    try:
+        kernel_id = await start_kernel(http, gateway, "python3", TOKEN)
+    except HTTPClientError as refused:
+        assert refused.code in (400, 403, 404), refused
+        return
+    finally:
+        http.close()
+    http = AsyncHTTPClient()
+    await http.fetch(f"http://{gateway}/api/kernels/{kernel_id}", method="DELETE", headers=AUTH)
+    http.close()
+    pytest.fail(f"POST /api/kernels {{'name': 'python3'}} started {kernel_id}, not jailed")
