@@ -232,3 +232,51 @@ async def test_spawner_death_leaves_running_kernels_alone(pool: dict[str, Any]) 
         await stop(km2, kc2)
     finally:
         await stop(km, kc)
+
+
+async def test_jupyter_server_fills_the_pool_at_start(tmp_path: Path,
+                                                      no_leftovers: None) -> None:
+    """`jupyter server extension enable cellblock`: the pool is full before the first
+    kernel, and Jupyter Server's kernels are adopted from it."""
+    import json
+    import uuid
+
+    from test_server import free_port
+    from tornado.httpclient import AsyncHTTPClient
+
+    port, token = free_port(), uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+         f"--ServerApp.root_dir={tmp_path}", "--ServerApp.jpserver_extensions=cellblock=True",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    base = Path(os.environ["CELLBLOCK_RUNTIME_DIR"])
+
+    def pooled() -> list[str]:
+        records = [RunDir(base, e.name).read_record() for e in base.iterdir()] \
+            if base.is_dir() else []
+        return [r.slot for r in records if r is not None and r.state == "pooled"]
+
+    http = AsyncHTTPClient()
+    try:
+        assert wait_for(lambda: len(pooled()) == 2 or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None and len(pooled()) == 2, "the pool did not fill at start"
+        auth = {"Authorization": f"token {token}"}
+        resp = await http.fetch(f"http://127.0.0.1:{port}/api/kernels", method="POST",
+                                headers=auth, body=json.dumps({"name": "cellblock-pooled"}))
+        kernel_id = json.loads(resp.body)["id"]
+        record = next(r for e in base.iterdir()
+                      if (r := RunDir(base, e.name).read_record()) and r.kernel_id == kernel_id)
+        assert record.slot.startswith("pool-")
+        await http.fetch(f"http://127.0.0.1:{port}/api/kernels/{kernel_id}", method="DELETE",
+                         headers=auth)
+    finally:
+        http.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
