@@ -79,10 +79,19 @@ class KernelStart(_Open):
     cgroup: str | None
     warden_pid: int
     budgets: dict[str, float] = Field(description="the profile's budgets")
+    pooled: bool = Field(False, description="started ahead of time for the warm pool")
+
+
+class KernelAdopt(_Closed):
+    """A launch adopted a kernel from the warm pool (its earlier events are the pool's)."""
+
+    pool_slot: str = Field(description="the run dir's and cgroup's name, pool-<hex>")
+    pooled_seconds: float = Field(description="how long it waited in the pool")
 
 
 class KernelReady(_Closed):
-    startup_seconds: float = Field(description="warden start to kernel sockets bound")
+    startup_seconds: float = Field(description="warden start (or adoption) to the kernel's "
+                                   "sockets bound and its iopub subscription welcomed")
 
 
 class KernelStartFailed(_Open):
@@ -156,6 +165,7 @@ class GateDropCounts(_Closed):
 #: event name -> the model of its ``fields``
 EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "kernel.start": KernelStart,
+    "kernel.adopt": KernelAdopt,
     "kernel.ready": KernelReady,
     "kernel.start_failed": KernelStartFailed,
     "kernel.interrupt": KernelInterrupt,
