@@ -9,9 +9,11 @@ running cell is stopped with the toolbar's interrupt button and the kernel keeps
 the toolbar's restart (dialog accepted) gives a fresh kernel whose old variables are gone.
 Screenshots of each step go to test-artifacts/jupyterlab/.
 
-Chromium runs with --no-sandbox: its own sandbox needs user namespaces or a setuid helper,
-and the page it shows is our own JupyterLab on loopback. That also lets the test run
-unprivileged (marked ``nonroot``).
+Chromium runs with --no-sandbox: as root it refuses to start otherwise, and the page it
+shows is our own JupyterLab on loopback. The same flags work unprivileged, so the test also
+runs in the unprivileged pass (marked ``nonroot``; checked as user cbtest the way .ci/test
+runs it). Kernels are stopped by stopping JupyterLab, which shuts them down, then
+``no_leftovers`` checks that nothing of them survived.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def test_analyst_in_jupyterlab(lab: tuple[str, Path]) -> None:
         running the last cell adds a new one below, which `.last` would then mean)."""
         cells = page.locator(".jp-Notebook .jp-CodeCell")
         cell = cells.nth(cells.count() - 1)
+        expect(cell.locator(".cm-content")).to_have_text("")  # the fresh cell, not the last run
         cell.locator(".cm-content").click()
         page.keyboard.insert_text(code)
         page.locator('[data-command="notebook:run-cell-and-select-next"]').click()
