@@ -1,9 +1,45 @@
-"""Redaction throughput, MB/s on one core: realistic mixed text and the pathological inputs.
+"""Throughput of the gate's output scanning, MB/s of CPU time on one core (issue 7).
 
-    python benchmarks/bench_redact.py [--mb 50]
+    python benchmarks/bench_redact.py [--mb 20] [--runs 5] [--json out.json] [--quick]
 
-"plain" is the default gate configuration (secrets on, no PII, no exact secrets); "full" adds
-all PII kinds and two exact secrets. Pathological inputs are 1-2 MB each (THREATS R18).
+Every number is a median of ``--runs`` runs, timed with ``time.process_time`` (CPU time of this
+single-threaded process, so other load on the machine does not count against it).
+
+**The notebook corpus** (`notebook_corpus`, fixed seed) is a sequence of cells, each a list of
+the messages a kernel sends, serialised as ipykernel does (``json.dumps(..., ensure_ascii=False)``
+as jupyter_client's packer). Cell kinds and their weights:
+
+- training logs: stdout ``Epoch`` lines, and stderr tqdm bars (``\\r`` updates, block characters);
+- DataFrames: ``execute_result`` with pandas' text/plain and text/html (style block, table);
+- logs: ``logging`` lines, HTTP request lines with query strings (``%20``, ``%5B``), JSON log lines;
+- JSON: an API response as ``application/json`` + ``text/plain``, and ``print(json.dumps(...))``
+  of records with non-ASCII names (so ``\\u00e9`` escapes in the text);
+- errors: IPython tracebacks with ANSI colours and file paths;
+- plots: ``display_data`` with a PNG (random bytes, base64; *not* scanned, images are opaque) and
+  ``text/plain``; some as matplotlib-like SVG (scanned);
+- arrays and warnings: numpy reprs, ``FutureWarning`` lines with site-packages paths, pip output;
+- rare: a cell that prints a secret (GitHub token, AWS key id, password in a URL, a JWT, a
+  base64-encoded ``.env``), about one cell in 150, so the finding path is exercised.
+
+Stream messages are 0.2-64 KB (ipykernel sends what was printed in each 200 ms). Names, values
+and ids come from a seeded generator; no real secrets anywhere.
+
+**What is timed.** ``gate``: `OutputFilter.apply` on each message's bytes (JSON parse, walk,
+redaction, caps, re-encoding when something changed) and ``flush`` at each cell's end, exactly
+as the relay calls them, with a profile's output policy from the built-in policy. ``scanner``:
+`Redactor.redact` on the same text leaves, without the filter around it. MB are the UTF-8 bytes
+of the text leaves that are scanned (image/png and image/jpeg payloads excluded, though they are
+parsed: their cost is in the time); ``all_mb`` counts whole content frames.
+
+Profiles: ``analyst`` (secrets, no PII), ``agent`` (secrets and all PII, normalised text, 16 KiB
+stream head: most of a long cell's stream is counted, not scanned), ``analyst+exact`` (analyst with
+two ``redact_values`` and one ``redact_env`` secret).
+
+**Pathological inputs** (THREATS R18) go through `Redactor.redact` with secrets, all PII and two
+exact secrets, 1-2 MB each; they must be linear, not fast.
+
+The legacy ``mixed`` corpus (log-like lines, 12% of them base64 of text) is kept from the first
+version of this benchmark so numbers can be compared across versions.
 """
 
 from __future__ import annotations
@@ -11,14 +47,292 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
+import os
 import random
+import statistics
+import string
+import sys
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from cellblock.output.filter import OutputFilter, build_redactor
+from cellblock.policy import OutputPolicy, load_policy
 from cellblock.redact import Redactor
 
+Message = tuple[str, dict[str, Any]]  # (msg_type, content)
+Cell = list[Message]
 
-def mixed_corpus(megabytes: int, seed: int = 7) -> str:
+_FIRST = ["Ana", "Bruno", "Chloé", "Dmitri", "Eve", "François", "Grace", "Hiroshi", "Ines",
+          "José", "Kai", "Łukasz", "Mia", "Noah", "Olga", "Priya", "Quinn", "Renée", "Søren",
+          "Tomás", "Uma", "Victor", "Wen", "Xavier", "Yara", "Zoë"]
+_LAST = ["Smith", "García", "Müller", "Rossi", "Kowalski", "Nguyen", "Okafor", "Andersson",
+         "Dubois", "Tanaka", "Silva", "Brown", "Novák", "Jensen", "Ivanova", "Patel"]
+_CATEGORIES = ["books", "garden", "toys", "electronics", "grocery", "sports", "beauty"]
+_MODULES = ["pandas/core/frame.py", "pandas/core/indexing.py", "sklearn/base.py",
+            "numpy/core/fromnumeric.py", "torch/nn/modules/module.py",
+            "requests/adapters.py", "urllib3/connectionpool.py", "matplotlib/axes/_axes.py"]
+_SITE = "/opt/conda/lib/python3.11/site-packages/"
+_SOURCE_LINES = ["return self._engine.get_loc(key)", "raise KeyError(key) from err",
+                 "indexer = self.columns.get_loc(key)", "values = self._get_values(key)"]
+_FUNCTIONS = ["DataFrame.__getitem__", "Index.get_loc", "_LocIndexer._getitem_axis"]
+_CSS = """<style scoped>
+    .dataframe tbody tr th:only-of-type {
+        vertical-align: middle;
+    }
+
+    .dataframe tbody tr th {
+        vertical-align: top;
+    }
+
+    .dataframe thead th {
+        text-align: right;
+    }
+</style>
+"""
+
+
+class _Gen:
+    """Seeded generators of realistic values."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def name(self) -> str:
+        return f"{self.rng.choice(_FIRST)} {self.rng.choice(_LAST)}"
+
+    def uuid(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def ts(self) -> str:
+        r = self.rng
+        return (f"2024-{r.randint(1, 12):02}-{r.randint(1, 28):02} "
+                f"{r.randint(0, 23):02}:{r.randint(0, 59):02}:{r.randint(0, 59):02}")
+
+    def token(self, alphabet: str, n: int) -> str:
+        return "".join(self.rng.choice(alphabet) for _ in range(n))
+
+    def records(self, n: int) -> list[dict[str, Any]]:
+        r = self.rng
+        return [{"id": self.uuid(), "name": self.name(), "amount": round(r.uniform(1, 5000), 2),
+                 "currency": r.choice(["EUR", "USD", "GBP"]), "created_at": self.ts(),
+                 "category": r.choice(_CATEGORIES), "active": r.random() < 0.8,
+                 "url": f"https://api.example.com/v2/orders/{r.randint(10**5, 10**6)}"}
+                for _ in range(n)]
+
+
+def _stream(name: str, text: str) -> Message:
+    return "stream", {"name": name, "text": text}
+
+
+def _split_stream(name: str, text: str, g: _Gen) -> list[Message]:
+    """Text as ipykernel would send it: pieces of 0.2-64 KB, cut at line ends."""
+    out, pos = [], 0
+    while pos < len(text):
+        size = int(g.rng.choice([200, 800, 2_000, 8_000, 16_000, 32_000, 65_000]))
+        end = text.find("\n", pos + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(_stream(name, text[pos:end]))
+        pos = end
+    return out
+
+
+def _cell_training(g: _Gen) -> Cell:
+    r = g.rng
+    lines, bars = [], []
+    epochs = r.randint(5, 60)
+    for e in range(1, epochs + 1):
+        lines.append(f"Epoch {e}/{epochs} - loss: {r.random():.4f} - accuracy: {r.random():.4f}"
+                     f" - val_loss: {r.random():.4f} - val_accuracy: {r.random():.4f}"
+                     f" - lr: {r.choice([1e-3, 5e-4, 1e-4]):.0e}\n")
+        total = r.choice([100, 250, 1000])
+        steps = []
+        for i in range(0, total + 1, total // 10):
+            done = int(10 * i / total)
+            bar = "\u2588" * done + ("\u258c" if done < 10 else "") + " " * (9 - done)
+            rate = r.uniform(50, 400)
+            steps.append(f"\r{100 * i // total:3d}%|{bar}| {i}/{total} "
+                         f"[00:{i % 60:02d}<00:{(total - i) % 60:02d}, {rate:.2f}it/s]")
+        bars.append("".join(steps) + "\n")
+    return _split_stream("stdout", "".join(lines), g) + _split_stream("stderr", "".join(bars), g)
+
+
+def _cell_dataframe(g: _Gen) -> Cell:
+    r = g.rng
+    rows = r.randint(5, 60)
+    recs = g.records(rows)
+    cols = ["id", "name", "amount", "currency", "created_at", "category", "active"]
+    plain = ["     " + "  ".join(f"{c:>12}" for c in cols)]
+    html = [f"<div>\n{_CSS}<table border=\"1\" class=\"dataframe\">\n  <thead>\n"
+            "    <tr style=\"text-align: right;\">\n      <th></th>\n"]
+    html += [f"      <th>{c}</th>\n" for c in cols]
+    html.append("    </tr>\n  </thead>\n  <tbody>\n")
+    for i, rec in enumerate(recs):
+        plain.append(f"{i:<5}" + "  ".join(f"{rec[c]!s:>12}" for c in cols))
+        html.append(f"    <tr>\n      <th>{i}</th>\n")
+        html += [f"      <td>{rec[c]}</td>\n" for c in cols]
+        html.append("    </tr>\n")
+    html.append(f"  </tbody>\n</table>\n<p>{rows} rows \u00d7 {len(cols)} columns</p>\n</div>")
+    plain.append(f"\n[{rows} rows x {len(cols)} columns]")
+    data = {"text/plain": "\n".join(plain), "text/html": "".join(html)}
+    return [("execute_result", {"data": data, "metadata": {},
+                                "execution_count": r.randint(1, 500)})]
+
+
+def _cell_logs(g: _Gen) -> Cell:
+    r = g.rng
+    out = []
+    for i in range(r.randint(20, 400)):
+        kind = r.random()
+        if kind < 0.4:
+            out.append(f"{g.ts()},{r.randint(0, 999):03} INFO [{r.choice(_MODULES).split('/')[-1]}:"
+                       f"{r.randint(10, 2000)}] processed batch {i} in {r.uniform(0, 2):.3f}s\n")
+        elif kind < 0.7:
+            q = r.choice(["q=hello%20world&page=2", "filter%5Bstatus%5D=open&per_page=50",
+                          "sort=-created_at&limit=100", "name=Jos%C3%A9&lang=es"])
+            out.append(f"{g.ts()} GET https://api.example.com/v2/items/{r.randint(1, 10**6)}?{q}"
+                       f" -> {r.choice([200, 200, 200, 404, 500])} ({r.uniform(5, 900):.1f} ms)\n")
+        elif kind < 0.85:
+            out.append(json.dumps({"ts": g.ts(), "level": "info", "event": "request",
+                                   "request_id": g.uuid(), "duration_ms": r.randint(1, 900),
+                                   "user": g.name()}) + "\n")
+        else:
+            out.append(f"WARNING:root:retrying {g.uuid()} after {r.uniform(0, 5):.2f}s "
+                       f"(attempt {r.randint(1, 5)}/5)\n")
+    return _split_stream("stdout", "".join(out), g)
+
+
+def _cell_json(g: _Gen) -> Cell:
+    r = g.rng
+    data = {"data": g.records(r.randint(3, 40)),
+            "meta": {"page": r.randint(1, 9), "per_page": 50,
+                     "next": "https://api.example.com/v2/orders?page=3&per_page=50"
+                             "&filter%5Bstatus%5D=open"}}
+    if r.random() < 0.5:
+        return [("execute_result", {"data": {"application/json": data,
+                                             "text/plain": repr(data)[:4000]},
+                                    "metadata": {"application/json": {"expanded": False}},
+                                    "execution_count": r.randint(1, 500)})]
+    return _split_stream("stdout", json.dumps(data, indent=r.choice([None, 2])) + "\n", g)
+
+
+def _cell_error(g: _Gen) -> Cell:
+    r = g.rng
+    red, green, cyan, reset = "\x1b[0;31m", "\x1b[0;32m", "\x1b[0;36m", "\x1b[0m"
+    frames = [f"{red}{'-' * 75}{reset}\n{red}KeyError{reset}{' ' * 25}Traceback (most recent "
+              f"call last)\nCell {green}In[{r.randint(1, 99)}], line {r.randint(1, 30)}{reset}\n"
+              f"{green}----> 1{reset} df[{r.choice(['amount', 'total'])!r}]"]
+    for _ in range(r.randint(2, 8)):
+        mod = r.choice(_MODULES)
+        line = r.randint(100, 4000)
+        body = "\n".join(f"{'---> ' if k == 2 else '     '}{line - 2 + k}     "
+                         f"{r.choice(_SOURCE_LINES)}" for k in range(5))
+        frames.append(f"File {green}{_SITE}{mod}:{line}{reset}, in {cyan}"
+                      f"{r.choice(_FUNCTIONS)}{reset}(self, key)\n{body}\n")
+    frames.append(f"{red}KeyError{reset}: 'amount'")
+    return [("error", {"ename": "KeyError", "evalue": "'amount'", "traceback": frames})]
+
+
+def _svg(g: _Gen) -> str:
+    r = g.rng
+    pts = " L ".join(f"{57.6 + 3.5 * i:.3f} {r.uniform(40, 300):.3f}" for i in range(200))
+    hexd = "0123456789abcdef"
+    ticks = "".join(
+        f'   <g id="xtick_{i}">\n    <g id="line2d_{i}">\n     <defs>\n      <path id='
+        f'"m{g.token(hexd, 10)}" d="M 0 0 L 0 3.5" style="stroke: #000000; stroke-width: 0.8"/>'
+        f'\n     </defs>\n     <g>\n      <use xlink:href="#m{g.token(hexd, 10)}" '
+        f'x="{57.6 + 60 * i:.3f}" y="307.584" style="stroke: #000000; stroke-width: 0.8"/>\n'
+        '     </g>\n    </g>\n   </g>\n'
+        for i in range(8))
+    return ('<?xml version="1.0" encoding="utf-8" standalone="no"?>\n<!DOCTYPE svg PUBLIC '
+            '"-//W3C//DTD SVG 1.1//EN"\n  "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">\n'
+            '<svg xmlns:xlink="http://www.w3.org/1999/xlink" width="460.8pt" height="345.6pt" '
+            'viewBox="0 0 460.8 345.6" xmlns="http://www.w3.org/2000/svg" version="1.1">\n'
+            f' <metadata>\n  <rdf:RDF><cc:Work><dc:date>{g.ts()}</dc:date></cc:Work></rdf:RDF>\n'
+            f' </metadata>\n <g id="figure_1">\n  <g id="axes_1">\n{ticks}'
+            f'   <path d="M {pts}" clip-path="url(#p{g.token("0123456789abcdef", 10)})" '
+            'style="fill: none; stroke: #1f77b4; stroke-width: 1.5; stroke-linecap: square"/>\n'
+            '  </g>\n </g>\n</svg>\n')
+
+
+def _cell_plot(g: _Gen) -> Cell:
+    r = g.rng
+    if r.random() < 0.3:
+        data = {"image/svg+xml": _svg(g), "text/plain": "<Figure size 640x480 with 1 Axes>"}
+    else:
+        png = base64.b64encode(r.randbytes(r.randint(15_000, 60_000))).decode()
+        data = {"image/png": png, "text/plain": "<Figure size 640x480 with 1 Axes>"}
+    return [("display_data", {"data": data, "metadata": {}, "transient": {}})]
+
+
+def _cell_misc(g: _Gen) -> Cell:
+    r = g.rng
+    kind = r.random()
+    if kind < 0.4:
+        vals = ", ".join(f"{r.gauss(0, 1):.8f}" for _ in range(r.randint(50, 2000)))
+        text = f"array([{vals}], dtype=float32)\n"
+    elif kind < 0.7:
+        mod = r.choice(_MODULES)
+        text = "".join(
+            f"{_SITE}{mod}:{r.randint(10, 3000)}: FutureWarning: The default value of "
+            f"numeric_only in DataFrame.{r.choice(['mean', 'sum', 'corr'])} is deprecated. In a "
+            "future version, it will default to False. Select only valid columns or specify "
+            "the value of numeric_only to silence this warning.\n" for _ in range(r.randint(1, 20)))
+        return _split_stream("stderr", text, g)
+    else:
+        pkgs = ["numpy>=1.22", "pandas", "python-dateutil>=2.8.2", "pytz>=2020.1", "tzdata"]
+        text = "".join(f"Requirement already satisfied: {p} in /opt/conda/lib/python3.11/"
+                       f"site-packages (from scikit-learn) ({r.randint(1, 3)}.{r.randint(0, 30)}."
+                       f"{r.randint(0, 9)})\n" for p in r.choices(pkgs, k=r.randint(5, 40)))
+    return _split_stream("stdout", text, g)
+
+
+def _cell_secret(g: _Gen) -> Cell:
+    """A rare cell that prints a (fake) secret: the finding path is part of the workload."""
+    r = g.rng
+    alnum = string.ascii_letters + string.digits
+    kind = r.randrange(5)
+    if kind == 0:
+        text = f"GITHUB_TOKEN=ghp_{g.token(alnum, 36)}\n"
+    elif kind == 1:
+        text = f"aws_access_key_id = AKIA{g.token('ABCDEFGHIJKLMNOPQRSTUVWXYZ234567', 16)}\n"
+    elif kind == 2:
+        text = f"connecting to postgresql://app:{g.token(alnum, 18)}@db.internal:5432/prod\n"
+    elif kind == 3:
+        head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').decode().rstrip("=")
+        body = base64.urlsafe_b64encode(b'{"sub":"1234"}').decode().rstrip("=")
+        text = f"Authorization: Bearer {head}.{body}.{g.token(alnum + '-_', 43)}\n"
+    else:
+        env = f"DB_PASSWORD={g.token(alnum + '!#%', 20)}\nAPI_KEY=sk_live_{g.token(alnum, 24)}\n"
+        text = f"data:\n  .env: {base64.b64encode(env.encode()).decode()}\n"
+    return _split_stream("stdout", "loading configuration\n" * r.randint(1, 50) + text, g)
+
+
+_KINDS: list[tuple[Callable[[_Gen], Cell], float]] = [
+    (_cell_training, 12), (_cell_dataframe, 20), (_cell_logs, 18), (_cell_json, 12),
+    (_cell_error, 8), (_cell_plot, 14), (_cell_misc, 15), (_cell_secret, 0.7),
+]
+
+
+def notebook_corpus(megabytes: float, seed: int = 7) -> list[Cell]:
+    """Cells of messages until about `megabytes` MB of content frames (see the module doc)."""
+    g = _Gen(seed)
+    makers = [k for k, _ in _KINDS]
+    weights = [w for _, w in _KINDS]
+    cells: list[Cell] = []
+    size = 0
+    while size < megabytes * 1e6:
+        cell = g.rng.choices(makers, weights)[0](g)
+        cells.append(cell)
+        size += sum(len(json.dumps(c, ensure_ascii=False).encode()) for _, c in cell)
+    return cells
+
+
+def mixed_corpus(megabytes: float, seed: int = 7) -> str:
+    """The legacy log-like corpus (first version of this benchmark), one string."""
     rng = random.Random(seed)
     lines = [
         "Epoch {e}/50 - loss: {f:.4f} - accuracy: {g:.4f} - val_loss: {h:.4f}",
@@ -35,14 +349,8 @@ def mixed_corpus(megabytes: int, seed: int = 7) -> str:
     while size < target:
         n += 1
         line = rng.choice(lines).format(
-            e=n % 50,
-            f=rng.random() * 100,
-            g=rng.random(),
-            h=rng.random(),
-            i=n,
-            m=rng.randint(1, 9),
-            d=rng.randint(0, 9),
-            u=uuid.UUID(int=rng.getrandbits(128)),
+            e=n % 50, f=rng.random() * 100, g=rng.random(), h=rng.random(), i=n,
+            m=rng.randint(1, 9), d=rng.randint(0, 9), u=uuid.UUID(int=rng.getrandbits(128)),
             h64=hashlib.sha256(str(n).encode()).hexdigest(),
             b64=base64.b64encode(f"ordinary text number {n}".encode()).decode(),
         )
@@ -53,47 +361,159 @@ def mixed_corpus(megabytes: int, seed: int = 7) -> str:
     return "\n".join(out)
 
 
-PATHOLOGICAL = {
+PATHOLOGICAL: dict[str, str] = {
     '"a"*1e6+"!"': "a" * 1_000_000 + "!",
     '"@"*1e6': "@" * 10**6,
     '"a."*1e6': "a." * 10**6,
     "1 MB base64 lines": base64.encodebytes(random.Random(1).randbytes(750_000)).decode(),
     '"password="*116k': "password=" * 116_000,
+    '"password=Xk9#mQ2$vL "*50k': "password=Xk9#mQ2$vL " * 50_000,
     '"%41"*333k': "%41" * 333_333,
+    '"\\u0041"*166k': "\\u0041" * 166_666,
     '"1111 "*200k': "1111 " * 200_000,
+    '"a@b.co "*140k': "a@b.co " * 140_000,
+    "PEM headers *30k": "-----BEGIN RSA PRIVATE KEY-----\n" * 30_000,
+    "base64 of a .env *20k": "\n".join(
+        [base64.b64encode(b"API_KEY=sk_live_" + b"x1Y2z3" * 4 + b"\n").decode()] * 20_000),
+    '"ghp_"*250k': "ghp_" * 250_000,
+    '"QUFB"*250k (base64 "AAA")': "QUFB" * 250_000,
 }
 
 
-def mbps(redactor: Redactor, text: str, chunk: int | None = None) -> tuple[float, int]:
-    start = time.perf_counter()
-    found = 0
-    if chunk is None:
-        found = len(redactor.redact(text).findings)
-    else:
-        for i in range(0, len(text), chunk):
-            found += len(redactor.redact(text[i : i + chunk]).findings)
-    return len(text) / 1e6 / (time.perf_counter() - start), found
+# -- timing ------------------------------------------------------------------------------
+
+
+def _cpu(fn: Callable[[], Any], runs: int) -> float:
+    """Median CPU seconds of `fn` over `runs` runs."""
+    times = []
+    for _ in range(runs):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def _policies() -> dict[str, tuple[OutputPolicy, dict[str, str]]]:
+    policy = load_policy()
+    analyst = policy.profile("analyst").output
+    exact = analyst.model_copy(update={
+        "redact_values": ("s3cr3t-value/with+odd=chars!", "hunter22-prod-db"),
+        "redact_env": ("BENCH_SECRET",)})
+    return {"analyst": (analyst, {}), "agent": (policy.profile("agent").output, {}),
+            "analyst+exact": (exact, {"BENCH_SECRET": "bench-env-secret-9f3k2q"})}
+
+
+def _frames(cells: list[Cell]) -> list[list[tuple[str, bytes]]]:
+    return [[(t, json.dumps(c, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+             for t, c in cell] for cell in cells]
+
+
+def _text_leaves(obj: Any, out: list[str], mime: str = "") -> None:
+    if isinstance(obj, str):
+        if mime not in ("image/png", "image/jpeg"):
+            out.append(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append(k)
+            _text_leaves(v, out, k if k.startswith(("image/", "text/", "application/")) else mime)
+    elif isinstance(obj, list):
+        for v in obj:
+            _text_leaves(v, out, mime)
+
+
+def _gate_run(policy: OutputPolicy, env: dict[str, str],
+              frames: list[list[tuple[str, bytes]]]) -> Callable[[], None]:
+    def run() -> None:
+        f = OutputFilter(policy, build_redactor(policy, env), audit=None, nonce="bench0")
+        for n, cell in enumerate(frames):
+            parent = {"msg_id": f"cell-{n}"}
+            for msg_type, content in cell:
+                f.apply("iopub", msg_type, {"msg_type": msg_type}, parent, content, b"{}")
+            f.flush(parent["msg_id"])
+    return run
+
+
+def measure(mb: float = 20, runs: int = 5, seed: int = 7, legacy: bool = True,
+            pathological: bool = True, profiles: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return every number as a dict (what ``--json`` writes).
+
+    Called by ``main`` and by the combined benchmark command. ``mb``: size of the notebook
+    corpus (and of the legacy corpus); ``runs``: runs per median.
+    """
+    result: dict[str, Any] = {"method": "median CPU time (time.process_time) of "
+                              f"{runs} runs, one thread", "mb": mb, "runs": runs, "seed": seed,
+                              "python": sys.version.split()[0], "notebook": {}, "legacy": {},
+                              "pathological": {}}
+    cells = notebook_corpus(mb, seed)
+    frames = _frames(cells)
+    leaves: list[str] = []
+    for cell in cells:
+        for _, content in cell:
+            _text_leaves(content, leaves)
+    text_mb = sum(len(s.encode("utf-8", "surrogatepass")) for s in leaves) / 1e6
+    all_mb = sum(len(c) for cell in frames for _, c in cell) / 1e6
+    result["corpus"] = {"cells": len(cells), "messages": sum(map(len, cells)),
+                        "text_mb": round(text_mb, 3), "all_mb": round(all_mb, 3),
+                        "non_ascii_leaves": sum(not s.isascii() for s in leaves)}
+    for name, (policy, env) in _policies().items():
+        if profiles is not None and name not in profiles:
+            continue
+        redactor = build_redactor(policy, env)
+        gate_s = _cpu(_gate_run(policy, env, frames), runs)
+        scan_s = _cpu(lambda r=redactor: [r.redact(s) for s in leaves], runs)
+        result["notebook"][name] = {
+            "gate_mb_s": round(text_mb / gate_s, 1), "gate_all_mb_s": round(all_mb / gate_s, 1),
+            "scanner_mb_s": round(text_mb / scan_s, 1)}
+    if legacy:
+        plain = Redactor()
+        text = mixed_corpus(mb, seed)
+        mbytes = len(text) / 1e6
+        result["legacy"]["mixed, one block, secrets"] = round(
+            mbytes / _cpu(lambda: plain.redact(text), runs), 1)
+        chunks = [text[i:i + 65_536] for i in range(0, len(text), 65_536)]
+        result["legacy"]["mixed, 64 KB pieces, secrets"] = round(
+            mbytes / _cpu(lambda: [plain.redact(c) for c in chunks], runs), 1)
+    if pathological:
+        full = Redactor(pii=("email", "phone", "card", "iban", "ssn"),
+                        exact=("s3cr3t-value", "hunter22"))
+        for name, text in PATHOLOGICAL.items():
+            seconds = _cpu(lambda t=text: full.redact(t), max(1, min(runs, 3)))
+            result["pathological"][name] = {"mb": round(len(text) / 1e6, 2),
+                                            "mb_s": round(len(text) / 1e6 / seconds, 1)}
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    c = result.get("corpus", {})
+    print(f"notebook corpus: {c.get('cells')} cells, {c.get('messages')} messages, "
+          f"{c.get('text_mb')} MB of scanned text in {c.get('all_mb')} MB of content frames; "
+          f"{result['method']}")
+    print(f"{'profile':<16} {'gate MB/s':>10} {'(all bytes)':>12} {'scanner MB/s':>13}")
+    for name, row in result["notebook"].items():
+        print(f"{name:<16} {row['gate_mb_s']:>10.1f} {row['gate_all_mb_s']:>12.1f} "
+              f"{row['scanner_mb_s']:>13.1f}")
+    for name, rate in result["legacy"].items():
+        print(f"legacy {name:<40} {rate:>8.1f} MB/s")
+    for name, row in result["pathological"].items():
+        print(f"pathological {name:<34} {row['mb']:>5.2f} MB {row['mb_s']:>8.1f} MB/s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mb", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=20, help="corpus size (default 20)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per median (default 5)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--quick", action="store_true", help="notebook corpus only")
+    parser.add_argument("--cpu", type=int, help="pin to this CPU (os.sched_setaffinity)")
     args = parser.parse_args()
-    plain = Redactor()
-    full = Redactor(
-        pii=("email", "phone", "card", "iban", "ssn"), exact=("s3cr3t-value", "hunter22")
-    )
-    corpus = mixed_corpus(args.mb)
-    rows = [
-        ("mixed, one 50 MB block", "plain", *mbps(plain, corpus)),
-        ("mixed, 64 KB messages", "plain", *mbps(plain, corpus, 65_536)),
-        ("mixed, 64 KB messages", "full", *mbps(full, corpus, 65_536)),
-        ("mixed, 4 KB messages", "plain", *mbps(plain, corpus, 4096)),
-    ]
-    rows += [(name, "full", *mbps(full, text)) for name, text in PATHOLOGICAL.items()]
-    print(f"{'input':<28} {'config':<6} {'MB/s':>8} {'findings':>9}")
-    for name, config, rate, found in rows:
-        print(f"{name:<28} {config:<6} {rate:>8.1f} {found:>9}")
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    result = measure(args.mb, args.runs, args.seed, legacy=not args.quick,
+                     pathological=not args.quick)
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

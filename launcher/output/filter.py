@@ -89,11 +89,9 @@ class OutputFilter:
                 self._report(parent_id, msg_type)
                 return WITHHOLD
         elif msg_type in _BUNDLE_TYPES:
-            for key, value in list(content.items()):
-                if key == "data":
-                    content["data"] = self._bundle(value)
-                else:
-                    content[self._clean(key, "key")] = self._walk(value, key)
+            content = {("data" if key == "data" else self._clean(key, "key")):
+                       (self._bundle(value) if key == "data" else self._walk(value, key))
+                       for key, value in content.items()}
         elif msg_type == "execute_reply":
             content = self._execute_reply(content)
         elif msg_type == "kernel_info_reply" and self.policy.neutralize_urls:
@@ -199,9 +197,8 @@ class OutputFilter:
         return obj
 
     def _bundle(self, data: Any) -> Any:
-        before = json.dumps(data, sort_keys=True) if isinstance(data, dict) else None
-        out = filter_bundle(data, self.policy, self._clean, self._walk, self._notes)
-        if before is None or json.dumps(out, sort_keys=True) != before:
+        out, changed = filter_bundle(data, self.policy, self._clean, self._walk, self._notes)
+        if changed:
             self._changed = True
         return out
 

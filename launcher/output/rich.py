@@ -54,12 +54,14 @@ def filter_bundle(
     clean: Callable[[str, str], str],
     walk: Callable[[Any, str], Any],
     notes: list[str],
-) -> Any:
-    """The bundle as it may leave the gate. ``clean(text, what)`` redacts and caps one
-    string; ``walk(obj, what)`` does that for every string in a JSON value. ``notes``
-    collects what was withheld, for the audit log."""
+) -> tuple[Any, bool]:
+    """The bundle as it may leave the gate, and whether a MIME type or image was withheld or a
+    URL removed. ``clean(text, what)`` redacts and caps one string; ``walk(obj, what)`` does
+    that for every string in a JSON value (both tell their caller themselves when they change
+    something). ``notes`` collects what was withheld, for the audit log."""
     if not isinstance(data, dict):
-        return walk(data, "output")
+        return walk(data, "output"), False
+    changed = False
     allowed = policy.allowed_mime
     out: dict[str, Any] = {}
     withheld: list[str] = []
@@ -80,6 +82,7 @@ def filter_bundle(
             if policy.neutralize_urls and mime in _URL_MIME:
                 text, n = neutralize_urls(text)
                 if n:
+                    changed = True
                     notes.append(f"{n} remote URL(s) removed from {mime}")
             out[mime_clean] = text
         elif _is_text(mime) or isinstance(value, (dict, list)):
@@ -91,4 +94,5 @@ def filter_bundle(
         note = "[cellblock: withheld " + "; ".join(withheld) + "]"
         plain = out.get("text/plain")
         out["text/plain"] = f"{plain}\n{note}" if isinstance(plain, str) and plain else note
-    return out
+        changed = True
+    return out, changed

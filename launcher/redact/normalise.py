@@ -12,14 +12,18 @@ other than what was scanned.
 Cyrillic and other confusable homoglyphs are not folded (that needs a UTS #39 skeleton), and
 HTML entities are not decoded: both get through, as THREATS O7 and O9 record.
 
-All steps are linear: ASCII text without ESC, CR or BS is returned as is; ANSI sequences are
-found by hyperscan, never by Python `re`.
+All steps are linear, and each is skipped when it cannot change anything, which is checked at
+C speed: ASCII text without ESC, CR or BS is returned as is; Latin-1 text (accents, ``ñ``) needs
+NFKC only if it holds one of the 14 Latin-1 characters NFKC changes, or a soft hyphen; other text
+is NFKC-folded only if `unicodedata.is_normalized` says so, and a compiled class of every Cf
+character finds format characters. ANSI sequences are found by hyperscan, never by Python `re`.
 """
 
 from __future__ import annotations
 
 import codecs
 import functools
+import re
 import sys
 import unicodedata
 
@@ -36,11 +40,23 @@ def _one_byte_per_char(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error(_SUB, _one_byte_per_char)
 
 
+#: bytes.translate table: every non-ASCII byte of a Latin-1 encoding becomes SUB.
+_HIGH_TO_SUB = bytes(range(128)) + b"\x1a" * 128
+
+
 def scan_bytes(text: str) -> bytes:
     """`text` as bytes with one byte per character: non-ASCII characters become SUB (0x1a).
 
     Offsets in these bytes are offsets in `text`. Every pattern is ASCII, so nothing is lost.
     """
+    if text.isascii():
+        return text.encode("ascii")
+    try:
+        return text.encode("latin-1").translate(_HIGH_TO_SUB)
+    except UnicodeEncodeError:
+        pass
+    if "?" not in text:  # the codec's own "replace" (C speed) writes one "?" per character
+        return text.encode("ascii", "replace").replace(b"?", b"\x1a")
     return text.encode("ascii", _SUB)
 
 
@@ -64,11 +80,125 @@ def _ansi_db() -> hyperscan.Database:
 
 
 @functools.cache
-def _format_chars() -> dict[int, None]:
-    """str.translate table deleting every Unicode category Cf character (built once)."""
-    return dict.fromkeys(
-        cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"
-    )
+def _format_chars() -> re.Pattern[str]:
+    """A class of every Unicode category Cf character (built once)."""
+    cps = [cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"]
+    ranges: list[list[int]] = []
+    for cp in cps:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return re.compile("[" + "".join(
+        re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+        for a, b in ranges) + "]")
+
+
+@functools.cache
+def _latin1_unstable() -> bytes:
+    """The Latin-1 characters NFKC changes, and the one Cf character (soft hyphen), as bytes
+    for bytes.translate's delete argument's complement. No two Latin-1 characters compose, so
+    a Latin-1 string is stable iff it holds none of them."""
+    return bytes(c for c in range(256)
+                 if unicodedata.normalize("NFKC", chr(c)) != chr(c)
+                 or unicodedata.category(chr(c)) == "Cf")
+
+
+@functools.cache
+def _latin1_stable() -> bytes:
+    unstable = set(_latin1_unstable())
+    return bytes(c for c in range(256) if c not in unstable)
+
+
+def _may_change() -> frozenset[int]:
+    """Every code point whose presence can make NFKC or Cf removal change a text: those NFKC
+    changes on their own, combining marks (reordering), the second character of every
+    canonical composition and the Hangul vowel and trailing jamo (composition), and Cf.
+    A text with none of them passes `unicodedata.is_normalized`'s quick check and has no Cf."""
+    out: set[int] = set()
+    for cp in range(0x80, sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        if (unicodedata.category(c) == "Cf" or unicodedata.combining(c)
+                or unicodedata.normalize("NFKC", c) != c):
+            out.add(cp)
+        decomposition = unicodedata.decomposition(c)
+        if decomposition and not decomposition.startswith("<"):
+            parts = decomposition.split()
+            if len(parts) == 2:
+                out.add(int(parts[1], 16))
+    out.update(range(0x1161, 0x1176))
+    out.update(range(0x11A8, 0x11C3))
+    return frozenset(out)
+
+
+def utf8_sequences(low: int, high: int) -> list[list[tuple[int, int]]]:
+    """The code points ``low..high`` as UTF-8 byte-range sequences (one range per byte)."""
+    out: list[list[tuple[int, int]]] = []
+    for a, b in ((0, 0x7F), (0x80, 0x7FF), (0x800, 0xFFFF), (0x10000, sys.maxunicode)):
+        if max(low, a) <= min(high, b):
+            _same_length(max(low, a), min(high, b), out)
+    return out
+
+
+def _same_length(low: int, high: int, out: list[list[tuple[int, int]]]) -> None:
+    n = len(chr(low).encode("utf-8", "surrogatepass"))
+    for i in range(1, n):
+        m = (1 << (6 * i)) - 1
+        if low & ~m != high & ~m:
+            if low & m:
+                _same_length(low, low | m, out)
+                _same_length((low | m) + 1, high, out)
+                return
+            if high & m != m:
+                _same_length(low, (high & ~m) - 1, out)
+                _same_length(high & ~m, high, out)
+                return
+    a, b = (chr(x).encode("utf-8", "surrogatepass") for x in (low, high))
+    out.append(list(zip(a, b, strict=True)))
+
+
+@functools.cache
+def _guard_db() -> hyperscan.Database:
+    """A database matching (the UTF-8 of) any character of `_may_change`. Compiling takes
+    half a second: it is cached on disk like the detectors, keyed by the Unicode version."""
+    from cellblock.redact.scanner import compiled
+
+    def expressions() -> list[bytes]:
+        ranges: list[list[int]] = []
+        for cp in sorted(_may_change()):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+        seqs = [seq for a, b in ranges for seq in utf8_sequences(a, b)]
+        return [("(?:" + "|".join("".join(f"\\x{a:02x}" if a == b else f"[\\x{a:02x}-\\x{b:02x}]"
+                                          for a, b in seq) for seq in seqs) + ")").encode()]
+
+    return compiled(expressions, [hyperscan.HS_FLAG_SINGLEMATCH], [0], True,
+                    key=("nfkc-cf-guard", 1, unicodedata.unidata_version))
+
+
+def _fold(text: str) -> str:
+    """NFKC, then every Cf character removed, as ``normalize("NFKC", text)`` minus Cf; skipped
+    when no character of the text can change (checked by bytes.translate for Latin-1 text, by
+    one hyperscan pass over the UTF-8 otherwise)."""
+    try:
+        latin = text.encode("latin-1")
+    except UnicodeEncodeError:
+        hits: list[int] = []
+        _guard_db().scan(text.encode("utf-8", "surrogatepass"),
+                         match_event_handler=lambda _i, _s, _e, _f, _c: hits.append(1))
+        if not hits:
+            return text
+    else:
+        if not latin.translate(None, _latin1_stable()):
+            return text
+    text = unicodedata.normalize("NFKC", text)
+    if _format_chars().search(text) is not None:
+        text = _format_chars().sub("", text)
+    return text
 
 
 def _strip_ansi(text: str) -> str:
@@ -87,21 +217,27 @@ def _strip_ansi(text: str) -> str:
 
 
 def _render_carriage_returns(text: str) -> str:
+    """Each line holding a CR as a terminal shows it; only those lines are visited."""
     text = text.replace("\r\n", "\n")
-    if "\r" not in text:
+    cr = text.find("\r")
+    if cr < 0:
         return text
-    lines = text.split("\n")
-    for k, line in enumerate(lines):
-        if "\r" in line:
-            segments = line.split("\r")
-            shown = list(segments[0])
-            for segment in segments[1:]:
-                if len(segment) >= len(shown):
-                    shown = list(segment)
-                else:
-                    shown[: len(segment)] = segment
-            lines[k] = "".join(shown)
-    return "\n".join(lines)
+    out: list[str] = []
+    pos = 0
+    while cr >= 0:
+        start = text.rfind("\n", pos, cr) + 1 or pos
+        end = text.find("\n", cr)
+        end = len(text) if end < 0 else end
+        segments = text[start:end].split("\r")
+        shown = segments[0]
+        for segment in segments[1:]:
+            shown = segment if len(segment) >= len(shown) else segment + shown[len(segment):]
+        out.append(text[pos:start])
+        out.append(shown)
+        pos = end
+        cr = text.find("\r", pos)
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _render_backspaces(text: str) -> str:
@@ -120,7 +256,7 @@ def normalise(text: str) -> str:
         if "\x1b" not in text and "\r" not in text and "\b" not in text:
             return text
     else:
-        text = unicodedata.normalize("NFKC", text).translate(_format_chars())
+        text = _fold(text)
     if "\x1b" in text or "\x9b" in text:
         text = _strip_ansi(text)
     if "\r" in text:

@@ -1,0 +1,203 @@
+"""One level of decoding: base64 / URL-safe base64 and hex runs, percent and ``\\uXXXX`` escapes
+(called by engine.detect, which rescans what comes out with the secret rules).
+
+Ordinary notebook output is full of things that look like base64 (paths, UUIDs, hashes: about
+3,000 runs of 20+ characters per MB), so what to decode is decided by the hyperscan scan itself,
+never by a Python step per run, and by literals only (a pattern that follows runs of base64
+characters costs hyperscan a nanosecond per byte, more than all the detectors together):
+
+- **Base64 and hex runs** (20 to `DECODE_CAP` characters of ``[A-Za-z0-9+/_-]``, as before) are
+  decoded when they contain the encoding of a literal that some secret rule requires
+  (factors.py: ``ghp_``, ``AKIA``, ``://``, ``-----BEGIN``, ``password`` in any case...): its
+  base64 at any of the three byte alignments, in either alphabet, or its hex in either case. A
+  run that decodes to text with a finding holds that finding's literal, so it holds one of these
+  encodings: nothing that was found before is missed. The exception is a rule with no literal of
+  three or more characters, `undecodable`: the Discord bot token. Runs are also still required
+  to decode to mostly (3/4) printable bytes, as before.
+- **Percent and ``\\u`` escapes** change the text around them (``%20ghp_...`` hides the word
+  boundary a token needs), so when the scan saw one, the whole text is decoded in one call
+  (every ``%XX``, or every ``\\uXXXX``, one byte each) and that view is scanned once with the
+  secret rules. Only if the view has a hit is the escape run around it (``[A-Za-z0-9._~+/=-]``
+  and escapes, as before) decoded on its own and rescanned, which is exactly the check that was
+  made for every run before. A run's decoding is a substring of the view, between characters
+  that cannot be part of a word, so whatever the run alone would show, the view shows too.
+
+A finding inside a decoded run redacts the whole run, ``[REDACTED:<rule>:<encoding>]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from urllib.parse import unquote_to_bytes
+
+import hyperscan
+
+from cellblock.redact import factors, keys
+from cellblock.redact.normalise import scan_bytes
+from cellblock.redact.rule import Block, Rule
+from cellblock.redact.scanner import PERCENT_ANY, RUN_HINT, UESCAPE_ANY
+
+#: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
+DECODE_CAP = keys.KEY_BLOCK_CAP
+#: The shortest base64/hex run that is decoded.
+MIN_RUN = 20
+
+_RUN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
+_HEX_BYTES = b"0123456789abcdefABCDEF"
+_PRINTABLE = bytes(range(32, 127)) + b"\t\n\r"
+_URLCH = "A-Za-z0-9._~+/=-"
+
+_RUN = rf"[{re.escape(_RUN_CHARS)}]*".encode()
+_B64_RUN = re.compile(_RUN)
+_PERCENT = re.compile(rb"%[0-9A-Fa-f]{2}")
+_UESCAPE = re.compile(rb"\\u([0-9A-Fa-f]{4})")
+_PERCENT_RUN = re.compile(rf"(?:%[0-9A-Fa-f]{{2}}|[{_URLCH}])*".encode())
+_PERCENT_RUN_BACK = re.compile(rf"(?:[0-9A-Fa-f]{{2}}%|[{_URLCH}])*".encode())
+_UESCAPE_RUN = re.compile(rf"(?:\\u[0-9A-Fa-f]{{4}}|[{_URLCH}])*".encode())
+_UESCAPE_RUN_BACK = re.compile(rf"(?:[0-9A-Fa-f]{{4}}u\\|[{_URLCH}])*".encode())
+
+
+def undecodable(rules: Iterable[Rule], blocks: Iterable[Block] = ()) -> list[str]:
+    """Ids of the rules whose findings are not looked for inside base64/hex runs."""
+    out = [r.id for r in rules if factors.required(r.pattern, r.caseless) is None]
+    out += [b.id for b in blocks if factors.required(b.begin) is None]
+    return sorted(set(out))
+
+
+def patterns(rules: Iterable[Rule], blocks: Iterable[Block]) -> list[tuple[int, str, int]]:
+    """The decode-candidate patterns for the main scanner, (kind, pattern, hyperscan flags):
+    the base64 and hex forms of the literals the secret rules (those rescanned in decoded runs)
+    require, and whether a percent or ``\\u`` escape occurs at all."""
+    literals: set[bytes] = set()
+    required = [factors.required(r.pattern, r.caseless) for r in rules]
+    required += [factors.required(b.begin) for b in blocks]
+    for alternatives in required:
+        for seq in alternatives or ():
+            literals.update(factors.combos(seq))
+    b64: set[str] = set()
+    hexes: set[str] = set()
+    for literal in literals:
+        b64 |= factors.base64_cores(literal)
+        hexes.add(literal.hex())
+    out = [(RUN_HINT, factors.hyperscan_literal(core), 0) for core in sorted(b64)]
+    out += [(RUN_HINT, h, hyperscan.HS_FLAG_CASELESS) for h in sorted(hexes)]
+    out += [(PERCENT_ANY, r"%[0-9A-Fa-f]{2}", hyperscan.HS_FLAG_SINGLEMATCH),
+            (UESCAPE_ANY, r"\\u[0-9A-Fa-f]{4}", hyperscan.HS_FLAG_SINGLEMATCH)]
+    return out
+
+
+def _mostly_printable(data: bytes) -> bool:
+    return len(data) >= 8 and 4 * len(data.translate(None, _PRINTABLE)) <= len(data)
+
+
+def _decodings(run: str, raw: bytes) -> list[tuple[str, bytes]]:
+    """The one-level decodings of a base64/hex run worth rescanning."""
+    out: list[tuple[str, bytes]] = []
+    if not raw.translate(None, _HEX_BYTES):
+        decoded = bytes.fromhex(run[: len(run) // 2 * 2])
+        if _mostly_printable(decoded):
+            out.append(("hex", decoded))
+    body = run.rstrip("=")
+    if len(body) % 4 == 1:
+        body = body[:-1]
+    try:
+        decoded = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        return out
+    if _mostly_printable(decoded):
+        out.append(("base64", decoded))
+    return out
+
+
+Inner = Callable[[bytes], "str | None"]
+Ends = Callable[[bytes], "list[int]"]
+
+
+def findings(inner: Inner, ends: Ends, text: str, data: bytes, run_ends: list[int],
+             percent: bool, uescape: bool) -> list[tuple[int, int, str]]:
+    """Findings in decoded runs of `text` (`data` is its one-byte-per-character form).
+
+    ``inner(decoded)`` scans decoded bytes with the secret rules and names the finding (or
+    None); ``ends(view)`` gives the end offsets of every secret-rule hit in a decoded view (no
+    checks; a superset). ``run_ends`` are the ends of hits of the encoded literals, each
+    inside a run; ``percent`` and ``uescape`` say whether the text has such an escape at all.
+    """
+    found: list[tuple[int, int, str]] = []
+    done = -1
+    for end in sorted(run_ends):
+        if end <= done:
+            continue  # inside a run already looked at
+        start, stop = _run_around(data, end)
+        done = stop
+        if not MIN_RUN <= stop - start <= DECODE_CAP:
+            continue
+        run_stop = stop
+        while stop < len(text) and stop - run_stop < 2 and text[stop] == "=":
+            stop += 1
+        for encoding, decoded in _decodings(text[start:stop], data[start:stop]):
+            rule = inner(decoded)
+            if rule is not None:
+                found.append((start, stop, f"{rule}:{encoding}"))
+                break
+    if percent:
+        found += _escaped(inner, ends, data, _PERCENT, 3, unquote_to_bytes,
+                          _PERCENT_RUN, _PERCENT_RUN_BACK, "percent")
+    if uescape:
+        found += _escaped(inner, ends, data, _UESCAPE, 6, _unescape,
+                          _UESCAPE_RUN, _UESCAPE_RUN_BACK, "unicode")
+    return found
+
+
+def _run_around(data: bytes, end: int) -> tuple[int, int]:
+    """The base64/hex run holding ``data[end - 1]``, (start, stop); looked for at most
+    DECODE_CAP + 1 characters each way, so a longer run comes out longer than DECODE_CAP."""
+    low = max(0, end - DECODE_CAP - 1)
+    start = end - _B64_RUN.match(data[low:end][::-1]).end()  # type: ignore[union-attr]
+    stop = _B64_RUN.match(data, end, end + DECODE_CAP + 1).end()  # type: ignore[union-attr]
+    return start, stop
+
+
+def _unescape(data: bytes) -> bytes:
+    """Every ``\\uXXXX`` as one byte: the character if ASCII, else SUB (as scan_bytes)."""
+    return _UESCAPE.sub(lambda m: bytes([c if (c := int(m[1], 16)) < 128 else 0x1A]), data)
+
+
+def _run_unescape(run: bytes) -> bytes:
+    """A ``\\uXXXX`` run decoded as before: by Python's unicode_escape, one byte a character."""
+    return scan_bytes(run.decode("unicode_escape", "replace"))
+
+
+def _escaped(inner: Inner, ends: Ends, data: bytes, escape: re.Pattern[bytes], width: int,
+             decode_all: Callable[[bytes], bytes], forward: re.Pattern[bytes],
+             back: re.Pattern[bytes], encoding: str) -> list[tuple[int, int, str]]:
+    """Findings in percent or \\u escape runs, through one scan of the decoded view."""
+    view = decode_all(data)
+    hit_ends = ends(view)
+    if not hit_ends:
+        return []
+    positions = [m.start() for m in escape.finditer(data)]
+    in_view = [p - i * (width - 1) for i, p in enumerate(positions)]
+    found: list[tuple[int, int, str]] = []
+    done: list[tuple[int, int]] = []
+    for end in sorted(set(hit_ends)):
+        g = end - 1
+        k = bisect_left(in_view, g)
+        pos = positions[k] if k < len(in_view) and in_view[k] == g else g + k * (width - 1)
+        if any(a <= pos < b for a, b in done[-1:]):
+            continue
+        low = max(0, pos - DECODE_CAP - 1)
+        start = pos - back.match(data[low:pos][::-1]).end()  # type: ignore[union-attr]
+        stop = forward.match(data, pos, pos + DECODE_CAP + 1).end()  # type: ignore[union-attr]
+        done.append((start, max(stop, pos + 1)))
+        if stop - start > DECODE_CAP or not escape.search(data, start, stop):
+            continue
+        run = data[start:stop]
+        decoded = unquote_to_bytes(run) if encoding == "percent" else _run_unescape(run)
+        rule = inner(decoded)
+        if rule is not None:
+            found.append((start, stop, f"{rule}:{encoding}"))
+    return found

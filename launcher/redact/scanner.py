@@ -1,0 +1,262 @@
+"""The compiled hyperscan databases of one detector configuration, and the scan that reports
+candidates (called by engine.detect).
+
+Speed comes from not asking hyperscan for what it is slow at. Tracking the start of a match
+(``HS_FLAG_SOM_LEFTMOST``) is cheap for a pattern that opens with an assertion and a literal
+(``\\bghp_``), but costs 5-10x for one that can start at any character: ``password=...``,
+``scheme://user:pass@``, connection strings, email, phone. So there are two databases:
+
+- **main**, scanned over every text: patterns that open with an assertion, and PEM begin/end
+  markers, with start of match; patterns that can start anywhere ("windowed") *without* it, so
+  for them the scan only says where a match ends; the decode-candidate patterns (decode.py)
+  without it too.
+- **window**: the windowed patterns again, with start of match. For each end the main scan
+  reported, the window database scans the ``2 * max_len`` characters before it (windows that
+  overlap are merged) and gives the leftmost start. A windowed pattern has no assertion at its
+  start (checked when compiling: `context_free_start`), so a match that starts inside the window
+  is a match in the whole text, and only (pattern, end) pairs the main scan reported are kept, so
+  the window's edges change nothing. In ordinary output these patterns rarely match and the
+  windows cost nothing; in a flood the windows merge into one span that is scanned once.
+
+Reports for one pattern come at most once per end offset, so a scan reports at most
+(patterns x length) hits, linear in the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import hyperscan
+
+from cellblock.redact.rule import Block, Rule
+
+# What a pattern id of a compiled scanner stands for.
+RULE, BEGIN, END, RUN_HINT, PERCENT_ANY, UESCAPE_ANY = range(6)
+
+#: A scan hit: (pattern id, start, end); start is 0 for patterns scanned without start of match.
+Hit = tuple[int, int, int]
+
+
+def context_free_start(pattern: str) -> bool:
+    """True when no match of `pattern` can depend on the character before the match: it does
+    not open with an assertion (``\\b``, ``^``, ``(?:^|x)``), possibly after optional parts.
+    Patterns that Python's parser cannot read count as not context-free (the safe answer)."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        parsed = _parser.parse(pattern.replace(r"\z", r"\Z"))
+    except Exception:
+        return False
+    return _first_is_plain(list(parsed))
+
+
+def min_width(pattern: str) -> int:
+    """The fewest characters a match of `pattern` can have (0 when Python cannot parse it)."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        return int(_parser.parse(pattern.replace(r"\z", r"\Z")).getwidth()[0])
+    except Exception:
+        return 0
+
+
+def _first_is_plain(items: Sequence[tuple[Any, Any]]) -> bool:
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    for op, av in items:
+        if op in (c.LITERAL, c.NOT_LITERAL, c.IN, c.ANY):
+            return True
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            low, _high, sub = av
+            if not _first_is_plain(list(sub)):
+                return False
+            if low > 0 and sub.getwidth()[0] > 0:
+                return True
+        elif op is c.SUBPATTERN:
+            sub = av[-1]
+            if not _first_is_plain(list(sub)):
+                return False
+            if sub.getwidth()[0] > 0:
+                return True
+        elif op is c.BRANCH:
+            branches = av[1]
+            if not all(_first_is_plain(list(b)) for b in branches):
+                return False
+            if min(b.getwidth()[0] for b in branches) > 0:
+                return True
+        else:
+            return False  # an assertion, a backreference, a lookaround: needs context
+    return True
+
+
+class Scanner:
+    """One configuration's databases: `rules` and `blocks`, plus the decode-candidate patterns
+    when `decoders` is given (a list of (kind, pattern, flags) from decode.py).
+
+    ``cacheable=False`` keeps the compiled databases off the disk (they hold operator secrets).
+    """
+
+    def __init__(self, rules: Iterable[Rule], blocks: Iterable[Block],
+                 decoders: Sequence[tuple[int, str, int]] = (), cacheable: bool = True) -> None:
+        self.rules: list[Rule] = list(rules)
+        self.blocks: list[Block] = list(blocks)
+        self.kinds: list[tuple[int, int]] = []
+        self.windowed: dict[int, int] = {}  # pattern id -> window length (characters)
+        main: list[tuple[bytes, int]] = []
+        window: list[tuple[int, bytes, int]] = []
+        som = hyperscan.HS_FLAG_SOM_LEFTMOST
+        for index, rule in enumerate(self.rules):
+            pid = len(self.kinds)
+            flags = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
+            if context_free_start(rule.pattern):
+                main.append((rule.pattern.encode(), flags))
+                window.append((pid, rule.pattern.encode(), flags | som))
+                self.windowed[pid] = 2 * rule.max_len + 1
+            else:
+                main.append((rule.pattern.encode(), flags | som))
+            self.kinds.append((RULE, index))
+        for index, block in enumerate(self.blocks):
+            for kind, pattern in ((BEGIN, block.begin), (END, block.end)):
+                main.append((pattern.encode(), som))
+                self.kinds.append((kind, index))
+        for kind, pattern, flags in decoders:
+            main.append((pattern.encode(), flags))
+            self.kinds.append((kind, 0))
+        self.db = compiled([p for p, _ in main], [f for _, f in main],
+                           list(range(len(main))), cacheable)
+        self.window_db = compiled([p for _, p, _ in window], [f for _, _, f in window],
+                                  [i for i, _, _ in window], cacheable) if window else None
+        self.max_len = max([r.max_len for r in self.rules] + [b.max_len for b in self.blocks])
+        #: No finding is shorter than this: a shorter text need not be scanned.
+        self.min_len = min([min_width(r.pattern) for r in self.rules]
+                           + [min_width(b.begin) for b in self.blocks] or [0])
+        self._hits: list[Hit] = []
+        self._collect = _Collector(self._hits)
+
+    def scan(self, data: bytes) -> list[Hit]:
+        """Every hit of the main database in `data`, windowed rules resolved to their starts.
+
+        Hits of windowed rules whose start is not within their window are left out (their
+        candidate would be longer than twice the rule's ``max_len``)."""
+        collected = self._hits
+        self.db.scan(data, match_event_handler=self._collect)
+        if not collected:
+            return []
+        hits = collected[:]
+        collected.clear()
+        if not self.windowed:
+            return hits
+        windowed = self.windowed
+        ends = [(pid, end) for pid, _s, end in hits if pid in windowed]
+        if not ends:
+            return hits
+        out = [hit for hit in hits if hit[0] not in windowed]
+        self._resolve(data, ends, out)
+        return out
+
+    def ends(self, data: bytes) -> list[int]:
+        """The end offset of every hit of the main database in `data`, unchecked: a superset
+        of where a finding can end (used on decoded views, decode.py)."""
+        collected = self._hits
+        self.db.scan(data, match_event_handler=self._collect)
+        out = [end for _pid, _start, end in collected]
+        collected.clear()
+        return out
+
+    def _resolve(self, data: bytes, ends: list[tuple[int, int]], out: list[Hit]) -> None:
+        """Append (pid, leftmost start, end) for each reported (pid, end) of a windowed rule."""
+        wanted = set(ends)
+        spans = sorted((max(0, end - self.windowed[pid]), min(len(data), end + 1))
+                       for pid, end in wanted)
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        assert self.window_db is not None
+        for start, end in merged:
+            self.window_db.scan(data[start:end],
+                                match_event_handler=_Shifted(out, wanted, start))
+
+
+class _Collector:
+    """Hyperscan match handler that appends (id, start, end); returning None goes on."""
+
+    __slots__ = ("append",)
+
+    def __init__(self, hits: list[Hit]) -> None:
+        self.append = hits.append
+
+    def __call__(self, pid: int, start: int, end: int, _flags: int, _ctx: object) -> None:
+        self.append((pid, start, end))
+
+
+class _Shifted:
+    """Match handler for a window starting at `offset`: keeps the wanted (id, end) pairs."""
+
+    __slots__ = ("append", "offset", "wanted")
+
+    def __init__(self, hits: list[Hit], wanted: set[tuple[int, int]], offset: int) -> None:
+        self.append = hits.append
+        self.wanted = wanted
+        self.offset = offset
+
+    def __call__(self, pid: int, start: int, end: int, _flags: int, _ctx: object) -> None:
+        end += self.offset
+        if (pid, end) in self.wanted:
+            self.append((pid, start + self.offset, end))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cellblock" / "hyperscan"
+
+
+def compiled(expressions: list[bytes] | Callable[[], list[bytes]], flags: list[int],
+             ids: list[int], cacheable: bool, key: object = None) -> Any:
+    """A compiled block-mode database, from the on-disk cache when possible.
+
+    Compiling the built-in rules takes about a second, and every kernel's warden is a new
+    process: the serialised database is cached in ``~/.cache/cellblock/hyperscan`` (mode 0700),
+    keyed by the hyperscan version and the exact patterns, flags and ids (or by `key`, when the
+    expressions are a function that is costly to call). A database holding operator-registered
+    exact secrets is never written to disk (``cacheable=False``).
+    """
+    if key is None:
+        assert not callable(expressions)
+        key = (expressions, flags, ids)
+    digest = hashlib.sha256(repr((getattr(hyperscan, "__version__", ""), key))
+                            .encode()).hexdigest()[:32]
+    path = _cache_dir() / f"{digest}.hsdb"
+    if cacheable:
+        try:
+            db = hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
+            db.scratch = hyperscan.Scratch(db)
+            return db
+        except Exception:  # noqa: S110 - missing, stale or torn: compile anew
+            pass
+    if callable(expressions):
+        expressions = expressions()
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=expressions, ids=ids, elements=len(expressions), flags=flags)
+    if cacheable:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(hyperscan.dumpb(db))
+            os.replace(tmp, path)
+    return db
+
+
+def literal_class(chars: Iterable[str]) -> str:
+    """A hyperscan character class for exactly `chars` (ASCII)."""
+    return "[" + "".join(re.escape(c) if c in "-]\\^[" else c for c in sorted(set(chars))) + "]"
