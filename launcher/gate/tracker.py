@@ -16,6 +16,12 @@ The life of a request (THREATS P2, P3):
 3. *closed*: reply and idle both forwarded. The entry is removed; anything later that names
    it as parent (late output, a second idle, a second reply) is dropped as ``unknown_parent``.
 
+Stdin: an ``input_request`` is forwarded only for an open, unanswered ``execute_request``,
+to the client that sent it; that client identity, and no other, may then send one
+``input_reply`` (:meth:`RequestTable.bind_input_reply`). ipykernel takes any reply that reaches
+its stdin socket as the answer, so without this a second client could answer the first one's
+``input()`` or ``getpass()``.
+
 Requests without a reply (``comm_open``, ``comm_msg``, ``comm_close``) start as replied, so
 their idle closes them. The table is bounded: past ``max_open`` the oldest open request is
 evicted (its late messages are then dropped), so a kernel that never answers costs memory
@@ -137,11 +143,12 @@ class Request:
 class RequestTable:
     """Open requests by msg_id, oldest first, at most ``max_open`` of them."""
 
-    __slots__ = ("_max_open", "_open")
+    __slots__ = ("_asked", "_max_open", "_open")
 
     def __init__(self, max_open: int) -> None:
         self._max_open = max_open
         self._open: dict[str, Request] = {}
+        self._asked: dict[bytes, Request] = {}  # client identity -> request awaiting its input
 
     def __len__(self) -> int:
         return len(self._open)
@@ -222,6 +229,24 @@ class RequestTable:
             raise Dropped("unexpected_input_request", "input_request")
         return request
 
+    def asked(self, request: Request) -> None:
+        """An ``input_request`` of ``request`` was forwarded to its client: that client may
+        now answer it once. At most one question per client identity, ``max_open`` in all."""
+        identity = request.idents[0]
+        self._asked.pop(identity, None)
+        self._asked[identity] = request
+        if len(self._asked) > self._max_open:
+            del self._asked[next(iter(self._asked))]
+
+    def bind_input_reply(self, idents: tuple[bytes, ...]) -> Request:
+        """The request a client's ``input_reply`` answers: the one whose ``input_request`` was
+        last forwarded to this client identity, still open and unanswered. Consumes the
+        question. Raises Dropped("unexpected_input_reply")."""
+        request = self._asked.pop(idents[0], None) if idents else None
+        if request is None or request.replied or self._open.get(request.msg_id) is not request:
+            raise Dropped("unexpected_input_reply", "input_reply")
+        return request
+
     def bind_iopub(self, msg_type: str, parent: dict[str, Any], idle: bool) -> tuple[int, Request]:
         """Decide an iopub message whose parent is non-empty: FORWARD, HOLD (an idle before
         the reply; the caller stores the frames in ``request.held_idle``) or
@@ -240,4 +265,5 @@ class RequestTable:
         """Remove and return every open request, oldest first (``Gate.announce`` calls this)."""
         requests = list(self._open.values())
         self._open.clear()
+        self._asked.clear()
         return requests
