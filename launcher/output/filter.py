@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..gate.rules import WITHHOLD
+from ..gate.wire import load_object
 from ..policy import OutputPolicy
 from .rich import filter_bundle
 from .streams import CellStreams
@@ -82,7 +83,9 @@ class OutputFilter:
         self._findings = []
         self._notes = []
         parent_id = str(parent.get("msg_id", ""))
-        content = json.loads(content_bytes)
+        # Strict (no NaN, duplicate keys, lone surrogates, UTF-16, non-objects): the original
+        # bytes are forwarded when nothing changes, so they must mean what was scanned.
+        content = load_object(content_bytes, "content")
         if msg_type == "stream":
             held = self._stream(parent_id, content)
             if held:
@@ -105,7 +108,7 @@ class OutputFilter:
         if metadata_bytes not in (b"{}", b""):
             before = self._changed
             self._changed = False
-            metadata = self._walk(json.loads(metadata_bytes), "metadata")
+            metadata = self._walk(load_object(metadata_bytes, "metadata"), "metadata")
             if self._changed:
                 metadata_out = _dump(metadata)
             self._changed = self._changed or before
