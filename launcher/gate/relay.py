@@ -78,6 +78,9 @@ AuditCallback = Callable[[str, dict[str, Any]], None]
 
 _ROUTED = ("shell", "control", "stdin")
 _BATCH = 256  # messages read from one socket before the poller is consulted again
+# ...or this long, whichever comes first: a kernel flooding iopub with big messages must not
+# keep an interrupt_request waiting on control for 256 of them (seconds, when measured).
+_SLICE_S = 0.01
 _TICK_S = 0.05  # how often output rules with a tick() are asked for timed releases
 _HB_MAX_BYTES = 4096
 _HB_MAX_PENDING = 256
@@ -95,7 +98,11 @@ class GateLimits:
     replay_window: int = 65536  #: kernel msg_ids remembered (P4)
     max_buffer_bytes: int = 16 * 1024 * 1024  #: total buffer bytes on one comm message
     max_open_requests: int = 1024  #: requests tracked at once; the oldest is evicted past this
-    kernel_rcvhwm: int = 1000  #: zmq.RCVHWM on kernel-facing sockets (messages)
+    #: zmq.RCVHWM on kernel-facing sockets (messages). It bounds what the gate buffers when
+    #: a kernel floods faster than it relays: about kernel_rcvhwm x message size per socket
+    #: (a 1 MiB-message flood held 1 GiB at 1000). Beyond it the kernel's own queue fills
+    #: (its memory, in its cgroup) and its PUB drops.
+    kernel_rcvhwm: int = 16
     linger_ms: int = 1000  #: how long close() waits to flush client-facing sockets
 
     def __post_init__(self) -> None:
@@ -355,6 +362,7 @@ class Gate:
                     self._emit("gate.error", {"reason": "internal_error"})
             for sock, _event in ready:
                 handler = handlers[sock]
+                until = time.monotonic() + _SLICE_S
                 for _ in range(_BATCH):
                     try:
                         frames = [sock.recv(zmq.NOBLOCK)]
@@ -370,6 +378,8 @@ class Gate:
                         handler(frames)
                     except Exception:  # the gate never crashes on what it is sent
                         self._emit("gate.error", {"reason": "internal_error"})
+                    if time.monotonic() > until:
+                        break
 
     def _from_waker(self, frames: list[bytes]) -> None:
         if frames[0] == b"stop":
