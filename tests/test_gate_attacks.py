@@ -1758,3 +1758,35 @@ def test_fuzz_relay_forwards_only_what_the_client_signed(fuzz_world, channel, da
     assert len(got) <= 1
     event(f"{channel}: {len(got)} forwarded of {len(variants)}")
     assert w.audit.of("gate.error") == []
+
+
+def test_p3_forged_idles_never_end_a_request_early(make_world):
+    """A forged early ``status: idle`` (so a client stops collecting) is held until the
+    request's reply, on shell and on control, for one client while another's request runs;
+    a second idle while one is held, and any idle after the real one, are dropped."""
+    w = make_world(clients=2)
+    k = w.kernel
+    pa = w.open(w.a)
+    ca = w.open(w.a, "control", "kernel_info_request")
+    pb = w.open(w.b)
+    mark = w.audit.mark()
+    for parent in (pa, ca, pb):
+        k.say("iopub", "status", parent, {"execution_state": "idle"})
+        k.say("iopub", "status", parent, {"execution_state": "idle"})  # a second one
+    assert w.audit.wait_drops(3, mark) == [("iopub", "duplicate_idle")] * 3
+    k.say("iopub", "stream", pa, {"name": "stdout", "text": "still running"})
+    seen = w.a.until("iopub", text_is("still running"))
+    assert [g.msg_type for g in seen] == ["stream"]  # no idle reached A (nor B) yet
+    assert not w.b.pending("iopub") or all(
+        g.msg_type == "stream" for g in w.b.until("iopub", text_is("still running")))
+    for client, parent, channel in ((w.a, ca, "control"), (w.b, pb, "shell"), (w.a, pa, "shell")):
+        k.say(channel, parent["msg_type"].replace("_request", "_reply"), parent, {"status": "ok"})
+        assert client.recv(channel).parent == parent
+        idle = client.until("iopub", lambda g, p=parent: g.msg_type == "status"
+                            and g.parent == p)[-1]  # released right after its reply
+        assert idle.content == {"execution_state": "idle"}
+    mark = w.audit.mark()
+    k.say("iopub", "status", pa, {"execution_state": "idle"})
+    k.say("iopub", "stream", pa, {"name": "stdout", "text": CANARY})
+    assert w.audit.wait_drops(2, mark) == [("iopub", "unknown_parent")] * 2
+    w.check()
