@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from conftest import BIN, free_port, jail_processes, jupyter_app, wait_for
+from conftest import BIN, REPO, free_port, jail_processes, jupyter_app, wait_for
 from jupyter_ws import execute, open_channels, start_kernel
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot]
@@ -33,8 +33,12 @@ def gateway(tmp_path: Path, no_leftovers: None) -> Iterator[str]:
     argv = [str(BIN / "jupyter"), "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",
             f"--KernelGatewayApp.port={port}", "--KernelGatewayApp.port_retries=0",
             f"--KernelGatewayApp.auth_token={TOKEN}",
-            # Only jailed kernels on offer: docs/scaling.md recommends this for every host.
-            "--KernelSpecManager.allowed_kernelspecs=cellblock-agent"]
+            # Only jailed kernels, as docs/scaling.md recommends for every host: the listing
+            # shows cellblock-agent alone, and a spec without a provisioner of its own (such
+            # as ipykernel's built-in python3, which jupyter_client starts by name whatever
+            # the listing shows) runs under cellblock's provisioner, on the agent profile.
+            "--KernelSpecManager.allowed_kernelspecs=cellblock-agent",
+            "--KernelProvisionerFactory.default_provisioner_name=cellblock-provisioner"]
     with jupyter_app(argv, port, TOKEN, tmp_path, "kernelgateway", ready="/api/kernelspecs"):
         yield f"127.0.0.1:{port}"
 
@@ -74,21 +78,22 @@ async def test_kernel_gateway_rest_and_websocket(gateway: str) -> None:
     http.close()
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "jupyter_client's KernelSpecManager.get_kernel_spec ignores allowed_kernelspecs and falls "
-    "back to ipykernel's built-in python3 spec, so POST {'name': 'python3'} starts a kernel "
-    "outside the jail; needs a cellblock KernelSpecManager that refuses other names"))
-async def test_gateway_refuses_an_unjailed_kernel(gateway: str) -> None:
-    """A host that offers only cellblock kernels must not start any other by name."""
+async def test_gateway_jails_a_kernel_asked_for_by_another_name(gateway: str) -> None:
+    """`{"name": "python3"}` is not in the listing, yet jupyter_client finds ipykernel's
+    built-in spec by that name; it must start jailed, not as a plain kernel on the host."""
     http = AsyncHTTPClient()
+    kernel_id = await start_kernel(http, gateway, "python3", TOKEN)
     try:
-        kernel_id = await start_kernel(http, gateway, "python3", TOKEN)
-    except HTTPClientError as refused:
-        assert refused.code in (400, 403, 404), refused
-        return
+        ws = await open_channels(gateway, kernel_id, TOKEN, "other")
+        try:
+            host_file = REPO / "pyproject.toml"  # readable by whoever runs the tests
+            got = await execute(ws, f"import os; print(os.getcwd()); open({str(host_file)!r})",
+                                "other")
+        finally:
+            ws.close()
     finally:
+        await http.fetch(f"http://{gateway}/api/kernels/{kernel_id}", method="DELETE",
+                         headers=AUTH)
         http.close()
-    http = AsyncHTTPClient()
-    await http.fetch(f"http://{gateway}/api/kernels/{kernel_id}", method="DELETE", headers=AUTH)
-    http.close()
-    pytest.fail(f"POST /api/kernels {{'name': 'python3'}} started {kernel_id}, not jailed")
+    assert got["stdout"] == "/home/jovyan\n", got
+    assert got.get("error", "").startswith("FileNotFoundError"), got
