@@ -227,3 +227,17 @@ def test_argparse_errors_exit_2(env: dict[str, str], args: tuple[str, ...], mess
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_reader_leaving_the_pipe_is_not_an_error(env: dict[str, str]) -> None:
+    """`cellblock profiles show analyst | head -1`: no traceback when the reader is gone
+    (here it is gone before the first write, so every write meets a closed pipe)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([str(BIN / "cellblock"), "profiles", "show", "analyst"], env=env,
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
