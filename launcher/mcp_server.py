@@ -163,9 +163,15 @@ class Session:
         code = arguments.get("code")
         if not isinstance(code, str):
             return _error("run_python needs a string argument 'code' (the Python source)")
-        try:
-            if not self.sandbox.started:
+        if not self.sandbox.started:
+            try:
                 await self.sandbox.start()
+            except CellblockError as exc:
+                return _error(f"the sandbox did not start: {exc}")
+            except Exception as exc:  # a host failure is the model's to know, not a crash
+                log.exception("the sandbox did not start")
+                return _error(f"the sandbox did not start: {type(exc).__name__}: {exc}")
+        try:
             return tool_result(await self.sandbox.run(code))
         except SandboxStopped as exc:
             reason = self.sandbox.stopped

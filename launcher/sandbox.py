@@ -71,7 +71,9 @@ __all__ = [
 
 T = TypeVar("T")
 STOPPED = "CellblockKernelStopped"  # the ename of the gate's "the kernel is gone" notice
-_POLL = 0.5  # seconds between liveness checks while a cell is quiet
+_POLL = 0.1  # seconds of waiting on iopub before the shell channel is looked at again
+_ALIVE_EVERY = 0.5  # seconds between liveness checks while a cell is quiet
+IOPUB_GRACE = 4.0  # seconds a cell's idle may lag its reply (nbclient's iopub_timeout)
 
 
 class CellTimeout(CellblockError, TimeoutError):
@@ -176,20 +178,23 @@ class Sandbox:
         kc = None
         try:
             await km.start_kernel(env=env)
+            tail = AuditTail(audit_dir(policy.audit.dir) / f"{km.kernel_id}.jsonl")
             kc = km.client()
             kc.start_channels()
             try:
                 await kc.wait_for_ready(timeout=profile.startup_timeout)
-            except RuntimeError as exc:
-                raise JailStartError(
-                    f"cellblock sandbox (profile {self.profile!r}, kernel {km.kernel_id}) did "
-                    f"not answer: {exc}") from None
+            except RuntimeError as exc:  # the kernel died, or never answered
+                events = tail.take()
+                why = stop_message(events) if any(e.event == "kernel.exit" for e in events) \
+                    else str(exc)
+                raise JailStartError(f"cellblock sandbox (profile {self.profile!r}, kernel "
+                                     f"{km.kernel_id}) did not answer: {why}") from None
         except BaseException:
-            await _release(km, kc)
+            # shielded: a cancelled start still releases what it started
+            await asyncio.shield(asyncio.ensure_future(_release(km, kc)))
             raise
-        self._km, self._kc, self._stopped = km, kc, None
-        self._tail = AuditTail(audit_dir(policy.audit.dir) / f"{km.kernel_id}.jsonl")
-        self._tail.take()  # start-up events are not any cell's
+        self._km, self._kc, self._stopped, self._tail = km, kc, None, tail
+        tail.take()  # start-up events are not any cell's
 
     async def close(self) -> None:
         """Stop the kernel and release everything. Idempotent; safe after a failed start.
@@ -206,7 +211,7 @@ class Sandbox:
         async with self._locked():
             km, kc = self._km, self._kc
             self._km = self._kc = self._tail = None
-            await _release(km, kc)
+            await asyncio.shield(asyncio.ensure_future(_release(km, kc)))
             await self._start()
 
     async def interrupt(self) -> None:
@@ -236,6 +241,9 @@ class Sandbox:
         class docstring)."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0 (or None for the "
+                             f"profile's cell budget), not {timeout!r}")
         async with self._locked():
             if self._km is None or self._kc is None:
                 raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not "
@@ -269,13 +277,27 @@ class Sandbox:
         outputs: list[Output] = []
         errors: list[ErrorInfo] = []
         stopped: str | None = None
+        reply: dict[str, Any] | None = None
+        replied = checked = time.monotonic()
         idle = gone = False
         while not idle:
-            msg = await self._next(kc.get_iopub_msg, deadline, limit)
-            if msg is None:  # quiet: is the kernel still there?
-                if not await km.is_alive():
-                    gone = True
-                    break
+            now = time.monotonic()
+            if now >= deadline:
+                await self._timed_out(limit)
+            if reply is None:
+                reply = await self._shell_reply(msg_id)
+                if reply is not None:
+                    replied = now
+            elif now - replied > IOPUB_GRACE:
+                break  # replied, but its idle never came (lost on iopub): keep what came
+            try:
+                msg = await kc.get_iopub_msg(timeout=min(_POLL, deadline - now))
+            except Empty:
+                if now - checked >= _ALIVE_EVERY:  # quiet: is the kernel still there?
+                    checked = now
+                    if not await km.is_alive():
+                        gone = True
+                        break
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -293,7 +315,9 @@ class Sandbox:
                     stopped = err.value
             elif kind == "status" and content.get("execution_state") == "idle":
                 idle = True
-        reply = await self._reply(msg_id, deadline, limit, waiting=not gone and stopped is None)
+        if reply is None:  # a dead kernel's cell gets no reply: then only what already came
+            block = not gone and stopped is None
+            reply = await self._shell_reply(msg_id, block=block, deadline=deadline, limit=limit)
         events = self._tail.take()
         if stopped is None and reply is None and (gone or not await km.is_alive()):
             stopped = stop_message(events)  # it died without the gate saying so
@@ -303,6 +327,8 @@ class Sandbox:
         status = str(content.get("status", "stopped" if stopped else "unknown"))
         report = policy_report(events, msg_id, text["stdout"], text["stderr"],
                                stopped is not None)
+        if "grace_seconds" in report.limits_hit and stopped is None:
+            await self._settle()
         return RunResult(
             stdout=text["stdout"], stderr=text["stderr"], outputs=tuple(outputs),
             errors=tuple(errors), status=status,
@@ -310,42 +336,45 @@ class Sandbox:
             policy=report,
         )
 
-    async def _next(self, get: Any, deadline: float, limit: float) -> dict[str, Any] | None:
-        """The next message from ``get``, None after ``_POLL`` quiet seconds; past the
-        deadline, interrupt the cell and raise CellTimeout."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            with contextlib.suppress(Exception):
-                await self.interrupt()
-            raise CellTimeout(
-                f"cellblock sandbox (profile {self.profile!r}, kernel {self.kernel_id}): the "
-                f"cell did not finish within the {limit:g} s timeout (run(timeout=...)); it "
-                "was interrupted, and the kernel and its state are kept")
+    async def _settle(self) -> None:
+        """After the warden killed a cell's jail and restarted it in place: wait until the
+        new kernel answers on shell and iopub (as after any restart), so the next cell is
+        not sent into the restart window, where the gate can lose it or its output."""
         try:
-            msg: dict[str, Any] = await get(timeout=min(_POLL, left))
-        except Empty:
-            return None
-        return msg
+            await self._kc.wait_for_ready(timeout=load_policy().profile(
+                self.profile).startup_timeout)
+        except RuntimeError:
+            pass  # the next run() finds the kernel gone, and says why
 
-    async def _reply(self, msg_id: str, deadline: float, limit: float, waiting: bool
-                     ) -> dict[str, Any] | None:
-        """The execute_reply to ``msg_id``. With ``waiting`` False (the gate said the kernel
-        stopped, and a dead kernel's cell gets no reply), only what has already arrived."""
+    async def _timed_out(self, limit: float) -> None:
+        """Interrupt the cell and raise CellTimeout."""
+        with contextlib.suppress(Exception):
+            await self.interrupt()
+        raise CellTimeout(
+            f"cellblock sandbox (profile {self.profile!r}, kernel {self.kernel_id}): the "
+            f"cell did not finish within the {limit:g} s timeout (run(timeout=...)); it "
+            "was interrupted, and the kernel and its state are kept")
+
+    async def _shell_reply(self, msg_id: str, *, block: bool = False, deadline: float = 0.0,
+                           limit: float = 0.0) -> dict[str, Any] | None:
+        """The execute_reply to ``msg_id`` if it has arrived; with ``block``, wait for it until
+        ``deadline`` (None once the kernel is gone). Replies to other requests (a timed-out
+        cell's) are dropped."""
         kc, km = self._kc, self._km
         while True:
-            if not waiting:
-                try:
-                    msg = await kc.get_shell_msg(timeout=0.05)
-                except Empty:
+            timeout = 0.0
+            if block:
+                if time.monotonic() >= deadline:
+                    await self._timed_out(limit)
+                timeout = max(0.0, min(_ALIVE_EVERY, deadline - time.monotonic()))
+            try:
+                msg = await kc.get_shell_msg(timeout=timeout)
+            except Empty:
+                if not block or not await km.is_alive():
                     return None
-            else:
-                msg = await self._next(kc.get_shell_msg, deadline, limit)
-                if msg is None:
-                    if not await km.is_alive():
-                        return None
-                    continue
+                continue
             if msg["parent_header"].get("msg_id") == msg_id:
-                return msg
+                return dict(msg)
 
 
 async def _release(km: Any, kc: Any) -> None:

@@ -223,6 +223,8 @@ def test_stdout_carries_only_json_rpc(tmp_path: Path, jupyter_env: dict[str, str
         assert all(r["jsonrpc"] == "2.0" for r in replies)
         result = replies[1]["result"]
         assert expect in result["content"][0]["text"]
+        if profile == "broken":
+            assert result["content"][0]["text"].startswith("the sandbox did not start: ")
         assert result["isError"] is (profile == "broken")
         if profile == "broken":
             assert "Traceback" in err  # jupyter_client's log went to stderr, not stdout
