@@ -285,3 +285,83 @@ def test_split_secret_within_the_wait_is_still_caught() -> None:
     seen = "".join(c["text"] for _, _, c in f.tick(time.monotonic() + 1))
     seen += "".join(c["text"] for _, c in f.flush("p1"))
     assert AKIA not in seen and "[REDACTED:" in seen
+
+
+# -- fast paths (issue 7) ----------------------------------------------------------
+
+
+def test_one_secret_among_many_strings_is_still_redacted() -> None:
+    """The filter scans a message's strings joined, once; a hit sends it down the per-string
+    path, which redacts exactly the string that holds the secret."""
+    f = make(analyst())
+    records = [{"id": i, "name": f"user {i}", "url": f"https://x.example/a?q=a%20{i}"}
+               for i in range(200)]
+    records[137]["note"] = f"key {AKIA}"
+    raw = json.dumps({"data": {"application/json": {"rows": records},
+                               "text/plain": "rows"}, "metadata": {}}).encode()
+    out = apply_rules((f,), "iopub", "display_data", {}, {"msg_id": "p"}, raw, b"{}")[0]
+    content = json.loads(out)
+    rows = content["data"]["application/json"]["rows"]
+    assert AKIA not in out.decode() and rows[137]["note"] == "key [REDACTED:aws-access-key-id]"
+    assert rows[:137] == records[:137] and rows[138:] == records[138:]
+
+
+def test_ordinary_escapes_and_unicode_pass_as_the_original_bytes() -> None:
+    f = make(analyst())
+    raw = json.dumps({"data": {"text/plain": "Jos\u00e9 \u0141ukasz \u2588\u2588 100%",
+                               "application/json": {"q": "a%20b", "s": "\\u00e9"}},
+                      "metadata": {}}, ensure_ascii=False).encode()
+    assert apply_rules((f,), "iopub", "display_data", {}, {"msg_id": "p"}, raw, b"{}")[0] is raw
+
+
+def test_secret_halves_in_two_strings_are_not_joined() -> None:
+    """Joining is only a pre-check: two strings that together look like a token are two
+    harmless strings, and the message is not changed."""
+    f = make(analyst())
+    raw = json.dumps({"data": {"text/plain": AKIA[:10], "text/markdown": AKIA[10:]},
+                      "metadata": {}}).encode()
+    assert apply_rules((f,), "iopub", "display_data", {}, {"msg_id": "p"}, raw, b"{}")[0] is raw
+
+
+def test_redacted_top_level_key_does_not_stay_beside_its_copy() -> None:
+    f = make(agent())
+    content, _ = run(f, "display_data", {"data": {"text/plain": "x"}, "metadata": {}, AKIA: 1})
+    assert AKIA not in json.dumps(content) and "[REDACTED:aws-access-key-id]" in content
+
+
+def test_normalise_applies_without_any_redaction() -> None:
+    f = make(agent(), redact_secrets=False, pii=())
+    assert f.redactor is None
+    content, _ = run(f, "display_data", {"data": {"text/plain": "a\u200bb \x1b[31mred"},
+                                         "metadata": {}})
+    assert content["data"]["text/plain"] == "ab red"
+
+
+def _jwt(body_len: int) -> str:
+    import base64
+
+    head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').decode().rstrip("=")
+    body = base64.urlsafe_b64encode(b'{"sub":"' + b"x" * body_len + b'"}').decode().rstrip("=")
+    return f"{head}.{body}.{'s' * 43}"
+
+
+@pytest.mark.parametrize(("name", "secret", "cuts"), [
+    # a token far longer than the 512 characters a stream always holds back
+    ("jwt", _jwt(1500), [700, 1500, 2000]),
+    # a private key printed line by line: held from its BEGIN line
+    ("pem", "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(
+        "MIIEow" + "Ab3dEf9hIjKlMn0pQrStUvWxYz" * 2 + f"{i:04d}" for i in range(40))
+     + "\n-----END RSA PRIVATE KEY-----", [40, 900, 2000, 2500]),
+    # base64 of a .env whose token comes last: the run is cut 600+ characters before it
+    ("b64", __import__("base64").b64encode(
+        ("DB_HOST=db.internal\n" + "z\n" * 400 + "GITHUB_TOKEN=ghp_" + "aB3dE" * 7 + "z\n")
+        .encode()).decode(), [600, 700, 1000]),
+])
+def test_long_findings_split_across_stream_messages(name: str, secret: str,
+                                                    cuts: list[int]) -> None:
+    for cut in cuts:
+        assert 20 <= cut <= len(secret) - 20
+        pieces = ["x " * 400 + secret[:cut], secret[cut:] + "\nnext line\n"]
+        seen = stream_out(make(analyst()), pieces, parent=f"{name}-{cut}")
+        assert "[REDACTED:" in seen, (name, cut)
+        assert secret[cut - 20:cut] not in seen and secret[cut:cut + 20] not in seen, (name, cut)

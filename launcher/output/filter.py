@@ -27,6 +27,7 @@ from typing import Any
 from ..gate.rules import WITHHOLD
 from ..gate.wire import load_object
 from ..policy import OutputPolicy
+from ..redact.normalise import normalise
 from .rich import filter_bundle
 from .streams import CellStreams
 from .text import cap_text
@@ -67,6 +68,7 @@ class OutputFilter:
         self.nonce = nonce or secrets.token_hex(3)
         self.cells: dict[str, CellStreams] = {}
         self._changed = False
+        self._quiet = False  # every string of the message part being walked is left as it is
         self._findings: list[Any] = []
         self._notes: list[str] = []
 
@@ -86,6 +88,7 @@ class OutputFilter:
         # Strict (no NaN, duplicate keys, lone surrogates, UTF-16, non-objects): the original
         # bytes are forwarded when nothing changes, so they must mean what was scanned.
         content = load_object(content_bytes, "content")
+        self._quiet = msg_type != "stream" and self._untouched(content)
         if msg_type == "stream":
             held = self._stream(parent_id, content)
             if held:
@@ -108,10 +111,13 @@ class OutputFilter:
         if metadata_bytes not in (b"{}", b""):
             before = self._changed
             self._changed = False
-            metadata = self._walk(load_object(metadata_bytes, "metadata"), "metadata")
+            metadata = load_object(metadata_bytes, "metadata")
+            self._quiet = self._untouched(metadata)
+            metadata = self._walk(metadata, "metadata")
             if self._changed:
                 metadata_out = _dump(metadata)
             self._changed = self._changed or before
+        self._quiet = False
         self._report(parent_id, msg_type)
         if not self._changed:
             return content_bytes if metadata_out is metadata_bytes else (content_bytes,
@@ -171,7 +177,24 @@ class OutputFilter:
             content.update({"name": name, "text": out})
         return False
 
+    def _untouched(self, obj: Any) -> bool:
+        """True when no string in `obj` (keys included) would change: none needs a cap, and
+        the redactor finds nothing to redact or normalise in all of them joined by line feeds
+        (`Redactor.untouched`: one scan for the message instead of one per string)."""
+        strings: list[str] = []
+        _strings(obj, strings)
+        if not strings:
+            return True
+        if max(map(len, strings)) * 4 > self.policy.max_text:
+            return False  # cap_text may have something to cut
+        joined = "\n".join(strings)
+        if self.redactor is None:
+            return not self.policy.normalise or normalise(joined) is joined
+        return bool(self.redactor.untouched(joined))
+
     def _clean(self, text: str, what: str) -> str:
+        if self._quiet:
+            return text
         out = text
         if self.redactor is not None:
             result = self.redactor.redact(text)
@@ -181,7 +204,7 @@ class OutputFilter:
             elif self.policy.normalise:
                 out = str(result.text)
         elif self.policy.normalise:
-            out = text
+            out = normalise(text)
         out, cut = cap_text(out, self.policy.max_text, self.nonce, what)
         if cut:
             self._notes.append(f"{cut} bytes of {what} truncated")
@@ -190,6 +213,8 @@ class OutputFilter:
         return out
 
     def _walk(self, obj: Any, what: str) -> Any:
+        if self._quiet:
+            return obj
         if isinstance(obj, str):
             return self._clean(obj, what)
         if isinstance(obj, list):
@@ -249,7 +274,30 @@ class OutputFilter:
         self._findings, self._notes = [], []
 
 
+def _strings(obj: Any, out: list[str]) -> None:
+    """Append every string in a JSON value to `out`, dict keys included."""
+    if type(obj) is str:
+        out.append(obj)
+    elif type(obj) is dict:
+        for key, value in obj.items():
+            out.append(key)
+            if type(value) is str:
+                out.append(value)
+            elif type(value) in (dict, list):
+                _strings(value, out)
+    elif type(obj) is list:
+        for value in obj:
+            if type(value) is str:
+                out.append(value)
+            elif type(value) in (dict, list):
+                _strings(value, out)
+
+
 def _dump(obj: Any) -> bytes:
+    if type(obj) is dict and all(type(v) is str and v.isascii() and k.isascii()
+                                 for k, v in obj.items()):
+        # a stream message: with only ASCII both modes write the same bytes, this one faster
+        return json.dumps(obj).encode("ascii")
     return json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace")
 
 

@@ -114,14 +114,15 @@ class CellStreams:
 
     def _head(self, name: str, text: str) -> str:
         if self.redactor is not None:
-            combined = self.pending.pop(name, "") + self.redactor.normalise(text)
-            cut = self.redactor.scan_end_safe(combined)
-            if cut < len(combined):
-                self.pending[name] = combined[cut:]
+            # One scan: what can go now (redacted) and what must wait for the next piece.
+            result, rest = self.redactor.release(self.pending.pop(name, "") + text)
+            if rest:
+                self.pending[name] = rest
                 self.since.setdefault(name, time.monotonic())
             else:
                 self.since.pop(name, None)
-            out = self._clean(combined[:cut])
+            self.findings.extend(result.findings)
+            out = str(result.text)
         else:
             out = text
         return self._budget(name, out)
@@ -147,6 +148,9 @@ class CellStreams:
 
     def _budget(self, name: str, out: str) -> str:
         """Release ``out`` within the head budget; the excess starts the tail."""
+        if out.isascii() and len(out) <= self.head_left:
+            self.head_left -= len(out)
+            return out
         raw = out.encode("utf-8", "surrogatepass")
         if len(raw) <= self.head_left:
             self.head_left -= len(raw)

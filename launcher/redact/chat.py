@@ -22,6 +22,8 @@ RULES: tuple[Rule, ...] = (
         "discord-bot-token",
         r"\b[MNO][A-Za-z0-9_-]{23,27}\.[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27,40}\b",
         80,
+        prefilter=r"\.[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27}",
+        prefilter_slack=13,
     ),
     Rule(
         "discord-webhook-url",

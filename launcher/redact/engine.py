@@ -41,6 +41,7 @@ from cellblock.redact import (
     cloud,
     decode,
     exact,
+    factors,
     generic,
     jwt,
     keys,
@@ -69,6 +70,13 @@ SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt)
 DECODE_CAP = decode.DECODE_CAP
 #: The shortest base64/hex run that is decoded.
 MIN_RUN = decode.MIN_RUN
+_ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY})
+#: The characters of token-shaped findings (JWTs, OAuth tokens and the like) and of the
+#: encoded runs that are decoded (base64, hex, percent and \\u escapes).
+_TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                         b"+/=_.~%\\-")
+_TOKEN_TAIL = re.compile(rb"[A-Za-z0-9+/=_.~%\\-]*")
+_BLOCK_START = "-----BEGIN"
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,7 @@ class Redactor:
         if unknown:
             raise ValueError(f"unknown pii kind(s) {unknown}; allowed: {list(_pii_kinds())}")
         self._scanner, self._decoded = _scanners(bool(secrets), kinds, tuple(exact))
+        self._hold = _hold_window(self._scanner)
 
     @property
     def max_match_len(self) -> int:
@@ -176,7 +185,9 @@ class Redactor:
         text = normalise(text)
         if not text:
             return RedactResult(text, [])
-        spans = self._find(text)
+        return self._replace(text, self._find(text))
+
+    def _replace(self, text: str, spans: list[tuple[int, int, str]]) -> RedactResult:
         if not spans:
             return RedactResult(text, [])
         out: list[str] = []
@@ -190,6 +201,64 @@ class Redactor:
             pos = end
         out.append(text[pos:])
         return RedactResult("".join(out), findings)
+
+    def untouched(self, text: str) -> bool:
+        """True when `redact` would give back `text` itself and no finding, as one scan can
+        tell: `text` is already normalised, and the scan reports no candidate at all (nor does
+        the decoded view of its percent or ``\\u`` escapes). False does not mean a finding.
+
+        The output filter calls this once on a message's strings joined with ``"\\n"``: a
+        line feed is a boundary for every pattern (not a word character, not base64, not a
+        URL character), so a hit in any one string is a hit in the joined text.
+        """
+        if normalise(text) is not text:
+            return False
+        if len(text) < self._scanner.min_len:
+            return True
+        data = scan_bytes(text)
+        escapes = self._scanner.quiet(data, _ESCAPE_KINDS)
+        if escapes is None:
+            return False
+        if not escapes or self._decoded is None:
+            return True
+        return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
+                                  UESCAPE_ANY in escapes)
+
+    def release(self, text: str) -> tuple[RedactResult, str]:
+        """Normalise `text`, redact what can be released now and return it with the rest.
+
+        What is released is ``text[:cut]`` with ``cut`` as `scan_end_safe` chooses it, and the
+        rest is what a stream keeps back for the next piece; one scan of `text` serves both
+        (findings in the released part see the text after them, as they will when it comes).
+        """
+        text = normalise(text)
+        cut = self._hold_from(text)
+        if cut <= 0:
+            return RedactResult("", []), text
+        spans = self._find(text)
+        for start, end, _rule in spans:
+            if start < cut < end:
+                cut = start
+                break
+        return self._replace(text[:cut], [s for s in spans if s[1] <= cut]), text[cut:]
+
+    def _hold_from(self, text: str) -> int:
+        """Where the part of `text` that a later piece could still complete into a finding
+        starts: the last `_hold_window` characters (the longest finding of any rule that can
+        hold more than token characters), the run of token characters `text` ends with (any
+        longer finding is such a run: a JWT, an OAuth token, a base64/hex/percent run), and the
+        first ``-----BEGIN`` in reach, whichever starts first; at most `max_match_len` back."""
+        limit = self.max_match_len
+        end = len(text)
+        cut = end - self._hold
+        tail = scan_bytes(text[max(0, end - limit - 1):])[::-1]
+        run = _TOKEN_TAIL.match(tail).end()  # type: ignore[union-attr]
+        cut = min(cut, end - run)
+        if self._scanner.blocks:
+            begin = text.find(_BLOCK_START, max(0, end - limit))
+            if begin >= 0:
+                cut = min(cut, begin)
+        return max(cut, end - limit)
 
     def scan_end_safe(self, text: str) -> int:
         """How much of `text` (already normalised) can be released without splitting a secret.
@@ -223,6 +292,19 @@ class Redactor:
             return []
         found = _detect(self._scanner, self._decoded, text, scan_bytes(text))
         return _merge(found)
+
+
+def _hold_window(scanner: Scanner) -> int:
+    """The longest finding of a rule whose matches are not all token characters (the window a
+    stream holds back whatever it ends with), and the longest block start marker."""
+    longest = [len(_BLOCK_START) + 64]
+    for rule in scanner.rules:
+        chars = factors.alphabet(rule.pattern, rule.caseless)
+        if chars is None or not chars <= _TOKEN_CHARS:
+            longest.append(rule.max_len)
+    for block in scanner.blocks:
+        assert block.begin.startswith(_BLOCK_START), block.id
+    return min(max(longest), scanner.max_len)
 
 
 @functools.cache

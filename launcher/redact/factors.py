@@ -190,6 +190,42 @@ def _score(alternatives: list[Seq]) -> float:
     return min(sum(_bits(s) for s in seq) for seq in alternatives)
 
 
+def alphabet(pattern: str, caseless: bool = False) -> frozenset[int] | None:
+    """Every byte a match of `pattern` can contain, or None when that is not a small known
+    set (a negated class, a category such as ``\\s``, ``.``, or a pattern Python cannot read)."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        parsed = _parser.parse(pattern.replace(r"\z", r"\Z"))
+    except Exception:
+        return None
+    out: set[int] = set()
+    return frozenset(out) if _collect(list(parsed), caseless, out) else None
+
+
+def _collect(items: Sequence[Any], caseless: bool, out: set[int]) -> bool:
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    for op, av in items:
+        s = _byte_set(op, av, caseless)
+        if s is not None:
+            out |= s
+        elif op is c.AT:
+            continue
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            if not _collect(list(av[2]), caseless, out):
+                return False
+        elif op is c.SUBPATTERN:
+            if not _collect(list(av[-1]), caseless, out):
+                return False
+        elif op is c.BRANCH:
+            if not all(_collect(list(b), caseless, out) for b in av[1]):
+                return False
+        else:
+            return False
+    return True
+
+
 def combos(seq: Seq) -> list[bytes]:
     """Every byte string `seq` stands for."""
     return [bytes(c) for c in itertools.product(*[sorted(s) for s in seq])]

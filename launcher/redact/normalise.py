@@ -229,9 +229,11 @@ def _render_carriage_returns(text: str) -> str:
         end = text.find("\n", cr)
         end = len(text) if end < 0 else end
         segments = text[start:end].split("\r")
-        shown = segments[0]
-        for segment in segments[1:]:
-            shown = segment if len(segment) >= len(shown) else segment + shown[len(segment):]
+        shown = segments[-1]
+        if len(shown) < max(map(len, segments)):  # a shorter last write: overlay them all
+            shown = segments[0]
+            for segment in segments[1:]:
+                shown = segment if len(segment) >= len(shown) else segment + shown[len(segment):]
         out.append(text[pos:start])
         out.append(shown)
         pos = end

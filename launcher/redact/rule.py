@@ -39,6 +39,12 @@ class Rule:
     #: clip an over-long candidate to its last ``max_len`` characters, not its first (for
     #: patterns whose distinctive part is at the end, like the ``@domain`` of an email).
     clip_end: bool = False
+    #: a cheaper pattern for the main scan (scanner.py), when `pattern` would keep hyperscan
+    #: busy on every byte: every match of `pattern` must hold a match of `prefilter` that ends
+    #: at most `prefilter_slack` characters before it (a suffix of `pattern` from its first
+    #: literal, say). `pattern` itself then only runs in a window around each prefilter end.
+    prefilter: str | None = None
+    prefilter_slack: int = 0
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,16 @@ def context_free_start(pattern: str) -> bool:
     return _first_is_plain(list(parsed))
 
 
+def max_width(pattern: str) -> int:
+    """The most characters a match of `pattern` can have (huge when unbounded or unknown)."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        return int(_parser.parse(pattern.replace(r"\z", r"\Z")).getwidth()[1])
+    except Exception:
+        return 1 << 62
+
+
 def min_width(pattern: str) -> int:
     """The fewest characters a match of `pattern` can have (0 when Python cannot parse it)."""
     try:
@@ -107,18 +117,27 @@ class Scanner:
         self.rules: list[Rule] = list(rules)
         self.blocks: list[Block] = list(blocks)
         self.kinds: list[tuple[int, int]] = []
-        self.windowed: dict[int, int] = {}  # pattern id -> window length (characters)
+        #: pattern id -> (characters before the reported end, characters after) to rescan
+        self.windowed: dict[int, tuple[int, int]] = {}
         main: list[tuple[bytes, int]] = []
         window: list[tuple[int, bytes, int]] = []
         som = hyperscan.HS_FLAG_SOM_LEFTMOST
         for index, rule in enumerate(self.rules):
             pid = len(self.kinds)
             flags = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
-            if context_free_start(rule.pattern):
-                main.append((rule.pattern.encode(), flags))
+            back, slack = 2 * rule.max_len + 1, rule.prefilter_slack
+            # In a window, a match is found with its true start if nothing before the window
+            # can matter: the pattern opens without an assertion, or (for a prefiltered rule)
+            # no match is long enough to reach the window's first character.
+            bounded = rule.prefilter is not None and max_width(rule.pattern) + slack + 1 < back
+            if context_free_start(rule.pattern) or bounded:
+                main.append(((rule.prefilter or rule.pattern).encode(), flags))
                 window.append((pid, rule.pattern.encode(), flags | som))
-                self.windowed[pid] = 2 * rule.max_len + 1
+                self.windowed[pid] = (back, slack)
             else:
+                if rule.prefilter:
+                    raise ValueError(f"rule {rule.id}: a prefilter needs a pattern that opens "
+                                     "without an assertion or is shorter than 2 * max_len")
                 main.append((rule.pattern.encode(), flags | som))
             self.kinds.append((RULE, index))
         for index, block in enumerate(self.blocks):
@@ -160,6 +179,23 @@ class Scanner:
         self._resolve(data, ends, out)
         return out
 
+    def quiet(self, data: bytes, ignore: frozenset[int] = frozenset()) -> set[int] | None:
+        """None if the main database reports any hit whose kind is not in `ignore` (the scan
+        stops at the first), else the set of ignored kinds that were reported."""
+        kinds = self.kinds
+        seen: set[int] = set()
+
+        def handler(pid: int, _start: int, _end: int, _flags: int, _ctx: object) -> bool:
+            kind = kinds[pid][0]
+            seen.add(kind)
+            return kind not in ignore
+
+        try:
+            self.db.scan(data, match_event_handler=handler)
+        except hyperscan.ScanTerminated:
+            return None
+        return seen
+
     def ends(self, data: bytes) -> list[int]:
         """The end offset of every hit of the main database in `data`, unchecked: a superset
         of where a finding can end (used on decoded views, decode.py)."""
@@ -170,10 +206,15 @@ class Scanner:
         return out
 
     def _resolve(self, data: bytes, ends: list[tuple[int, int]], out: list[Hit]) -> None:
-        """Append (pid, leftmost start, end) for each reported (pid, end) of a windowed rule."""
-        wanted = set(ends)
-        spans = sorted((max(0, end - self.windowed[pid]), min(len(data), end + 1))
-                       for pid, end in wanted)
+        """Append (pid, leftmost start, end) for each match of a windowed rule that ends where
+        the main scan reported it (up to the rule's prefilter slack later)."""
+        wanted: set[tuple[int, int]] = set()
+        spans = []
+        for pid, end in set(ends):
+            back, slack = self.windowed[pid]
+            wanted.update((pid, e) for e in range(end, end + slack + 1))
+            spans.append((max(0, end - back), min(len(data), end + slack + 1)))
+        spans.sort()
         merged: list[list[int]] = []
         for start, end in spans:
             if merged and start <= merged[-1][1]:
@@ -182,8 +223,8 @@ class Scanner:
                 merged.append([start, end])
         assert self.window_db is not None
         for start, end in merged:
-            self.window_db.scan(data[start:end],
-                                match_event_handler=_Shifted(out, wanted, start))
+            handler = _Shifted(out, wanted, start, end if end < len(data) else end + 1)
+            self.window_db.scan(data[start:end], match_event_handler=handler)
 
 
 class _Collector:
@@ -201,16 +242,18 @@ class _Collector:
 class _Shifted:
     """Match handler for a window starting at `offset`: keeps the wanted (id, end) pairs."""
 
-    __slots__ = ("append", "offset", "wanted")
+    __slots__ = ("append", "limit", "offset", "wanted")
 
-    def __init__(self, hits: list[Hit], wanted: set[tuple[int, int]], offset: int) -> None:
+    def __init__(self, hits: list[Hit], wanted: set[tuple[int, int]], offset: int,
+                 limit: int) -> None:
         self.append = hits.append
         self.wanted = wanted
         self.offset = offset
+        self.limit = limit  # a match ending here could have ended differently with more text
 
     def __call__(self, pid: int, start: int, end: int, _flags: int, _ctx: object) -> None:
         end += self.offset
-        if (pid, end) in self.wanted:
+        if end < self.limit and (pid, end) in self.wanted:
             self.append((pid, start + self.offset, end))
 
 
