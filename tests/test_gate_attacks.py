@@ -1364,7 +1364,7 @@ def test_p13_heartbeat_echoes_only_what_was_pinged(make_world):
     hb = k.sockets["hb"]
     mark = w.audit.mark()
     for i in range(300):  # unsolicited: the kernel pings the client
-        hb.send_multipart([w.gate._identity, b"", f"{CANARY}-{i}".encode()])
+        k.send("hb", [b"", f"{CANARY}-{i}".encode()])
     assert w.audit.wait_drops(300, mark) == [("hb", "unsolicited_heartbeat")] * 300
     w.a.sockets["hb"].send_multipart([b"", b"ping-1"])
     assert hb.poll(WAIT * 1000)
