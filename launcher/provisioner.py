@@ -43,6 +43,10 @@ from .wardens import SpawnerClient
 
 __all__ = ["CellblockProvisioner"]
 
+# jupyter_client closes the kernel manager's control socket with a 100 ms linger; a
+# message still queued on it is dropped once this much time has passed.
+CONTROL_LINGER = 0.25
+
 
 def _jsonable(info: Any) -> dict[str, Any]:
     """The connection info as JSON types (jupyter_client keeps the key as bytes)."""
@@ -166,8 +170,23 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
             await self.send_signal(signal.SIGKILL)
             await asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """Called by KernelManager right after it sent ``shutdown_request`` on its control
+        socket. If the warden was already gone, no gate took that message: jupyter_client
+        keeps it queued for the socket's linger (100 ms) after closing it, and a restart
+        whose new gate binds the same port within that time (an adoption from the warm
+        pool takes ~50 ms) delivers it to the new kernel, which then shuts down before
+        it is ever used. :meth:`cleanup` waits that linger out."""
+        proc = self.process
+        self._unheard_shutdown = proc is None or proc.poll() is not None
+        await super().shutdown_requested(restart=restart)
+
     async def cleanup(self, restart: bool = False) -> None:
         """Called by KernelManager after the kernel stopped: remove anything a warden
-        that was SIGKILLed could not, then let LocalProvisioner return the ports."""
+        that was SIGKILLed could not, then let LocalProvisioner return the ports. Before a
+        restart whose ``shutdown_request`` reached nobody, wait until jupyter_client has
+        dropped it (see :meth:`shutdown_requested`)."""
         sweep_stale()
+        if restart and getattr(self, "_unheard_shutdown", False):
+            await asyncio.sleep(CONTROL_LINGER)  # outlasts the closed socket's linger
         await super().cleanup(restart=restart)

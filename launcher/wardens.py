@@ -192,16 +192,43 @@ class SpawnerClient:
         if len(payload) > 65536:  # more than a socket buffer holds: do not block the caller
             threading.Thread(target=_send_all, args=(mine, payload), daemon=True).start()
         else:
-            mine.sendall(payload)
+            _send_all(mine, payload)  # a spawner gone by now shows as EOF in _ask
         return mine
+
+    def _ask(self, req: dict[str, Any], timeout: float) -> tuple[socket.socket,
+                                                                  dict[str, Any] | None, bytes]:
+        """Send ``req``; return its socket, its first status line and what followed. A
+        spawner that dies with the request unanswered (SIGKILLed just before, so that it
+        still looked alive) is replaced and asked once more: at EOF nobody holds the
+        request's other end, so no warden was started for it."""
+        for attempt in (1, 2):
+            sock = self.request(req)
+            deadline = time.monotonic() + timeout
+            status, rest = _read_status(sock, timeout)
+            eof = status is None and time.monotonic() < deadline
+            if attempt == 1 and eof and self._spawner_died():
+                sock.close()
+                continue
+            return sock, status, rest
+        raise AssertionError("unreachable")
+
+    def _spawner_died(self) -> bool:
+        """True once the spawner has exited (it is given a second if it is dying)."""
+        proc = self._proc
+        if proc is None:
+            return True
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     async def launch(self, req: dict[str, Any], timeout: float) -> tuple[WardenProcess | None,
                                                                          dict[str, Any]]:
         """Ask for a warden; wait for its first status line. Returns the handle (None if
         the warden never reported) and the status (``{"ok": bool, ...}``)."""
-        sock = self.request(req)
-        status, rest = await asyncio.get_running_loop().run_in_executor(
-            None, _read_status, sock, timeout)
+        sock, status, rest = await asyncio.get_running_loop().run_in_executor(
+            None, self._ask, req, timeout)
         if status is None or not status.get("ok") or "pid" not in status:
             if status is not None and "exit" in status:  # it died before reporting
                 status = {"ok": False, "exit": status["exit"]}
@@ -211,11 +238,9 @@ class SpawnerClient:
 
     def pool(self, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Ask about (and fill) a warm pool: ``{"ok", "size", "ready", "starting", ...}``."""
-        sock = self.request({**req, "op": "pool"})
-        try:
-            return _read_status(sock, timeout)[0] or {"ok": False, "error": "no answer"}
-        finally:
-            sock.close()
+        sock, status, _ = self._ask({**req, "op": "pool"}, timeout)
+        sock.close()
+        return status or {"ok": False, "error": "no answer"}
 
 
 def _has_fd(stream: Any) -> bool:
@@ -243,7 +268,10 @@ def _read_status(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | 
         ready, _, _ = select.select([sock], [], [], left)
         if not ready:
             return None, b""
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except OSError:  # ECONNRESET: the spawner died with the request unread
+            chunk = b""
         if not chunk:
             return None, b""
         buf += chunk

@@ -1,0 +1,146 @@
+"""Stress in CI: short runs of the fault-injection and load scripts (``tests/stress/``; the
+full-length runs are for people, see the scripts' docstrings), and regression tests for
+what those runs found.
+
+The short runs start the scripts as they would be run by hand (a subprocess, an
+environment of their own) and assert on their JSON reports: no finding, and the run
+covered what it is meant to cover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from test_lifecycle import run_cell
+
+from cellblock.wardens import SpawnerClient, warm
+
+from conftest import REPO, audit_events, wait_dead
+
+pytestmark = [pytest.mark.jail, pytest.mark.nonroot]
+
+STRESS = REPO / "tests" / "stress"
+sys.path.insert(0, str(STRESS))
+
+from faults import MOMENTS, VICTIMS  # noqa: E402
+
+
+def run_script(name: str, args: list[str], tmp_path: Path, timeout: float) -> dict[str, Any]:
+    """Run ``tests/stress/<name>.py`` with ``args``; return its JSON report."""
+    report = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(STRESS / f"{name}.py"), *args,
+                           "--json", str(report)],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, (f"{name}.py {' '.join(args)} exited {proc.returncode}:\n"
+                                  f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return dict(json.loads(report.read_text()))
+
+
+@pytest.mark.timeout(400)
+def test_faults_short(tmp_path: Path) -> None:
+    """20 rounds: every victim and every moment at least once (a different half of the
+    pairs on each seed); nothing left behind, the next kernel always works."""
+    seed = int(time.time())
+    report = run_script("faults", ["--rounds", "20", "--seed", str(seed)], tmp_path, 380)
+    assert report["findings"] == [], f"seed {seed}: {report['findings']}"
+    pairs = [p.split(":") for p in report["pairs"]]
+    assert {v for v, _ in pairs} == set(VICTIMS), report["pairs"]
+    assert {m for _, m in pairs} == set(MOMENTS), report["pairs"]
+    assert report["rounds"] == 20
+    # most kills landed inside the operation they were meant to interrupt
+    assert report["phases"].get("during", 0) >= 6, report["phases"]
+
+
+@pytest.mark.timeout(400)
+def test_load_short(tmp_path: Path) -> None:
+    """8 kernels for 35 s of mixed work: every output exact, the gate answers, nothing
+    leaks, and the client holds no more descriptors after than before."""
+    report = run_script("load", ["--kernels", "8", "--seconds", "35"], tmp_path, 380)
+    assert report["findings"] == [], report["findings"]
+    assert report["kernels_run"] == 8
+    assert set(report["cells"]) == {"1+1", "print", "error", "table", "interrupt", "secret",
+                                    "cpu"}, report["cells"]
+    assert report["kernel_info"]["n"] > 10, report["kernel_info"]
+    assert report["client"]["after"]["fds"] <= report["client"]["before"]["fds"]
+
+
+def nsjail_of(warden_pid: int) -> int:
+    """The nsjail process a warden started."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(b")") + 2:].split()[1]) == warden_pid and b"nsjail" in cmd:
+            return int(name)
+    raise AssertionError(f"warden {warden_pid} has no nsjail")
+
+
+@pytest.mark.parametrize("profile", ["pooled", "agent"])
+async def test_restart_after_the_jail_died(profile: str, no_leftovers: None) -> None:
+    """Found by faults.py (nsjail killed, then ``restart_kernel``): the restart's
+    shutdown_request, sent to the dead kernel, stayed queued on jupyter_client's closed
+    control socket for its 100 ms linger and reached the next kernel on the same ports,
+    which shut down before its first cell ("Kernel died before replying to kernel_info").
+    An adoption from the warm pool (~50 ms) hit it nearly every time."""
+    if profile == "pooled":
+        assert warm("pooled", timeout=120)["ready"] == 2
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        for _ in range(5):
+            os.kill(nsjail_of(km.provisioner.process.pid), signal.SIGKILL)
+            assert await wait_dead(km)
+            await km.restart_kernel(now=False)
+            await kc.wait_for_ready(timeout=60)
+            out = await run_cell(kc, "1+1")
+            assert out["results"] == [{"text/plain": "2"}], out
+        exits = [e.fields.get("reason") for e in audit_events(km.kernel_id)
+                 if e.event == "kernel.exit"]
+        assert exits == ["kernel process exited with status -9"] * 5, exits
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+        if profile == "pooled":
+            assert warm("pooled", size=0)["size"] == 0
+
+
+async def test_requests_right_after_the_spawner_was_killed(jupyter_env: dict[str, str],
+                                                           no_leftovers: None) -> None:
+    """Found by faults.py (spawner killed, next round at once): a request sent while the
+    SIGKILLed spawner still looked alive failed with a raw ConnectionResetError (a start
+    from start_kernel, a pool query from warm()). Now a new spawner answers it."""
+    client = SpawnerClient.instance()
+    for _ in range(3):
+        assert client.pool({"profile": "agent", "env": dict(os.environ)})["ok"]
+        assert client._proc is not None
+        os.kill(client._proc.pid, signal.SIGKILL)  # still dying as the next request goes
+        state = client.pool({"profile": "agent", "env": dict(os.environ)})
+        assert state["ok"], state
+        os.kill(client._proc.pid, signal.SIGKILL)
+        km = AsyncKernelManager(kernel_name="cellblock-agent")
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            out = await run_cell(kc, "1+1")
+            assert out["results"] == [{"text/plain": "2"}], out
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=False)
