@@ -35,6 +35,10 @@ def make_world() -> Iterator[Callable[..., World]]:
 
 
 MALFORMED_CONTENT = [
+    # A duplicate key hides a value from the policy: Python's json keeps the last one, and
+    # the original bytes were forwarded when the scanned (last) value needed no change.
+    b'{"data": {"text/plain": "' + CANARY.encode() + b'"}, "data": {"text/plain": "x"}, '
+    b'"metadata": {}}',
     b'{"name": "stdout", "text": "' + CANARY.encode() + b'\xff"}',
     b'{"name": "stdout", "text": "' + CANARY.encode() + b'\\ud800"}',
     b'{"name": "stdout", "text": "' + CANARY.encode() + b'", "n": NaN}',
