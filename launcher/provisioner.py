@@ -176,8 +176,10 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         keeps it queued for the socket's linger (100 ms) after closing it, and a restart
         whose new gate binds the same port within that time (an adoption from the warm
         pool takes ~50 ms) delivers it to the new kernel, which then shuts down before
-        it is ever used. :meth:`cleanup` waits that linger out."""
+        it is ever used. :meth:`cleanup` waits that linger out (also when the warden
+        ended otherwise than by that request: its gate may have closed first)."""
         proc = self.process
+        self._shutdown_of = proc  # the warden that request was meant for
         self._unheard_shutdown = proc is None or proc.poll() is not None
         await super().shutdown_requested(restart=restart)
 
@@ -187,6 +189,8 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         restart whose ``shutdown_request`` reached nobody, wait until jupyter_client has
         dropped it (see :meth:`shutdown_requested`)."""
         sweep_stale()
-        if restart and getattr(self, "_unheard_shutdown", False):
+        asked = getattr(self, "_shutdown_of", None)
+        ended_badly = asked is not None and asked.poll() not in (0, None)  # not by request
+        if restart and (getattr(self, "_unheard_shutdown", False) or ended_badly):
             await asyncio.sleep(CONTROL_LINGER)  # outlasts the closed socket's linger
         await super().cleanup(restart=restart)
