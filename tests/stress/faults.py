@@ -593,10 +593,18 @@ def _tree_of(procs: list[Proc], warden: Proc) -> dict[str, Proc]:
 
 
 def schedule(rounds: int, rng: random.Random) -> list[tuple[str, str]]:
-    """Every (victim, moment) pair once in a seeded order, then random pairs."""
-    first = list(COMBOS)
-    rng.shuffle(first)
-    out = first[:rounds]
+    """Every (victim, moment) pair once in a seeded order, then random pairs. The order
+    covers every victim and every moment as early as it can (in the first 8 rounds), so
+    that a short run tries each of them."""
+    left = list(COMBOS)
+    rng.shuffle(left)
+    out: list[tuple[str, str]] = []
+    while left and len(out) < rounds:
+        victims = {v for v, _ in out}
+        moments = {m for _, m in out}
+        pick = max(left, key=lambda p: (p[0] not in victims) + (p[1] not in moments))
+        left.remove(pick)
+        out.append(pick)
     while len(out) < rounds:
         out.append(rng.choice(COMBOS))
     return out
