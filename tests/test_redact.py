@@ -601,3 +601,26 @@ def test_prefilters_cover_every_end_of_their_rule(rule_id: str) -> None:
         slack = range(rule.prefilter_slack + 1)
         covered = {e + k for e in ends(rule.prefilter, text) for k in slack}
         assert ends(rule.pattern, text) <= covered, text
+
+
+_NORMALISE_PIECES = ["\x1b", "\x1b[31m", "\x1b]0;t", "\x07", "\x1b\\", "\r", "\r\n", "\b", "\n",
+                     "\x9b", "[", "]", "0", ";", "m", "a", "\u0301", "\u00e9", "\u200b", "\uff41",
+                     "\ufb01", " ", "\\"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_NORMALISE_PIECES), max_size=8), max_size=5))
+def test_texts_joined_for_normalising_normalise_each(pieces: list[list[str]]) -> None:
+    """Redactor.untouched normalises a message's strings together; that must equal
+    normalising each: nothing may cross from one string into the next."""
+    from cellblock.redact.engine import JOIN_FOR_NORMALISE
+
+    texts = ["".join(p) for p in pieces]
+    assert normalise(JOIN_FOR_NORMALISE.join(texts)) == "\n".join(normalise(t) for t in texts)
+
+
+def test_untouched_sees_a_token_behind_escapes_in_any_string(red: Redactor) -> None:
+    coloured = "\x1b[31m" + "\x1b[0m".join(TOKEN) + "\x1b[0m"
+    assert not red.untouched(["plain", "\x1b]0;title", coloured], normalised=False)
+    assert red.untouched(["plain", "\x1b[31mred\x1b[0m", "a\rb"], normalised=False)
+    assert not red.untouched(["plain", "\x1b[31mred\x1b[0m"], normalised=True)

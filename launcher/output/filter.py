@@ -179,18 +179,20 @@ class OutputFilter:
 
     def _untouched(self, obj: Any) -> bool:
         """True when no string in `obj` (keys included) would change: none needs a cap, and
-        the redactor finds nothing to redact or normalise in all of them joined by line feeds
-        (`Redactor.untouched`: one scan for the message instead of one per string)."""
+        the redactor finds nothing to redact (nor to normalise, if the profile sends the
+        normalised text) in all of them at once (`Redactor.untouched`: one scan for the
+        message instead of one per string)."""
         strings: list[str] = []
         _strings(obj, strings)
         if not strings:
             return True
         if max(map(len, strings)) * 4 > self.policy.max_text:
             return False  # cap_text may have something to cut
-        joined = "\n".join(strings)
         if self.redactor is None:
+            joined = "\n".join(strings)
             return not self.policy.normalise or normalise(joined) is joined
-        return bool(self.redactor.untouched(joined))
+        # Without `normalise` a string is sent as it came unless something is redacted in it.
+        return bool(self.redactor.untouched(strings, self.policy.normalise))
 
     def _clean(self, text: str, what: str) -> str:
         if self._quiet:

@@ -77,6 +77,11 @@ _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0
                          b"+/=_.~%\\-")
 _TOKEN_TAIL = re.compile(rb"[A-Za-z0-9+/=_.~%\\-]*")
 _BLOCK_START = "-----BEGIN"
+#: Texts joined by this and then normalised give each text normalised, joined by a line feed:
+#: no ANSI sequence starts with ESC LF, an OSC stops at ESC and then wants BEL or ESC
+#: backslash (so one left open stays open, as it would alone), NFKC composes nothing across
+#: a starter, CR and backspace rendering stop at a line feed, and the ESC itself is dropped.
+JOIN_FOR_NORMALISE = "\x1b\n"
 
 
 @dataclass(frozen=True)
@@ -202,17 +207,24 @@ class Redactor:
         out.append(text[pos:])
         return RedactResult("".join(out), findings)
 
-    def untouched(self, text: str) -> bool:
-        """True when `redact` would give back `text` itself and no finding, as one scan can
-        tell: `text` is already normalised, and the scan reports no candidate at all (nor does
-        the decoded view of its percent or ``\\u`` escapes). False does not mean a finding.
+    def untouched(self, texts: list[str], normalised: bool = True) -> bool:
+        """True when `redact` would find nothing in any of `texts`, as one scan of them all
+        can tell (no candidate at all, nor in the decoded view of percent or ``\\u``
+        escapes), and, with `normalised`, when each is already normalised too. False does not
+        mean a finding. The output filter calls this once per message instead of `redact` once
+        per string.
 
-        The output filter calls this once on a message's strings joined with ``"\\n"``: a
-        line feed is a boundary for every pattern (not a word character, not base64, not a
-        URL character), so a hit in any one string is a hit in the joined text.
+        The texts are scanned joined by line feeds: a line feed is a boundary for every pattern
+        (not a word character, not base64, not a URL character), so a hit in any one of them
+        is a hit in the joined text. When they need normalising (and the caller does not
+        require them normalised), they are joined by ESC LF and normalised together, which
+        gives the same as normalising each (`JOIN_FOR_NORMALISE`).
         """
+        text = "\n".join(texts)
         if normalise(text) is not text:
-            return False
+            if normalised:
+                return False
+            text = normalise(JOIN_FOR_NORMALISE.join(texts))
         if len(text) < self._scanner.min_len:
             return True
         data = scan_bytes(text)
@@ -251,9 +263,9 @@ class Redactor:
         limit = self.max_match_len
         end = len(text)
         cut = end - self._hold
-        tail = scan_bytes(text[max(0, end - limit - 1):])[::-1]
-        run = _TOKEN_TAIL.match(tail).end()  # type: ignore[union-attr]
-        cut = min(cut, end - run)
+        if ord(text[-1]) in _TOKEN_CHARS:
+            tail = scan_bytes(text[max(0, end - limit - 1):])[::-1]
+            cut = min(cut, end - _TOKEN_TAIL.match(tail).end())  # type: ignore[union-attr]
         if self._scanner.blocks:
             begin = text.find(_BLOCK_START, max(0, end - limit))
             if begin >= 0:
@@ -294,6 +306,7 @@ class Redactor:
         return _merge(found)
 
 
+@functools.lru_cache(maxsize=16)
 def _hold_window(scanner: Scanner) -> int:
     """The longest finding of a rule whose matches are not all token characters (the window a
     stream holds back whatever it ends with), and the longest block start marker."""
