@@ -193,13 +193,13 @@ def test_p13_a_kernel_that_never_answers(make_world):
 FLOODER = r"""
 import hashlib, hmac, json, select, sys, zmq
 endpoint, key, parent = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
-size, minimum = int(sys.argv[4]), int(sys.argv[5])
+size, minimum, end = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 ctx = zmq.Context()
 pub = ctx.socket(zmq.PUB)
 pub.bind(endpoint)
 proto = hmac.new(key, digestmod=hashlib.sha256)
 head = b'{"msg_id": "flood-%d", "msg_type": "%s", "session": "k", "version": "5.3"}'
-content = json.dumps({"name": "stdout", "text": "x" * (size - 1) + "\n"}).encode()
+content = json.dumps({"name": "stdout", "text": "x" * (size - len(end)) + end}).encode()
 idle = b'{"execution_state": "idle"}'
 def send(i, msg_type, body):
     parts = [head % (i, msg_type), parent.encode(), b"{}", body]
@@ -219,13 +219,16 @@ while not select.select([sys.stdin], [], [], 0.01)[0]:  # then idles until stdin
     i += 1
 """
 
-@pytest.mark.parametrize(("size", "minimum"), [(64, 200_000), (1 << 20, 300)])
-def test_r8_r9_iopub_flood_memory_bounded_control_still_answered(make_world, size, minimum):
-    """A kernel floods iopub (hundreds of thousands of small messages, or hundreds of
-    1 MiB ones) in a process of its own. While it runs, a control request still goes
-    through both ways; the gate's memory stays bounded (ZMQ high-water marks, a fixed
-    replay window, the stream budget), and the client receives the profile's stream
-    budget, not the flood."""
+@pytest.mark.parametrize(("size", "minimum", "end"), [
+    (64, 200_000, "\n"), (1024, 100_000, ""), (1 << 20, 300, "\n")])
+def test_r8_r9_iopub_flood_memory_bounded_control_still_answered(make_world, size, minimum,
+                                                                 end):
+    """A kernel floods iopub (hundreds of thousands of small messages, 1 KiB pieces of one
+    line that never ends (R19: the carry-over stays bounded), or hundreds of 1 MiB
+    messages) in a process of its own. While it runs, a control request still goes through
+    both ways; the gate's memory stays bounded (ZMQ high-water marks, a fixed replay
+    window, the stream budget), and the client receives the profile's stream budget, not
+    the flood."""
     w = make_world(kernel_iopub=False, **agent_gate())
     k = w.kernel
     w.synced.add(id(w.a))  # the flooder owns iopub: nothing to sync with yet
@@ -235,7 +238,7 @@ def test_r8_r9_iopub_flood_memory_bounded_control_still_answered(make_world, siz
     before = rss_kib("VmRSS")
     with subprocess.Popen(
         [sys.executable, "-c", FLOODER, k.endpoint("iopub"), k.key.decode(),
-         json.dumps(parent), str(size), str(minimum)],
+         json.dumps(parent), str(size), str(minimum), end],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     ) as flood:
         assert flood.stdin is not None and flood.stdout is not None
