@@ -70,7 +70,8 @@ def test_load_short(tmp_path: Path) -> None:
     assert set(report["cells"]) == {"1+1", "print", "error", "table", "interrupt", "secret",
                                     "cpu"}, report["cells"]
     assert report["kernel_info"]["n"] > 10, report["kernel_info"]
-    assert report["client"]["after"]["fds"] <= report["client"]["before"]["fds"]
+    assert report["client"]["stopped"]["fds"] <= report["client"]["before"]["fds"], \
+        report["client"]
 
 
 def nsjail_of(warden_pid: int) -> int:

@@ -25,9 +25,10 @@ are checked against the kernels that should exist.
 
 At the end every kernel is shut down and the spawner closed; then no process, run dir,
 cgroup or mount may be left. The client's open descriptors and RSS are reported before
-the kernels start (after one kernel has started and stopped, so that imports and the
-spawner are in place), at the peak, and after; more descriptors after than before is a
-finding.
+the kernels start (after one kernel has started and stopped, so that imports, the spawner
+and its warm pool are in place), at the peak, once every kernel has stopped (the same
+state as before: more descriptors then than before is a finding) and after the spawner
+was closed.
 
 Exits 1 on any finding; ``--json`` writes the report.
 """
@@ -347,6 +348,8 @@ class Load:
         left = settle(lambda: leftovers(self.env, Expected({os.getpid()}, set(), 2)), 60)
         if left:
             self.find(f"after the shutdown: {left}")
+        # the same state as the baseline: the spawner and its warm pool, no kernel
+        self.stats["stopped"] = proc_stats(os.getpid())
         self.kernels_done = [(k.index, k.profile, dict(k.cells)) for k in self.kernels]
         self.kernels = []
 
@@ -390,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         run.stats["after"] = proc_stats(os.getpid())
         env.close(keep=args.keep or bool(run.findings))
     before, after = run.stats["before"], run.stats["after"]
-    if after["fds"] > before["fds"]:
-        run.find(f"the client holds {after['fds']} descriptors after the load, "
+    stopped = run.stats.get("stopped", after)
+    if stopped["fds"] > before["fds"]:
+        run.find(f"the client holds {stopped['fds']} descriptors after the load, "
                  f"{before['fds']} before")
     lat = run.latencies
     cells: collections.Counter[str] = collections.Counter()
@@ -419,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['cells_total']} cells {dict(cells)}")
     print(f"kernel_info on control: {report['kernel_info']}")
     print(f"client: before {before}, peak fds {run.stats.get('peak_fds')} rss "
-          f"{run.stats.get('peak_rss_kib')} KiB, after {after}")
+          f"{run.stats.get('peak_rss_kib')} KiB, kernels stopped {stopped}, spawner closed "
+          f"{after}")
     print(f"findings: {len(run.findings)}")
     for f in run.findings[:20]:
         print(f"  {f[:400]}")
