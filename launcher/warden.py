@@ -665,6 +665,8 @@ class Warden:
             if self.record is not None:
                 self.record.nsjail_pid = self.proc.pid
             self._wait_for_kernel_sockets()
+            self.gate.wait_kernel_subscribed(WELCOME_WAIT)
+            self.gate.resume()  # the requests that came in meanwhile go to the new kernel
         except (CellblockError, OSError) as exc:
             return Stop(f"restart after the {seconds(self.profile.budgets.grace_seconds)} "
                         f"grace failed: {exc}", "grace_seconds")

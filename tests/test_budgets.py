@@ -223,6 +223,29 @@ async def test_a_cell_ignoring_interrupts_is_killed_and_the_kernel_restarts(
     assert killed[0].fields["limits_hit"] == ["cell_seconds", "grace_seconds"]
 
 
+@pytest.mark.profile("cell")
+@jailed
+async def test_requests_sent_during_a_restart_in_place_reach_the_new_kernel(
+    kernel: Any,
+) -> None:
+    """Cells sent the moment the client hears of the restart (before the new jail is up)
+    are held by the gate until the new kernel has welcomed its iopub subscription: every
+    one gets its output, its reply and its idle."""
+    _, kc = kernel
+    msg_id = kc.execute(IGNORES_SIGINT["sig_ign_busy_loop"])
+    while True:  # until the restart notice, then at once the next cells
+        msg = await kc.get_iopub_msg(timeout=60)
+        if msg["msg_type"] == "error" and "restarted" in msg["content"]["evalue"]:
+            break
+    pending = [kc.execute(f"print('after restart', {i})") for i in range(3)]
+    out = await collect(kc, msg_id, 60)
+    assert out["reply"]["status"] == "error"
+    for i, pid in enumerate(pending):
+        got = await collect(kc, pid, 60)
+        assert got["stdout"] == f"after restart {i}\n", got
+        assert got["reply"]["status"] == "ok"
+
+
 @pytest.mark.profile("brief")
 @jailed
 async def test_lifetime_stops_the_kernel(kernel: Any) -> None:

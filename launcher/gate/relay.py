@@ -185,6 +185,7 @@ class Gate:
         self._told: dict[str, str] = {}  # msg_id -> the last error the gate told that request
         self._rekeyed = threading.Event()
         self._kernel_welcomed = threading.Event()
+        self._held: list[tuple[str, list[bytes]]] | None = None  # requests during a restart
 
     # ----------------------------------------------------------- the warden's side
 
@@ -268,12 +269,20 @@ class Gate:
 
     def rekey(self, key: str, timeout: float = 5.0) -> bool:
         """Verify and sign kernel messages with ``key`` from now on (the warden restarts the
-        jail with a fresh key). Thread-safe; returns once the loop has switched (True), or
-        False after ``timeout`` or when the gate is not running."""
+        jail with a fresh key). Until :meth:`resume`, client requests are held (at most
+        ``GateLimits.max_open_requests``), not forwarded: a request that reached the new
+        kernel before the gate's iopub subscription to it was live would lose its output.
+        Thread-safe; returns once the loop has switched (True), or False after ``timeout``
+        or when the gate is not running."""
         self._rekeyed.clear()
         if not self._wake(b"rekey", key.encode()):
             return False
         return self._rekeyed.wait(timeout)
+
+    def resume(self) -> None:
+        """Forward the client requests held since :meth:`rekey`, and the new ones again
+        (the warden calls it once the restarted kernel has welcomed the gate). Thread-safe."""
+        self._wake(b"resume")
 
     def wait_kernel_subscribed(self, timeout: float) -> bool:
         """Block until the kernel has welcomed the gate's iopub subscription (JEP 65), so
@@ -392,7 +401,13 @@ class Gate:
         elif frames[0] == b"rekey":
             self._kernel_signer = Signer(frames[1].decode())
             self._hb_pending.clear()
+            self._kernel_welcomed.clear()
+            self._held = []
             self._rekeyed.set()
+        elif frames[0] == b"resume":
+            held, self._held = self._held, None
+            for channel, message in held or ():
+                self._from_client(channel, message)
 
     def _observe(self, observed: Observed) -> str | None:
         if self._observer is None:
@@ -435,6 +450,12 @@ class Gate:
     # client -> kernel
 
     def _from_client(self, channel: str, frames: list[bytes]) -> None:
+        if self._held is not None:  # the jail is restarting in place: keep it for resume()
+            if len(self._held) < self._limits.max_open_requests:
+                self._held.append((channel, frames))
+            else:
+                self._drop("client", channel, Dropped("restart_queue_full"))
+            return
         try:
             limits = self._limits
             msg = check(
