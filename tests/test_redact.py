@@ -624,3 +624,72 @@ def test_untouched_sees_a_token_behind_escapes_in_any_string(red: Redactor) -> N
     assert not red.untouched(["plain", "\x1b]0;title", coloured], normalised=False)
     assert red.untouched(["plain", "\x1b[31mred\x1b[0m", "a\rb"], normalised=False)
     assert not red.untouched(["plain", "\x1b[31mred\x1b[0m"], normalised=True)
+
+
+def test_escape_views_equal_a_reference_decoding() -> None:
+    import re
+    from urllib.parse import unquote_to_bytes
+
+    from cellblock.redact import decode
+
+    def unicode_reference(data: bytes) -> bytes:
+        def one(m: re.Match[bytes]) -> bytes:
+            c = int(m[1], 16)
+            return bytes([c if c < 128 else 0x1A])
+        return re.sub(rb"\\u([0-9A-Fa-f]{4})", one, data)
+
+    pieces = [b"%", b"\\", b"u", b"0", b"0", b"4", b"1", b"e9", b"%4", b"%41", b"%e9",
+              b"\\u0041", b"\\u00e9", b"\\u4e2d", b"\\u007", b"x", b" "]
+    rng = random.Random(2)
+    for _ in range(20_000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        assert decode.escape_view(data, "unicode") == unicode_reference(data), data
+        assert decode.escape_view(data, "percent") == unquote_to_bytes(data), data
+
+
+def test_views_find_what_each_escape_run_alone_finds(red: Redactor) -> None:
+    """The views of the escapes (one scan each) must send every escape run whose own decoding
+    holds a finding to the exact check: compare with decoding every run on its own."""
+    import functools
+
+    from cellblock.redact import decode, engine
+    from cellblock.redact.normalise import scan_bytes
+
+    inner = functools.partial(engine._inner, red._decoded)
+
+    def every_run(data: bytes) -> set[tuple[int, int, str]]:
+        out = set()
+        for encoding, (escape, forward, _back, decoder) in decode._RUNS.items():
+            pos = 0
+            while pos < len(data):
+                m = forward.match(data, pos)
+                stop = m.end() if m else pos
+                if stop > pos:
+                    run = data[pos:stop]
+                    if stop - pos <= decode.DECODE_CAP and escape.search(run):
+                        rule = inner(decoder(run))
+                        if rule is not None:
+                            out.add((pos, stop, f"{rule}:{encoding}"))
+                    pos = stop
+                else:
+                    pos += 1
+        return out
+
+    token = TOKEN.encode()
+    quoted = urllib.parse.quote(TOKEN, safe="").replace("_", "%5F").encode()
+    uesc = "".join(f"\\u{ord(c):04x}" for c in TOKEN).encode()
+    pieces = [token, quoted, uesc, quoted[:20], quoted[20:], uesc[:30], uesc[30:], b"%20",
+              b"\\u00e9", b"\\u0041", b"%3D", b"password", b"=", b" ", b"&", b"?", b"\\",
+              b"x", b"%", b"://", b"a%3Ab%40", fake(ALNUM, 12).encode(),
+              # escapes of both kinds in one run, and a secret that only exists that way
+              b"\\u0041%67", b"%41\\u0067", b"u0041", b"\\u0075" + b"0041" + quoted[:9]]
+    rng = random.Random(4)
+    found = 0
+    for _ in range(600):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        text = data.decode()
+        got = set(decode.findings(inner, red._decoded.ends, text, scan_bytes(text), [],
+                                  True, True))
+        assert got == every_run(data), data
+        found += bool(got)
+    assert found > 50  # the inputs do hold escaped secrets

@@ -15,9 +15,9 @@ characters costs hyperscan a nanosecond per byte, more than all the detectors to
   three or more characters, `undecodable`: the Discord bot token. Runs are also still required
   to decode to mostly (3/4) printable bytes, as before.
 - **Percent and ``\\u`` escapes** change the text around them (``%20ghp_...`` hides the word
-  boundary a token needs), so when the scan saw one, the whole text is decoded in one call
-  (every ``%XX``, or every ``\\uXXXX``, one byte each) and that view is scanned once with the
-  secret rules. Only if the view has a hit is the escape run around it (``[A-Za-z0-9._~+/=-]``
+  boundary a token needs), so when the scan saw one, the whole text is decoded at C speed (every
+  ``%XX``, or every ``\\uXXXX``, one byte each: a *view*) and the view is scanned once with the
+  secret rules. Only if a view has a hit is the escape run around it (``[A-Za-z0-9._~+/=-]``
   and escapes, as before) decoded on its own and rescanned, which is exactly the check that was
   made for every run before. A run's decoding is a substring of the view, between characters
   that cannot be part of a word, so whatever the run alone would show, the view shows too.
@@ -57,6 +57,10 @@ _PERCENT = re.compile(rb"%[0-9A-Fa-f]{2}")
 _UESCAPE = re.compile(rb"\\u([0-9A-Fa-f]{4})")
 _UESCAPE_WIDE = re.compile(
     rb"\\u(?:00[89A-Fa-f][0-9A-Fa-f]|0[1-9A-Fa-f][0-9A-Fa-f]{2}|[1-9A-Fa-f][0-9A-Fa-f]{3})")
+_HEXDIGITS = "0123456789abcdefABCDEF"
+#: What each ``\\uXXXX`` that _UESCAPE_WIDE leaves (an ASCII character) stands for.
+_VIEW_BYTE = {f"\\u00{a}{b}".encode(): bytes([int(a + b, 16)])
+              for a in "01234567" for b in _HEXDIGITS}
 _PERCENT_RUN = re.compile(rf"(?:%[0-9A-Fa-f]{{2}}|[{_URLCH}])*".encode())
 _PERCENT_RUN_BACK = re.compile(rf"(?:[0-9A-Fa-f]{{2}}%|[{_URLCH}])*".encode())
 _UESCAPE_RUN = re.compile(rf"(?:\\u[0-9A-Fa-f]{{4}}|[{_URLCH}])*".encode())
@@ -145,21 +149,30 @@ def findings(inner: Inner, ends: Ends, text: str, data: bytes, run_ends: list[in
             if rule is not None:
                 found.append((start, stop, f"{rule}:{encoding}"))
                 break
-    if percent:
-        found += _escaped(inner, ends, data, _PERCENT, 3, unquote_to_bytes,
-                          _PERCENT_RUN, _PERCENT_RUN_BACK, "percent")
-    if uescape:
-        found += _escaped(inner, ends, data, _UESCAPE, 6, _unescape,
-                          _UESCAPE_RUN, _UESCAPE_RUN_BACK, "unicode")
+    for kind, present in (("percent", percent), ("unicode", uescape)):
+        if present:
+            found += _escaped(inner, ends, data, kind)
     return found
 
 
 def views_quiet(ends: Ends, data: bytes, percent: bool, uescape: bool) -> bool:
-    """True when the percent and ``\\u`` views of `data` (those asked for) have no hit of the
+    """True when the views of the escapes in `data` (those asked for) have no hit of the
     secret rules at all, so no escape run in it can hold a finding."""
-    if percent and ends(unquote_to_bytes(data)):
+    if percent and ends(escape_view(data, "percent")):
         return False
-    return not (uescape and ends(_unescape(data)))
+    return not (uescape and ends(escape_view(data, "unicode")))
+
+
+def escape_view(data: bytes, kind: str) -> bytes:
+    """`data` with every escape of `kind` as one byte: the byte a ``%XX`` stands for, or the
+    character of a ``\\uXXXX`` if ASCII and SUB if not (as scan_bytes has it). The escapes of
+    non-ASCII characters (the usual ones: ``\\u00e9``) go in one pass without a callback."""
+    if kind == "percent":
+        return unquote_to_bytes(data)
+    data = _UESCAPE_WIDE.sub(b"\x1a", data)
+    if b"\\u" not in data:
+        return data
+    return _UESCAPE.sub(lambda m: _VIEW_BYTE[m[0]], data)
 
 
 def _run_around(data: bytes, end: int) -> tuple[int, int]:
@@ -171,47 +184,45 @@ def _run_around(data: bytes, end: int) -> tuple[int, int]:
     return start, stop
 
 
-def _unescape(data: bytes) -> bytes:
-    """Every ``\\uXXXX`` as one byte: the character if ASCII, else SUB (as scan_bytes).
-    Escapes of non-ASCII characters (the usual ones: ``\\u00e9``) go in one C-speed pass."""
-    data = _UESCAPE_WIDE.sub(b"\x1a", data)
-    if b"\\u" not in data:
-        return data
-    return _UESCAPE.sub(lambda m: bytes([int(m[1], 16)]), data)
-
-
 def _run_unescape(run: bytes) -> bytes:
     """A ``\\uXXXX`` run decoded as before: by Python's unicode_escape, one byte a character."""
     return scan_bytes(run.decode("unicode_escape", "replace"))
 
 
-def _escaped(inner: Inner, ends: Ends, data: bytes, escape: re.Pattern[bytes], width: int,
-             decode_all: Callable[[bytes], bytes], forward: re.Pattern[bytes],
-             back: re.Pattern[bytes], encoding: str) -> list[tuple[int, int, str]]:
-    """Findings in percent or \\u escape runs, through one scan of the decoded view."""
-    view = decode_all(data)
-    hit_ends = ends(view)
+_RUNS = {  # kind: one escape, the run forwards, the run backwards (reversed), decoder
+    "percent": (_PERCENT, _PERCENT_RUN, _PERCENT_RUN_BACK, unquote_to_bytes),
+    "unicode": (_UESCAPE, _UESCAPE_RUN, _UESCAPE_RUN_BACK, _run_unescape),
+}
+
+
+def _escaped(inner: Inner, ends: Ends, data: bytes, kind: str) -> list[tuple[int, int, str]]:
+    """Findings in the escape runs of one kind, through one scan of their view."""
+    hit_ends = ends(escape_view(data, kind))
     if not hit_ends:
         return []
-    positions = [m.start() for m in escape.finditer(data)]
-    in_view = [p - i * (width - 1) for i, p in enumerate(positions)]
+    escape_re, forward, back, decoder = _RUNS[kind]
+    starts: list[int] = []  # where each escape starts in `data`
+    in_view: list[int] = []  # where it is in the view
+    shrunk = [0]  # how much the first k escapes shrank the text
+    for m in escape_re.finditer(data):
+        starts.append(m.start())
+        in_view.append(m.start() - shrunk[-1])
+        shrunk.append(shrunk[-1] + m.end() - m.start() - 1)
     found: list[tuple[int, int, str]] = []
-    done: list[tuple[int, int]] = []
+    done = -1
     for end in sorted(set(hit_ends)):
-        g = end - 1
+        g = end - 1  # the hit's last byte, in the view
         k = bisect_left(in_view, g)
-        pos = positions[k] if k < len(in_view) and in_view[k] == g else g + k * (width - 1)
-        if any(a <= pos < b for a, b in done[-1:]):
-            continue
+        pos = starts[k] if k < len(in_view) and in_view[k] == g else g + shrunk[k]
+        if pos < done:
+            continue  # in a run already looked at
         low = max(0, pos - DECODE_CAP - 1)
         start = pos - back.match(data[low:pos][::-1]).end()  # type: ignore[union-attr]
         stop = forward.match(data, pos, pos + DECODE_CAP + 1).end()  # type: ignore[union-attr]
-        done.append((start, max(stop, pos + 1)))
-        if stop - start > DECODE_CAP or not escape.search(data, start, stop):
+        done = max(stop, pos + 1)
+        if stop - start > DECODE_CAP or not escape_re.search(data, start, stop):
             continue
-        run = data[start:stop]
-        decoded = unquote_to_bytes(run) if encoding == "percent" else _run_unescape(run)
-        rule = inner(decoded)
+        rule = inner(decoder(data[start:stop]))
         if rule is not None:
-            found.append((start, stop, f"{rule}:{encoding}"))
+            found.append((start, stop, f"{rule}:{kind}"))
     return found

@@ -121,10 +121,10 @@ def _scanners(
     cacheable = not exact_secrets
     main = Scanner(secret_rules + pii_rules, blocks,
                    decode.patterns(secret_rules, blocks) if decoding else (), cacheable=cacheable)
-    decoded = Scanner(secret_rules, blocks, cacheable=cacheable) if decoding else None
-    if decoding:
-        main.max_len = max(main.max_len, DECODE_CAP)
-    return main, decoded
+    if not decoding:
+        return main, None
+    main.max_len = max(main.max_len, DECODE_CAP)
+    return main, Scanner(secret_rules, blocks, cacheable=cacheable)
 
 
 def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
