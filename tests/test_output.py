@@ -365,3 +365,18 @@ def test_long_findings_split_across_stream_messages(name: str, secret: str,
         seen = stream_out(make(analyst()), pieces, parent=f"{name}-{cut}")
         assert "[REDACTED:" in seen, (name, cut)
         assert secret[cut - 20:cut] not in seen and secret[cut:cut + 20] not in seen, (name, cut)
+
+
+def test_image_payloads_are_left_out_of_the_check_but_nothing_else() -> None:
+    """The joined check skips what filter_bundle never scans (PNG/JPEG payloads of a bundle's
+    data); the same text anywhere else is still scanned."""
+    f = make(analyst())
+    png = "iVBORw0KGgo" + AKIA  # not decoded, not scanned: images are opaque (R20)
+    raw = json.dumps({"data": {"image/png": png, "text/plain": "<Figure>"},
+                      "metadata": {}}).encode()
+    assert apply_rules((f,), "iopub", "display_data", {}, {"msg_id": "p"}, raw, b"{}")[0] is raw
+    for content in ({"data": {"image/svg+xml": f"<svg>{AKIA}</svg>"}, "metadata": {}},
+                    {"data": {"text/plain": "x"}, "metadata": {"image/png": AKIA}},
+                    {"data": {"text/plain": "x"}, "metadata": {}, "image/png": AKIA}):
+        out, _ = run(f, "display_data", content)
+        assert AKIA not in json.dumps(out), content

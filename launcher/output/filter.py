@@ -88,7 +88,8 @@ class OutputFilter:
         # Strict (no NaN, duplicate keys, lone surrogates, UTF-16, non-objects): the original
         # bytes are forwarded when nothing changes, so they must mean what was scanned.
         content = load_object(content_bytes, "content")
-        self._quiet = msg_type != "stream" and self._untouched(content)
+        self._quiet = msg_type != "stream" and self._untouched(
+            content, msg_type in _BUNDLE_TYPES)
         if msg_type == "stream":
             held = self._stream(parent_id, content)
             if held:
@@ -177,12 +178,17 @@ class OutputFilter:
             content.update({"name": name, "text": out})
         return False
 
-    def _untouched(self, obj: Any) -> bool:
+    def _untouched(self, obj: Any, bundle: bool = False) -> bool:
         """True when no string in `obj` (keys included) would change: none needs a cap, and
         the redactor finds nothing to redact (nor to normalise, if the profile sends the
         normalised text) in all of them at once (`Redactor.untouched`: one scan for the
-        message instead of one per string)."""
+        message instead of one per string). In a `bundle` message, the images of its
+        ``data`` are left out, as filter_bundle leaves them unscanned (R20)."""
         strings: list[str] = []
+        data = obj.get("data") if bundle else None
+        if type(data) is dict and any(_is_image(k) for k in data):
+            obj = {**obj, "data": {k: ("" if _is_image(k) and type(v) is str else v)
+                                   for k, v in data.items()}}
         _strings(obj, strings)
         if not strings:
             return True
@@ -274,6 +280,11 @@ class OutputFilter:
             "hashes": hashes[:50], "notes": self._notes[:20],
         })
         self._findings, self._notes = [], []
+
+
+def _is_image(mime: str) -> bool:
+    """An image type whose value filter_bundle passes as it is (size-capped, never scanned)."""
+    return mime.startswith("image/") and mime != "image/svg+xml"
 
 
 def _strings(obj: Any, out: list[str]) -> None:
