@@ -46,6 +46,7 @@ _PLACEHOLDER_PARTS = (
     "replace",
 )
 _IDENTIFIER = re.compile(r"[a-z_][a-z_.]*")
+_PLACEHOLDER = re.compile("|".join(re.escape(part) for part in _PLACEHOLDER_PARTS))
 
 
 def shannon_entropy(value: str) -> float:
@@ -59,7 +60,7 @@ def shannon_entropy(value: str) -> float:
 def high_entropy_value(value: str) -> bool:
     """The value looks like a random secret, not a placeholder or an identifier."""
     low = value.lower()
-    if any(part in low for part in _PLACEHOLDER_PARTS):
+    if _PLACEHOLDER.search(low):
         return False
     if _IDENTIFIER.fullmatch(low) or low.isdigit():
         return False

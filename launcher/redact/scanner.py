@@ -152,6 +152,9 @@ class Scanner:
         self.window_db = compiled([p for _, p, _ in window], [f for _, _, f in window],
                                   [i for i, _, _ in window], cacheable) if window else None
         self.max_len = max([r.max_len for r in self.rules] + [b.max_len for b in self.blocks])
+        #: how far every window reaches back from a reported end, and forward
+        self._reach = (max([b for b, _ in self.windowed.values()] or [0]),
+                       max([f for _, f in self.windowed.values()] or [0]))
         #: No finding is shorter than this: a shorter text need not be scanned.
         self.min_len = min([min_width(r.pattern) for r in self.rules]
                            + [min_width(b.begin) for b in self.blocks] or [0])
@@ -207,24 +210,32 @@ class Scanner:
 
     def _resolve(self, data: bytes, ends: list[tuple[int, int]], out: list[Hit]) -> None:
         """Append (pid, leftmost start, end) for each match of a windowed rule that ends where
-        the main scan reported it (up to the rule's prefilter slack later)."""
+        the main scan reported it (up to the rule's prefilter slack later).
+
+        Every window reaches back and forward as far as the widest rule needs: a wider window
+        finds the same starts (see the module doc), and windows in end order merge in one pass.
+        """
+        windowed = self.windowed
         wanted: set[tuple[int, int]] = set()
-        spans = []
-        for pid, end in set(ends):
-            back, slack = self.windowed[pid]
-            wanted.update((pid, e) for e in range(end, end + slack + 1))
-            spans.append((max(0, end - back), min(len(data), end + slack + 1)))
-        spans.sort()
-        merged: list[list[int]] = []
-        for start, end in spans:
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
+        for pid, end in ends:
+            slack = windowed[pid][1]
+            if slack:
+                wanted.update((pid, e) for e in range(end, end + slack + 1))
             else:
-                merged.append([start, end])
+                wanted.add((pid, end))
+        back, forward = self._reach
+        size = len(data)
+        merged: list[list[int]] = []
+        for end in sorted({end for _pid, end in ends}):
+            start, stop = max(0, end - back), min(size, end + forward + 1)
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = stop
+            else:
+                merged.append([start, stop])
         assert self.window_db is not None
-        for start, end in merged:
-            handler = _Shifted(out, wanted, start, end if end < len(data) else end + 1)
-            self.window_db.scan(data[start:end], match_event_handler=handler)
+        for start, stop in merged:
+            handler = _Shifted(out, wanted, start, stop if stop < size else stop + 1)
+            self.window_db.scan(data[start:stop], match_event_handler=handler)
 
 
 class _Collector:
