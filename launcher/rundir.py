@@ -180,12 +180,16 @@ class RunDir:
 def process_start(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot, or None if it is gone.
 
-    A pid and its start time name one process for good: a recycled pid has another."""
+    A pid and its start time name one process for good: a recycled pid has another. A
+    zombie is gone too: it has ended, and is only waiting to be reaped (a warden orphaned
+    by a dead spawner waits on whoever adopted it, which may take long or never happen)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
+        return None
     return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
 
 

@@ -145,3 +145,80 @@ async def test_requests_right_after_the_spawner_was_killed(jupyter_env: dict[str
         finally:
             kc.stop_channels()
             await km.shutdown_kernel(now=False)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _children_of(pid: int, marker: bytes) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(b")") + 2:].split()[1]) == pid and marker in cmd:
+            out.append(int(name))
+    return out
+
+
+def _reap(pids: list[int], timeout: float = 20) -> None:
+    """Reap those of ``pids`` that are (or become) zombie children of this process."""
+    end = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < end:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not (or no longer) our child
+                if not Path(f"/proc/{pid}").exists():
+                    left.remove(pid)
+                continue
+            if done:
+                left.remove(pid)
+        time.sleep(0.05)  # polling for the children to end
+
+
+async def test_restart_after_an_orphaned_warden_was_killed(jupyter_env: dict[str, str],
+                                                           no_leftovers: None) -> None:
+    """Found by faults.py (spawner killed, then the kernel's warden): the warden, orphaned
+    by the spawner, stays a zombie until whoever adopted it reaps it. The sweep took the
+    zombie for a live warden and kept its run dir and cgroup; the restart (same kernel id,
+    same run dir) failed with FileExistsError, and that failed warden then removed the
+    old run dir, so the old cgroup was never swept. Here this process adopts the orphans
+    (a child subreaper) and reaps them only at the end: the zombie lasts the whole test."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    km = AsyncKernelManager(kernel_name="cellblock-agent")
+    kc = None
+    orphans: list[int] = []
+    try:
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        spawner = SpawnerClient.instance()._proc
+        assert spawner is not None
+        spawner.kill()
+        spawner.wait()
+        warden = km.provisioner.process.pid
+        nsjail = nsjail_of(warden)
+        orphans = [warden, nsjail, *_children_of(nsjail, b"cellblock_kernel")]
+        os.kill(warden, signal.SIGKILL)
+        assert await wait_dead(km)
+        assert Path(f"/proc/{warden}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+        await km.restart_kernel(now=False)
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "1+1")
+        assert out["results"] == [{"text/plain": "2"}], out
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+        _reap(orphans)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
