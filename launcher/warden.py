@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import select
 import shutil
@@ -80,6 +81,9 @@ OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagno
 # iopub_welcome, milliseconds after its sockets exist); a kernel that never sends one is
 # reported ready after this many seconds anyway.
 WELCOME_WAIT = 2.0
+# The warden's address space (RLIMIT_AS, soft; nsjail raises it again for the jail): an
+# idle warden maps ~370 MiB, one printing a 50 MB message peaks at ~530 MiB.
+WARDEN_ADDRESS_SPACE = 2 * 1024**3
 
 
 # Loaded at import (in the spawner, before any fork): the call between fork and exec of
@@ -374,8 +378,12 @@ class Warden:
         from .gate import Gate, GateLimits
         from .output import build_output_rules
 
+        from .gate.tracker import CLIENT_TYPES
+
         allowed = self.profile.allowed_requests
-        if allowed is not None and self.profile.allow_stdin:
+        if allowed is None:  # every known request, but stdin only where the profile has it
+            allowed = tuple(sorted(set().union(*CLIENT_TYPES.values()) - {"input_reply"}))
+        if self.profile.allow_stdin:
             allowed = (*allowed, "input_reply")
         self.gate = Gate(
             client=self.client_conn,
@@ -801,6 +809,13 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
     exit status."""
     from .spawner import set_title
 
+    # A kernel can make libzmq buffer one multipart of any number of frames (MAXMSGSIZE
+    # caps each frame, not the message) before the gate sees it: the address space cap
+    # makes such a warden fail (and its jail with it) instead of the host. No core file.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or hard > WARDEN_ADDRESS_SPACE:
+        resource.setrlimit(resource.RLIMIT_AS, (WARDEN_ADDRESS_SPACE, hard))
     handler = logging.getLogger().handlers[:1]
     for h in handler:
         h.setFormatter(logging.Formatter("[cellblock warden %(asctime)s] %(message)s"))

@@ -8,11 +8,15 @@ raising early.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,6 +194,60 @@ async def test_memory_limit_names_the_limit(kernel: tuple[AsyncKernelManager, An
 
 
 
+MULTIPART_BOMB = """
+import zmq
+sock = get_ipython().kernel.iopub_thread.socket   # the kernel's own socket to the gate
+frame = zmq.Frame(b"x" * (32 << 20))             # one 32 MiB buffer, sent 128 times
+sock.send_multipart([b"stream"] + [frame] * 128, copy=False)
+print("sent")
+"""
+
+
+@pytest.mark.profile("analyst")
+async def test_one_multipart_of_many_big_frames_cannot_swell_the_warden(
+    kernel: tuple[AsyncKernelManager, Any],
+) -> None:
+    """THREATS R10/P6: libzmq buffers a whole multipart (4 GiB here, from 32 MiB of the
+    kernel's memory) before the gate can refuse it; MAXMSGSIZE caps frames, not messages.
+    Under the warden's address-space cap the allocation fails, libzmq drops that
+    connection, the gate reconnects: the warden stays bounded and keeps serving."""
+    km, kc = kernel
+    warden = km.provisioner.process.pid
+
+    def rss() -> int:
+        status = Path(f"/proc/{warden}/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                    if line.startswith("VmRSS:"))
+
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], rss())
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    kc.execute(MULTIPART_BOMB)
+    try:
+        swelled = wait_for(lambda: peak[0] > 1024**3, timeout=60)
+        settled = wait_for(lambda: peak[0] > 1024**3 and rss() < 512 * 1024**2, timeout=60)
+    finally:
+        stop.set()
+        watcher.join()
+    assert swelled, f"the attack did not reach the warden (peak {peak[0] >> 20} MiB)"
+    assert peak[0] < 2.2 * 1024**3, f"the warden reached {peak[0] >> 20} MiB"
+    assert settled, f"the warden kept {rss() >> 20} MiB"
+    msg_id = kc.kernel_info()  # the gate still relays
+    while (reply := await kc.get_shell_msg(timeout=60))["parent_header"]["msg_id"] != msg_id:
+        pass
+    assert reply["content"]["status"] == "ok"
+    assert await km.is_alive()
+
+
+
 @pytest.mark.profile("tiny")
 async def test_fork_bomb_stopped_by_pids_limit(kernel: tuple[AsyncKernelManager, Any]) -> None:
     _, kc = kernel
@@ -265,6 +323,28 @@ async def test_stdin(kernel: tuple[AsyncKernelManager, Any]) -> None:
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     assert text == "hello cellblock\n"
+
+
+@pytest.mark.parametrize("profile", ["agent", "cell"])  # allowlist set / unset, no stdin
+async def test_no_stdin_profile_refuses_input_at_once(
+    profile: str, jupyter_env: dict[str, str], no_leftovers: None,
+) -> None:
+    """THREATS P12: a client asking for stdin on a profile without it gets
+    StdinNotImplementedError from input() at once (the gate sends allow_stdin false),
+    not a prompt, and not a cell that hangs until its budget."""
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "input('AWS secret key? ')", allow_stdin=True)
+        assert [e["ename"] for e in out["errors"]] == ["StdinNotImplementedError"], out
+        with pytest.raises(queue.Empty):  # no prompt was forwarded
+            await kc.get_stdin_msg(timeout=0.5)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
 
 
 async def test_two_clients_see_iopub(kernel: tuple[AsyncKernelManager, Any]) -> None:

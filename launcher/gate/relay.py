@@ -135,6 +135,15 @@ def _signer(conn: Mapping[str, Any], side: str) -> Signer:
     return Signer(conn["key"])
 
 
+def _without_stdin(parts: list[bytes]) -> list[bytes]:
+    """The four frames of an execute_request, its content's ``allow_stdin`` made false."""
+    content = load_object(parts[3], "content")
+    if content.get("allow_stdin") is False:
+        return parts
+    content["allow_stdin"] = False
+    return [parts[0], parts[1], parts[2], json.dumps(content).encode()]
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -160,6 +169,10 @@ class Gate:
         self._rules = tuple(rules)
         self._audit = audit
         self._allowed = allowed_client_msg_types
+        # No input_reply allowed: execute_requests go out with allow_stdin false, so input()
+        # raises StdinNotImplementedError at once instead of waiting for an answer that the
+        # gate would drop.
+        self._stdin = allowed_client_msg_types is None or "input_reply" in allowed_client_msg_types
         # P12: with no input_reply allowed, nobody could answer an input_request: drop it.
         self._stdin = self._allowed is None or "input_reply" in self._allowed
         self._table = RequestTable(self._limits.max_open_requests)
@@ -484,7 +497,10 @@ class Gate:
                 )
                 if evicted is not None:
                     self._emit("gate.evict", {"channel": evicted.channel, "reason": "table_full"})
-            out = [idents[0], DELIM, self._kernel_signer.sign(msg.parts), *msg.parts, *msg.buffers]
+            parts = msg.parts
+            if msg_type == "execute_request" and not self._stdin:
+                parts = _without_stdin(parts)
+            out = [idents[0], DELIM, self._kernel_signer.sign(parts), *parts, *msg.buffers]
             try:
                 self._kernel[channel].send_multipart(out, zmq.NOBLOCK)
             except zmq.Again:
