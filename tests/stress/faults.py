@@ -207,6 +207,7 @@ class Faults:
         self.durations: dict[str, list[float]] = collections.defaultdict(list)
         self.client_stats: list[dict[str, Any]] = []
         self.pool_warm = False
+        self.known: set[str] = set()  # leftovers already reported
 
     # -- the client -----------------------------------------------------------------------
 
@@ -222,6 +223,17 @@ class Faults:
         if self.client is None or self.client.proc.poll() is not None:
             return Expected()
         return Expected({self.client.pid}, {s.kernel_id for s in self.slots.values()}, 2)
+
+    def leftovers(self, expected: Expected) -> list[str]:
+        """What is left beyond ``expected`` once cleanup had its time, leaving out what an
+        earlier round already reported (a leak stays; it is one finding, not one a round).
+        """
+        def new() -> list[str]:
+            return [x for x in leftovers(self.env, expected) if _key(x) not in self.known]
+
+        left = settle(new, SETTLE)
+        self.known.update(_key(x) for x in left)
+        return left
 
     def find(self, rnd: dict[str, Any], kind: str, detail: str, **extra: Any) -> None:
         entry = {"round": rnd["round"], "victim": rnd["victim"], "moment": rnd["moment"],
@@ -363,7 +375,7 @@ class Faults:
             self.client.close()
             self.client = None
             self.slots = {}
-        left = settle(lambda: leftovers(self.env, Expected()), SETTLE)
+        left = self.leftovers(Expected())
         if left:
             self.find(rnd, "leak", f"after killing the client: {left}")
 
@@ -453,7 +465,7 @@ class Faults:
         self.check_state(rnd)
         self.recover(rnd)
         t_left = time.monotonic()
-        left = settle(lambda: leftovers(self.env, self.expected()), SETTLE)
+        left = self.leftovers(self.expected())
         rnd["settle_seconds"] = round(time.monotonic() - t_left, 2)
         if left:
             self.find(rnd, "leak", "; ".join(left))
@@ -490,7 +502,7 @@ class Faults:
         self.client = None
         self.slots = {}
         t_left = time.monotonic()
-        left = settle(lambda: leftovers(self.env, Expected()), SETTLE)
+        left = self.leftovers(Expected())
         rnd["settle_seconds"] = round(time.monotonic() - t_left, 2)
         if left:
             self.find(rnd, "leak", "after the client's death: " + "; ".join(left))
@@ -565,7 +577,12 @@ class Faults:
                 self.client.call("shutdown", slot=name)
             self.client.close()
             self.client = None
-        return settle(lambda: leftovers(self.env, Expected()), SETTLE)
+        return self.leftovers(Expected())
+
+
+def _key(leftover: str) -> str:
+    """What names a leftover for good ("process warden 123", "cgroup /sys/...")."""
+    return leftover.split(" (", 1)[0]
 
 
 def _gone(proc: Proc) -> bool:
@@ -634,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Faults(env, rng)
     t0 = time.monotonic()
     final: list[str] = []
+    interrupted = False
     try:
         for i, (victim, moment) in enumerate(plan, 1):
             rnd = run.run_round(i, victim, moment)
@@ -646,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         if final:
             run.findings.append({"round": None, "kind": "leak", "detail": "at the end: "
                                  + "; ".join(final)})
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing the report of the rounds run so far")
     finally:
         if run.client is not None:
             run.client.close()
@@ -656,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": [sys.executable, *sys.argv],
         "seed": seed, "rounds": len(run.rounds), "seconds": round(elapsed, 1),
+        "interrupted": interrupted,
         "uid": os.geteuid(), "clients_started": run.clients_started,
         "pairs": dict(sorted(pairs.items())), "phases": dict(phases),
         "findings": run.findings, "rounds_detail": run.rounds,
@@ -675,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['detail'][:300]}")
     if run.findings:
         print(f"environment kept for inspection: {env.top}")
-    return 1 if run.findings else 0
+    return 1 if run.findings or interrupted else 0
 
 
 if __name__ == "__main__":
