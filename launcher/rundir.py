@@ -24,10 +24,12 @@ else ``$XDG_RUNTIME_DIR/cellblock``, else ``/tmp/cellblock-<uid>``. It is mode
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,6 +53,13 @@ RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
 JAIL_UID_BASE = 0x40000000
 JAIL_UID_SPAN = 1 << 24
 MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes with the NUL
+# As root the ipc dir (the kernel's connection file and its five sockets) is a tmpfs of
+# its own, so the jail cannot fill the host's disk through it; unprivileged it is a plain
+# directory of the runtime dir (a size-capped tmpfs under $XDG_RUNTIME_DIR on most hosts).
+IPC_SIZE = 1024 * 1024
+IPC_INODES = 64
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
 STOP_REASON_FILE = "stop-reason"  # written by `cellblock kill` before it signals the warden
 
 
@@ -123,6 +132,9 @@ class RunDir:
             )
         self.path.mkdir(mode=0o711)
         self.ipc.mkdir(mode=0o700)
+        if os.geteuid() == 0:  # the one host directory the jail writes: keep it tiny
+            _mount_tmpfs(self.ipc, f"size={IPC_SIZE},nr_inodes={IPC_INODES},mode=0700,"
+                                   f"uid={uid},gid={gid}")
         pkg = self.path / "pkg" / "cellblock_kernel"
         src = resources.files("cellblock_kernel")
         pkg.mkdir(parents=True)
@@ -174,7 +186,18 @@ class RunDir:
             return ""
 
     def remove(self) -> None:
+        """Delete the run dir; idempotent. Call it once the jail is gone.
+
+        The ipc dir's tmpfs (root) is unmounted first. Unprivileged, the jail runs as our
+        own uid and may leave directories without permissions (mode 000 under a 0500
+        parent) that rmtree cannot enter: those are opened up and the removal retried.
+        Only real directories are changed, never what a symlink points at."""
+        if os.path.ismount(self.ipc):
+            _umount(self.ipc)
         shutil.rmtree(self.path, ignore_errors=True)
+        if os.path.lexists(self.path):
+            _open_up(self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def process_start(pid: int) -> int | None:
@@ -191,6 +214,41 @@ def process_start(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):  # field 3, the state: zombie or dead
         return None
     return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    """Mount a tmpfs on ``path``; where root may not mount (a container without
+    CAP_SYS_ADMIN) the directory stays a plain one, as for an unprivileged user."""
+    if _libc().mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                     options.encode()) != 0:
+        import logging
+
+        logging.getLogger("cellblock.rundir").warning(
+            "cannot mount a tmpfs on %s (%s): the kernel's ipc dir is bounded only by its "
+            "file system", path, os.strerror(ctypes.get_errno()))
+
+
+def _umount(path: Path) -> None:
+    _libc().umount2(str(path).encode(), MNT_DETACH)
+
+
+def _open_up(top: Path) -> None:
+    """Give every real directory under ``top`` mode 0700 (we own them all), top down."""
+    stack = [str(top)]
+    while stack:
+        path = stack.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            os.chmod(path, 0o700)
+            with os.scandir(path) as entries:
+                stack += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
 
 
 def is_warden_alive(record: WardenRecord) -> bool:

@@ -191,6 +191,13 @@ def no_leftovers(jupyter_env: dict[str, str]) -> Iterator[None]:
     assert dirs, f"run dirs left behind: {list(runtime.iterdir())}"
     parent = jupyter_env["CELLBLOCK_CGROUP_PARENT"]
     assert not cgroup_leftovers(parent), f"cgroups left behind: {cgroup_leftovers(parent)}"
+    assert not mount_leftovers(runtime), f"mounts left behind: {mount_leftovers(runtime)}"
+
+
+def mount_leftovers(runtime: Path) -> list[str]:
+    """Host mounts under the runtime dir (as root, each kernel's ipc dir is a tmpfs)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(f"{runtime}/")]
 
 
 CANARY_ENV = "CELLBLOCK_TEST_CANARY_ENV"
