@@ -209,20 +209,14 @@ class Scanner:
         return out
 
     def _resolve(self, data: bytes, ends: list[tuple[int, int]], out: list[Hit]) -> None:
-        """Append (pid, leftmost start, end) for each match of a windowed rule that ends where
-        the main scan reported it (up to the rule's prefilter slack later).
+        """Append (pid, leftmost start, end) for each match of a windowed rule that the main
+        scan reported (at its end, or up to the rule's prefilter slack before it).
 
-        Every window reaches back and forward as far as the widest rule needs: a wider window
-        finds the same starts (see the module doc), and windows in end order merge in one pass.
-        """
-        windowed = self.windowed
-        wanted: set[tuple[int, int]] = set()
-        for pid, end in ends:
-            slack = windowed[pid][1]
-            if slack:
-                wanted.update((pid, e) for e in range(end, end + slack + 1))
-            else:
-                wanted.add((pid, end))
+        Every window reaches back and forward as far as the widest rule needs (a wider window
+        finds the same starts; see the module doc), so windows in end order merge in one pass.
+        In a merged window, the matches to keep are those ending at least one reach after its
+        start (every reported end is, and such a match has all the context it depends on) and
+        before its end (the character after the match is in the window)."""
         back, forward = self._reach
         size = len(data)
         merged: list[list[int]] = []
@@ -234,7 +228,8 @@ class Scanner:
                 merged.append([start, stop])
         assert self.window_db is not None
         for start, stop in merged:
-            handler = _Shifted(out, wanted, start, stop if stop < size else stop + 1)
+            first = start + back if start else 0
+            handler = _Shifted(out, start, first, stop if stop < size else stop + 1)
             self.window_db.scan(data[start:stop], match_event_handler=handler)
 
 
@@ -251,20 +246,20 @@ class _Collector:
 
 
 class _Shifted:
-    """Match handler for a window starting at `offset`: keeps the wanted (id, end) pairs."""
+    """Match handler for a window starting at `offset`: keeps matches ending in
+    [first, limit), shifted to offsets in the whole text."""
 
-    __slots__ = ("append", "limit", "offset", "wanted")
+    __slots__ = ("append", "first", "limit", "offset")
 
-    def __init__(self, hits: list[Hit], wanted: set[tuple[int, int]], offset: int,
-                 limit: int) -> None:
+    def __init__(self, hits: list[Hit], offset: int, first: int, limit: int) -> None:
         self.append = hits.append
-        self.wanted = wanted
         self.offset = offset
-        self.limit = limit  # a match ending here could have ended differently with more text
+        self.first = first
+        self.limit = limit
 
     def __call__(self, pid: int, start: int, end: int, _flags: int, _ctx: object) -> None:
         end += self.offset
-        if end < self.limit and (pid, end) in self.wanted:
+        if self.first <= end < self.limit:
             self.append((pid, start + self.offset, end))
 
 
