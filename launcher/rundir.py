@@ -4,6 +4,9 @@ Layout of one kernel's run dir (``<runtime base>/<slot>/``; the slot is the kern
 or ``pool-<hex>`` for a kernel started ahead of time for the warm pool, whose kernel id is
 only known when a client adopts it: ``warden.json`` always names the current kernel id)::
 
+    owner         the pid and start time of the warden that made it, written first: the
+                  sweep tells a warden that died before writing warden.json from one
+                  that is still starting
     warden.json   who owns this kernel: kernel id, warden pid and start time, profile,
                   ports, cgroup, jail uid
     ipc/          bound read-write at /run/cellblock in the jail; owned by the jail
@@ -60,6 +63,7 @@ IPC_SIZE = 1024 * 1024
 IPC_INODES = 64
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
+OWNER_FILE = "owner"
 STOP_REASON_FILE = "stop-reason"  # written by `cellblock kill` before it signals the warden
 
 
@@ -131,6 +135,7 @@ class RunDir:
                 f"${RUNTIME_ENV} to a shorter directory"
             )
         self.path.mkdir(mode=0o711)
+        (self.path / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}\n")
         self.ipc.mkdir(mode=0o700)
         if os.geteuid() == 0:  # the one host directory the jail writes: keep it tiny
             _mount_tmpfs(self.ipc, f"size={IPC_SIZE},nr_inodes={IPC_INODES},mode=0700,"
@@ -275,12 +280,18 @@ def sweep_stale(base: Path | None = None) -> list[str]:
         run = RunDir(base, entry.name)
         record = run.read_record()
         if record is None:
-            # No record: a warden that died before writing it, or one starting now.
-            # Only remove it once it is clearly old.
+            # No record: a warden that died before writing it, or one starting now. Its
+            # owner file tells which; without one (killed between mkdir and that write),
+            # only remove it once it is clearly old.
             with contextlib.suppress(OSError):
                 import time
 
-                if time.time() - entry.stat().st_mtime > 300:
+                owner = run.read_text(OWNER_FILE, 64).split()
+                if owner and len(owner) == 2 and owner[0].isdigit() and owner[1].isdigit():
+                    gone = process_start(int(owner[0])) != int(owner[1])
+                else:
+                    gone = time.time() - entry.stat().st_mtime > 300
+                if gone:
                     run.remove()
                     removed.append(entry.name)
             continue

@@ -222,3 +222,46 @@ async def test_restart_after_an_orphaned_warden_was_killed(jupyter_env: dict[str
         await km.shutdown_kernel(now=False)
         _reap(orphans)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+MAKE_RUN_DIR_AND_DIE = """
+import os, signal, sys
+from pathlib import Path
+from cellblock.rundir import RunDir, jail_ids
+RunDir(Path(sys.argv[1]), sys.argv[2]).create(*jail_ids())
+os.kill(os.getpid(), signal.SIGKILL)  # a warden killed before it wrote warden.json
+"""
+
+
+async def test_run_dir_of_a_warden_killed_before_its_record(jupyter_env: dict[str, str],
+                                                           no_leftovers: None) -> None:
+    """Found by faults.py (a warden killed during its start, 2 rounds in 250): a warden
+    killed after making its run dir (as root with the ipc tmpfs mounted on the host) but
+    before writing warden.json left both behind for 5 minutes, until the sweep took the
+    dir for old enough; a restart on that kernel id failed meanwhile (FileExistsError).
+    Here a process makes the run dir with the warden's own code and dies at that point;
+    a kernel started on the same kernel id right after must start."""
+    import uuid
+
+    from cellblock.rundir import runtime_base
+
+    kernel_id = str(uuid.uuid4())
+    run = runtime_base() / kernel_id
+    proc = subprocess.run([sys.executable, "-c", MAKE_RUN_DIR_AND_DIE, str(runtime_base()),
+                           kernel_id], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert run.is_dir() and not (run / "warden.json").exists()
+    if os.geteuid() == 0:
+        assert os.path.ismount(run / "ipc")
+    km = AsyncKernelManager(kernel_name="cellblock-agent")
+    await km.start_kernel(kernel_id=kernel_id)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "1+1")
+        assert out["results"] == [{"text/plain": "2"}], out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+    assert not run.exists()

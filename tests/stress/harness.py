@@ -215,10 +215,12 @@ def cgroups(env: Env) -> list[Path]:
             if p.is_dir()]
 
 
-def mounts(env: Env, pids: Iterable[int] = ()) -> list[str]:
+def mounts(env: Env, pids: Iterable[int] = (), slots: Iterable[str] = ()) -> list[str]:
     """Mounts that name the environment's dir, in this process's mount namespace and in
-    that of each of ``pids`` that is not in a namespace of a jail."""
+    that of each of ``pids`` that is not in a namespace of a jail; except the ipc tmpfs
+    of each of ``slots`` (as root a live kernel's ipc dir is a tmpfs on the host)."""
     own = os.readlink("/proc/self/ns/mnt")
+    allowed = {str(env.runtime / slot / "ipc") for slot in slots}
     seen, out = set(), []
     for pid in ["self", *map(str, pids)]:
         with contextlib.suppress(OSError):
@@ -227,8 +229,10 @@ def mounts(env: Env, pids: Iterable[int] = ()) -> list[str]:
                 continue
             seen.add(ns)
             for line in _read(f"/proc/{pid}/mountinfo").decode(errors="replace").splitlines():
-                if env.marker in line:
-                    out.append(f"mount in {ns} (pid {pid}): {line[:200]}")
+                fields = line.split()
+                if env.marker in line and not (len(fields) > 4 and fields[4] in allowed):
+                    out.append(f"mount {fields[4] if len(fields) > 4 else ''} (in {ns}, "
+                               f"pid {pid}: {line[:200]})")
     return out
 
 
@@ -277,7 +281,7 @@ def leftovers(env: Env, expected: Expected) -> list[str]:
         if cg.name not in slots:
             found.append(f"cgroup {cg} (procs: "
                          f"{_read(str(cg / 'cgroup.procs')).decode().split()})")
-    found += mounts(env, [p.pid for p in procs])
+    found += mounts(env, [p.pid for p in procs], slots)
     return found
 
 
