@@ -115,6 +115,8 @@ def _code_of(content: bytes) -> str:
     return code if isinstance(code, str) else ""
 
 
+CLOSING_MAX = 64  # answered executions waiting for their idle
+
 class BudgetClock:
     """The budgets of one kernel (see the module docstring). Not thread-safe by itself."""
 
@@ -126,7 +128,10 @@ class BudgetClock:
         self.executions = 0
         self.output_total = 0
         self.queue: OrderedDict[str, Execution] = OrderedDict()
-        self.finished: list[Execution] = []  #: answered since the warden last took them
+        #: answered, but the cell's last output (what the output rules held back, released
+        #: with its idle) may still come: counted here until :meth:`closed`
+        self.closing: OrderedDict[str, Execution] = OrderedDict()
+        self.unclosed: list[Execution] = []
         self.stopped: Stop | None = None
         self.shutting_down = False
 
@@ -161,7 +166,7 @@ class BudgetClock:
 
     def output(self, msg_id: str, bytes_in: int, bytes_out: int, now: float) -> bool:
         """An output message of ``msg_id`` is about to be sent; False: drop it."""
-        execution = self.queue.get(msg_id)
+        execution = self.queue.get(msg_id) or self.closing.get(msg_id)
         if self.stopped is not None and self.stopped.budget == "output_bytes":
             return False
         limit = self.budgets.output_bytes
@@ -188,22 +193,37 @@ class BudgetClock:
         execution.status = match.group(1).decode() if match else "unknown"
         execution.ended = now
         self._start_next(now)
-        self.finished.append(execution)
+        self.closing[msg_id] = execution
+        while len(self.closing) > CLOSING_MAX:  # a kernel that never says idle
+            self.unclosed.append(self.closing.popitem(last=False)[1])
         return execution
+
+    def take_unclosed(self) -> list[Execution]:
+        """Answered executions that stopped waiting for their idle (audit them now)."""
+        taken, self.unclosed = self.unclosed, []
+        return taken
 
     def idle(self, now: float) -> None:
         self.last_activity = now
 
-    def killed(self, now: float) -> list[Execution]:
-        """The jail was killed (and is restarting): every open execution ended."""
-        ended = list(self.queue.values())
-        for execution in ended:
+    def closed(self, msg_id: str) -> Execution | None:
+        """The idle of ``msg_id`` was sent: its output is complete. Returns the execution
+        once, if it was answered (then it is complete to audit)."""
+        return self.closing.pop(msg_id, None)
+
+    def killed(self, now: float) -> tuple[list[Execution], list[Execution]]:
+        """The jail was killed (or is going away): returns the executions that were
+        answered but whose idle never came, and those cut short (status ``killed``, which
+        the caller may refine)."""
+        cut = list(self.queue.values())
+        for execution in cut:
             execution.status = "killed"
             execution.ended = now
         self.queue.clear()
+        answered = list(self.closing.values())
+        self.closing.clear()
         self.last_activity = now
-        self.finished.extend(ended)
-        return ended
+        return answered, cut
 
     def _start_next(self, now: float) -> None:
         for execution in self.queue.values():

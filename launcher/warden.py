@@ -376,9 +376,8 @@ class Warden:
 
     def _start_gate(self, kernel_conn: dict[str, Any]) -> None:
         from .gate import Gate, GateLimits
-        from .output import build_output_rules
-
         from .gate.tracker import CLIENT_TYPES
+        from .output import build_output_rules
 
         allowed = self.profile.allowed_requests
         if allowed is None:  # every known request, but stdin only where the profile has it
@@ -573,7 +572,7 @@ class Warden:
         started or ended, and wake the main thread when a deadline moved."""
         now = time.monotonic()
         events: list[tuple[str, str, str, dict[str, Any]]] = []
-        ended: Execution | None = None
+        ended: list[Execution] = []
         verdict: str | None = None
         with self._lock:
             clock = self.clock
@@ -604,14 +603,17 @@ class Warden:
                     verdict = "" if stopped is not None else \
                         f"cellblock: kernel stopped, {clock.stopped.reason}"  # type: ignore[union-attr]
             elif seen.kind == "reply" and seen.msg_type == "execute_request":
-                ended = clock.reply(seen.msg_id, seen.content, now)
+                clock.reply(seen.msg_id, seen.content, now)  # ends at its idle, output complete
+                ended = clock.take_unclosed()
             else:
                 clock.idle(now)
+                closed = clock.closed(seen.msg_id)
+                ended = [closed] if closed is not None else []
             moved = clock.running() is not head or clock.stopped is not stopped
         for event, session, msg_id, fields in events:
             self._record(event, session=session, parent_msg_id=msg_id, **fields)
-        if ended is not None:
-            self._record_end(ended)
+        for ex in ended:
+            self._record_end(ex)
         if moved:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"!")
@@ -630,8 +632,11 @@ class Warden:
     def _end_executions(self, status: str) -> None:
         """The kernel is going away: every execution still open ends with ``status``."""
         with self._lock:
-            ended = self.clock.killed(time.monotonic()) if self.clock is not None else []
-        for ex in ended:
+            answered, cut = self.clock.killed(time.monotonic()) if self.clock is not None \
+                else ([], [])
+        for ex in answered:
+            self._record_end(ex)
+        for ex in cut:
             ex.status = status
             self._record_end(ex)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from cellblock.budgets import BudgetClock, Interrupt, Kill, Stop
+from cellblock.budgets import CLOSING_MAX, BudgetClock, Interrupt, Kill, Stop
 from cellblock.errors import ProfileDisabled
 from cellblock.policy import Budgets
 
@@ -54,8 +54,35 @@ def test_cell_clock_interrupts_then_kills() -> None:
     assert action.message == ("cellblock: cell exceeded 30 s wall-clock limit; kernel killed "
                               "after 5 s grace and restarted")
     assert action.execution.limits_hit == ["cell_seconds", "grace_seconds"]
-    assert [e.status for e in c.killed(135.5)] == ["killed"]
+    answered, cut = c.killed(135.5)
+    assert answered == [] and [e.status for e in cut] == ["killed"]
     assert c.running() is None
+
+
+def test_an_execution_ends_at_its_idle_with_the_output_released_there() -> None:
+    """The output rules release a cell's held-back text (and the truncation marker and
+    tail) with its idle, after the reply: that output is still the cell's."""
+    c = _clock(cell_seconds=10)
+    c.request("a", "execute_request", "s", b"{}", 100.0)
+    assert c.output("a", 10, 10, 100.5)
+    answered = c.reply("a", b'{"status": "ok"}', 101.0)
+    assert answered is not None and c.running() is None
+    assert c.output("a", 500, 40, 101.1)  # flushed at the idle
+    ended = c.closed("a")
+    assert ended is answered and (ended.bytes_in, ended.bytes_out, ended.messages) == \
+        (510, 50, 2)
+    assert c.closed("a") is None  # once
+
+
+def test_answered_executions_whose_idle_never_comes_are_bounded() -> None:
+    c = _clock(cell_seconds=10, executions=0)
+    for i in range(CLOSING_MAX + 3):
+        c.request(f"m{i}", "execute_request", "s", b"{}", 100.0 + i)
+        c.reply(f"m{i}", b'{"status": "ok"}', 100.5 + i)
+    assert len(c.closing) == CLOSING_MAX
+    assert [e.msg_id for e in c.take_unclosed()] == ["m0", "m1", "m2"]
+    answered, cut = c.killed(500.0)
+    assert len(answered) == CLOSING_MAX and cut == []
 
 
 def test_a_queued_cell_starts_its_clock_when_the_one_before_is_answered() -> None:

@@ -568,8 +568,8 @@ class Gate:
                 self._observe(observed)
             if held is not None:
                 self._flush(request.msg_id, request.header)
-                self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
                 self._observe_idle(request.msg_id, request.msg_type, request.session)
+                self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
 
     def _relay_iopub(
         self,
@@ -609,9 +609,9 @@ class Gate:
                     if refusal:
                         self._tell(request.msg_id, request.header, "CellblockBudget", refusal)
                     raise Dropped("budget", msg_type)
-            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
-            if idle:
+            if idle:  # observed first: the cell's audit record exists when a client sees idle
                 self._observe_idle(request.msg_id, request.msg_type, request.session)
+            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
 
     def _observe_idle(self, msg_id: str, msg_type: str, session: str) -> None:
         if self._observer is not None:
