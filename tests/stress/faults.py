@@ -26,7 +26,9 @@ After each round, checked (and counted as a *finding* when wrong):
   a killed client, a new client's first kernel does;
 - nothing is left: no process (spawner, warden, nsjail, kernel) that the live client does
   not account for, no run dir, cgroup or mount of a kernel that is gone, and never more
-  pooled wardens than the pool's size.
+  pooled wardens than the pool's size;
+- a client that lives through many rounds does not collect descriptors (its count after
+  each round, for the same number of kernels, grows by at most ``FD_SLACK``).
 
 Exits 1 if anything was found. Prints one line per round and a summary; ``--json`` writes
 the whole record (rounds, kills, findings with the client's log tail, the client's fd and
@@ -580,6 +582,18 @@ class Faults:
         return self.leftovers(Expected())
 
 
+FD_SLACK = 2  # descriptors a client may gain over its rounds (same kernels) before it counts
+
+
+def fd_trend(stats: list[dict[str, Any]]) -> dict[tuple[int, int], list[int]]:
+    """The client's open descriptors after each round, by client and number of kernels:
+    a client that survives rounds of kills must not collect descriptors."""
+    out: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+    for s in stats:
+        out[(s["client"], s["kernels"])].append(s["fds"])
+    return dict(out)
+
+
 def _key(leftover: str) -> str:
     """What names a leftover for good ("process warden 123", "cgroup /sys/...")."""
     return leftover.split(" (", 1)[0]
@@ -672,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
             run.client.close()
         env.close(keep=args.keep or bool(run.findings))
     elapsed = time.monotonic() - t0
+    fds = fd_trend(run.client_stats)
+    for (client, kernels), seen in fds.items():
+        if len(seen) >= 5 and seen[-1] > seen[0] + FD_SLACK:
+            run.findings.append({"round": None, "kind": "fds", "detail": (
+                f"client {client} with {kernels} kernels held {seen[0]} descriptors, "
+                f"{seen[-1]} {len(seen)} rounds later: {seen}")})
     phases = collections.Counter(r.get("phase", "error") for r in run.rounds)
     pairs = collections.Counter(f"{r['victim']}:{r['moment']}" for r in run.rounds)
     report = {
@@ -682,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": dict(sorted(pairs.items())), "phases": dict(phases),
         "findings": run.findings, "rounds_detail": run.rounds,
         "client_stats": run.client_stats,
+        "client_fds": {f"client {c}, {k} kernels": v for (c, k), v in fds.items()},
         "durations": {k: [round(x, 3) for x in v] for k, v in run.durations.items()},
         "env": str(env.top),
     }
