@@ -240,6 +240,7 @@ class Load:
         self.cell_seconds: dict[str, list[float]] = collections.defaultdict(list)
         self.stats: dict[str, Any] = {}
         self.checks = 0
+        self.aborted = 0  # cells ipykernel aborted right after an error, sent again
         self.kernels_done: list[tuple[int, str, dict[str, int]]] = []
 
     def find(self, what: str) -> None:
@@ -285,6 +286,7 @@ class Load:
         out_policy = load_policy().profile(k.profile).output
         rng = random.Random(self.rng.random())
         exact_env = EXACT_ENV in out_policy.redact_env
+        last = "ok"
         while time.monotonic() < end:
             for name, code, check in work(rng, out_policy.stream_head, out_policy.stream_tail,
                                           exact_env):
@@ -292,9 +294,16 @@ class Load:
                 try:
                     out = await k.run(code, interrupt_on="sleeping" if name == "interrupt"
                                       else "")
+                    if out["status"] == "aborted" and last == "error":
+                        # ipykernel aborts what reaches it before it has finished flushing
+                        # its queue after an error (a plain ipykernel does the same): once
+                        self.aborted += 1
+                        out = await k.run(code, interrupt_on="sleeping"
+                                          if name == "interrupt" else "")
                 except Finding as exc:
                     self.find(str(exc))
                     return
+                last = out["status"]
                 self.cell_seconds[name.split()[0]].append(time.monotonic() - t0)
                 wrong = check(out)
                 k.cells[name.split()[0]] += 1
@@ -415,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                           "p50": round(percentile(run.start_seconds, .5), 2),
                           "max": round(max(run.start_seconds, default=0), 2)},
         "client": run.stats, "leak_checks_during": run.checks,
+        "aborted_after_error_resent": run.aborted,
         "findings": run.findings, "load_average_end": os.getloadavg(), "env": str(env.top),
     }
     write_report(args.json, report)
