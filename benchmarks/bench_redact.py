@@ -1,6 +1,7 @@
 """Throughput of the gate's output scanning, MB/s of CPU time on one core (issue 7).
 
     python benchmarks/bench_redact.py [--mb 20] [--runs 5] [--json out.json] [--quick]
+    python benchmarks/bench_redact.py --build [--runs 5]
 
 Every number is a median of ``--runs`` runs, timed with ``time.process_time`` (CPU time of this
 single-threaded process, so other load on the machine does not count against it).
@@ -37,6 +38,13 @@ two ``redact_values`` and one ``redact_env`` secret).
 
 **Pathological inputs** (THREATS R18) go through `Redactor.redact` with secrets, all PII and two
 exact secrets, 1-2 MB each; they must be linear, not fast.
+
+**Build time** (``--build``): wall-clock seconds of ``build_output_rules`` for the analyst
+profile, without and with its exact secrets (``analyst+exact``), each in a fresh process, with an
+empty hyperscan cache (``cold``: ``XDG_CACHE_HOME`` a new directory) and a filled one
+(``warm``); and what a warden forked from a spawner pays (``launch after warm-up``): the build
+with the launch's exact secrets in a process that already built the profile without them, as
+``spawner._warm_up`` does before it forks.
 
 The legacy ``mixed`` corpus (log-like lines, 12% of them base64 of text) is kept from the first
 version of this benchmark so numbers can be compared across versions.
@@ -535,6 +543,52 @@ def measure(mb: float = 20, runs: int = 5, seed: int = 7, legacy: bool = True,
     return result
 
 
+_BUILD_CHILD = """
+import json, sys, time
+from cellblock.output.filter import build_output_rules
+sys.path.insert(0, sys.argv[2])
+from bench_redact import _policies
+policies = _policies()
+(plain, _), (exact, env) = policies["analyst"], policies["analyst+exact"]
+out = {}
+if sys.argv[1] == "warden":
+    build_output_rules(plain, audit=None, env={})
+    start = time.perf_counter()
+    build_output_rules(exact, audit=None, env=env)
+else:
+    policy, env = (exact, env) if sys.argv[1] == "exact" else (plain, {})
+    start = time.perf_counter()
+    build_output_rules(policy, audit=None, env=env)
+print(time.perf_counter() - start)
+"""
+
+
+def measure_build(runs: int = 5) -> dict[str, float]:
+    """Median wall-clock seconds of building the output rules (see the module doc)."""
+    import subprocess
+    import tempfile
+
+    here = str(Path(__file__).resolve().parent)
+
+    def once(mode: str, cache: str) -> float:
+        done = subprocess.run([sys.executable, "-c", _BUILD_CHILD, mode, here],
+                              env={**os.environ, "XDG_CACHE_HOME": cache},
+                              capture_output=True, text=True, check=True)
+        return float(done.stdout)
+
+    times: dict[str, list[float]] = {}
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as warm:
+            once("plain", warm)
+            for mode, label in (("plain", "analyst"), ("exact", "analyst+exact")):
+                with tempfile.TemporaryDirectory() as cold:
+                    times.setdefault(f"{label}, cold cache", []).append(once(mode, cold))
+                times.setdefault(f"{label}, warm cache", []).append(once(mode, warm))
+            times.setdefault("analyst+exact launch after warm-up", []).append(
+                once("warden", warm))
+    return {name: round(statistics.median(t), 4) for name, t in times.items()}
+
+
 def _print(result: dict[str, Any]) -> None:
     c = result.get("corpus", {})
     print(f"notebook corpus: {c.get('cells')} cells, {c.get('messages')} messages, "
@@ -563,9 +617,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--quick", action="store_true", help="notebook corpus only")
     parser.add_argument("--cpu", type=int, help="pin to this CPU (os.sched_setaffinity)")
+    parser.add_argument("--build", action="store_true",
+                        help="only the build time of the output rules, in fresh processes")
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    if args.build:
+        build = measure_build(args.runs)
+        for name, seconds in build.items():
+            print(f"build_output_rules, {name:<38} {seconds * 1000:>8.1f} ms")
+        if args.json:
+            args.json.write_text(json.dumps({"build_seconds": build}, indent=2) + "\n")
+        return
     result = measure(args.mb, args.runs, args.seed, legacy=not args.quick,
                      pathological=not args.quick)
     _print(result)

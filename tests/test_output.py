@@ -250,7 +250,9 @@ def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) ->
     from cellblock.redact import Redactor, engine
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    engine._scanners.cache_clear()
+    caches = (engine._scanners, engine._builtin_scanners, engine._exact_scanners)
+    for cache in caches:
+        cache.cache_clear()
     try:
         Redactor(secrets=True, pii=("email",), exact=())
         cached = sorted((tmp_path / "cellblock" / "hyperscan").iterdir())
@@ -259,8 +261,16 @@ def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) ->
         r = Redactor(secrets=True, pii=("email",), exact=(secret,))
         assert "[REDACTED:" in r.redact(f"v={secret}").text
         assert sorted((tmp_path / "cellblock" / "hyperscan").iterdir()) == cached
+        # nor without the built-in detectors (the exact secrets' database alone)
+        for cache in caches:
+            cache.cache_clear()
+        r = Redactor(secrets=False, exact=(secret,))
+        assert "[REDACTED:" in r.redact(f"v={secret}").text
+        assert sorted((tmp_path / "cellblock" / "hyperscan").iterdir()) == cached
+        assert not any(secret.encode() in p.read_bytes() for p in cached)
     finally:
-        engine._scanners.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 def test_held_back_text_released_after_a_short_wait() -> None:

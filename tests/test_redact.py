@@ -378,6 +378,87 @@ def test_exact_secret_too_short_is_refused() -> None:
         Redactor(exact=("abc",))
 
 
+def test_exact_secrets_are_a_small_database_beside_the_shared_one() -> None:
+    """A launch's exact secrets must not recompile the built-in detectors: its Redactor scans
+    with the very databases a Redactor without them has (built by the spawner before it forks,
+    cached on disk), joined with a small one that holds only the exact secrets' literals."""
+    from cellblock.redact.scanner import Joined
+
+    plain = Redactor(pii=("email",))
+    r = Redactor(pii=("email",), exact=(EXACT,))
+    other = Redactor(pii=("email",), exact=("another-operator-secret-4711",))
+    for redactor in (r, other):
+        assert isinstance(redactor._scanner, Joined) and isinstance(redactor._decoded, Joined)
+        assert redactor._scanner.first is plain._scanner
+        assert redactor._decoded.first is plain._decoded
+        small = redactor._scanner.second.rules + redactor._decoded.second.rules
+        assert small and all(rule.id.startswith("operator-secret") for rule in small)
+    # without built-in detectors the exact secrets' own databases are the whole scanner
+    alone = Redactor(secrets=False, exact=(EXACT,))
+    pii_only = Redactor(secrets=False, pii=("email",), exact=(EXACT,))
+    assert isinstance(pii_only._scanner, Joined) and pii_only._scanner.second is alone._scanner
+    assert pii_only._decoded is alone._decoded
+
+
+def _one_database(secrets: bool, pii_kinds: tuple[str, ...],
+                  exact_secrets: tuple[str, ...]) -> Redactor:
+    """A Redactor whose scanners compile every rule, exact secrets included, into one
+    database, as before they were split off: the reference the split must equal."""
+    from cellblock.redact import decode, engine, exact, keys, pii
+    from cellblock.redact.scanner import Scanner
+
+    rules = [rule for module in engine.SECRET_MODULES for rule in module.RULES] if secrets else []
+    blocks = list(keys.BLOCKS) if secrets else []
+    rules += exact.rules_for(exact_secrets)
+    pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
+    main = Scanner(rules + pii_rules, blocks, decode.patterns(rules, blocks), cacheable=False)
+    main.max_len = max(main.max_len, decode.DECODE_CAP)
+    ref = Redactor.__new__(Redactor)
+    ref._scanner, ref._decoded = main, Scanner(rules, blocks, cacheable=False)
+    ref._hold = engine._hold_window(main)
+    return ref
+
+
+@pytest.mark.parametrize("secrets,pii_kinds", [
+    (True, ()), (False, ()), (False, ("email",)), (True, ("email", "phone", "card", "iban")),
+])
+def test_exact_secrets_in_their_own_database_find_what_one_database_finds(
+        secrets: bool, pii_kinds: tuple[str, ...]) -> None:
+    """Same findings, spans and names, same `untouched` answers and the same stream releases as
+    one database of every rule, on texts mixing exact secrets in every form (raw, base64 in
+    three alignments and both alphabets inside longer blobs, hex, percent, ``\\u`` escapes)
+    with built-in findings, PII and their near misses."""
+    short = "k9#xQ"
+    exact_secrets = (EXACT, short, "bench-env-secret-9f3k2q")
+    r = Redactor(secrets=secrets, pii=pii_kinds, exact=exact_secrets)
+    ref = _one_database(secrets, pii_kinds, exact_secrets)
+    raw = EXACT.encode()
+    pieces = [EXACT, EXACT[:9], EXACT[9:], short, "bench-env-secret-9f3k2q", TOKEN, TOKEN[:12],
+              "AKIA" + fake(UP + "234567", 16), "password=Xk9#mQ2$vL7pR4tW", "a.b@example.com",
+              "+44 20 7946 0958", "4111 1111 1111 1111", "GB82WEST12345698765432",
+              raw.hex(), raw.hex().upper(), urllib.parse.quote(EXACT, safe=""),
+              urllib.parse.quote_plus(EXACT), urllib.parse.quote(TOKEN + "&x", safe=""),
+              "".join(f"\\u{ord(c):04x}" for c in EXACT), "%20", "\\u00e9", " ", "\n", "=",
+              "/", "-", "_", "x", fake(ALNUM, 24), fake(ALNUM + "+/", 40)]
+    for prefix in (b"", b"a", b"ab", b"user=admin pass="):
+        blob = prefix + raw + b" host=db.internal"
+        pieces += [base64.b64encode(blob).decode(), base64.urlsafe_b64encode(blob).decode(),
+                   base64.b64encode(prefix + short.encode() + b" and more text").decode(),
+                   base64.b64encode(prefix + TOKEN.encode()).decode()]
+    rng = random.Random(11)
+    found = 0
+    for _ in range(400):
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+                 for _ in range(rng.randint(1, 3))]
+        text = "".join(texts)
+        got = r.redact(text)
+        assert got == ref.redact(text), text
+        assert r.untouched(texts) == ref.untouched(texts), texts
+        assert r.release(text) == ref.release(text), text
+        found += bool(got.findings)
+    assert found > 300
+
+
 def test_unknown_pii_kind_refused() -> None:
     with pytest.raises(ValueError, match="unknown pii"):
         Redactor(pii=("passport",))

@@ -74,10 +74,12 @@ def undecodable(rules: Iterable[Rule], blocks: Iterable[Block] = ()) -> list[str
     return sorted(set(out))
 
 
-def patterns(rules: Iterable[Rule], blocks: Iterable[Block]) -> list[tuple[int, str, int]]:
+def patterns(rules: Iterable[Rule], blocks: Iterable[Block],
+             escapes: bool = True) -> list[tuple[int, str, int]]:
     """The decode-candidate patterns for the main scanner, (kind, pattern, hyperscan flags):
     the base64 and hex forms of the literals the secret rules (those rescanned in decoded runs)
-    require, and whether a percent or ``\\u`` escape occurs at all."""
+    require, and (with `escapes`; a scanner joined to one that has them need not) whether a
+    percent or ``\\u`` escape occurs at all."""
     literals: set[bytes] = set()
     required = [factors.required(r.pattern, r.caseless) for r in rules]
     required += [factors.required(b.begin) for b in blocks]
@@ -91,8 +93,9 @@ def patterns(rules: Iterable[Rule], blocks: Iterable[Block]) -> list[tuple[int, 
         hexes.add(literal.hex())
     out = [(RUN_HINT, factors.hyperscan_literal(core), 0) for core in sorted(b64)]
     out += [(RUN_HINT, h, hyperscan.HS_FLAG_CASELESS) for h in sorted(hexes)]
-    out += [(PERCENT_ANY, r"%[0-9A-Fa-f]{2}", hyperscan.HS_FLAG_SINGLEMATCH),
-            (UESCAPE_ANY, r"\\u[0-9A-Fa-f]{4}", hyperscan.HS_FLAG_SINGLEMATCH)]
+    if escapes:
+        out += [(PERCENT_ANY, r"%[0-9A-Fa-f]{2}", hyperscan.HS_FLAG_SINGLEMATCH),
+                (UESCAPE_ANY, r"\\u[0-9A-Fa-f]{4}", hyperscan.HS_FLAG_SINGLEMATCH)]
     return out
 
 

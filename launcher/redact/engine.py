@@ -61,6 +61,8 @@ from cellblock.redact.scanner import (
     RULE,
     RUN_HINT,
     UESCAPE_ANY,
+    AnyScanner,
+    Joined,
     Scanner,
 )
 
@@ -104,27 +106,65 @@ class RedactResult:
     findings: list[Finding] = field(default_factory=list)
 
 
+Scanners = tuple[AnyScanner, AnyScanner | None]
+
+
 @functools.lru_cache(maxsize=16)
 def _scanners(
     secrets: bool, pii_kinds: tuple[str, ...], exact_secrets: tuple[str, ...]
+) -> Scanners:
+    """The main scanner and the scanner for decoded runs of one configuration.
+
+    The built-in detectors and the operator's exact secrets are separate databases, scanned
+    as one (`Joined`): the first is compiled once per configuration (and cached on disk), the
+    second, which holds the secrets and so is never written to disk, has only literals and
+    compiles in milliseconds. A spawner builds every profile's built-in databases before it
+    forks its wardens; a launch with exact secrets then only compiles those."""
+    builtin = _builtin_scanners(secrets, pii_kinds) if secrets or pii_kinds else None
+    if not exact_secrets:
+        if builtin is None:
+            raise ValueError("a Redactor needs something to redact: secrets, pii or exact")
+        return builtin
+    escapes = builtin is None or builtin[1] is None  # else the built-in scan reports them
+    own_main, own_decoded = _exact_scanners(exact_secrets, escapes)
+    if builtin is None:
+        return own_main, own_decoded
+    main, decoded = builtin
+    return Joined(main, own_main), (own_decoded if decoded is None
+                                    else Joined(decoded, own_decoded))
+
+
+@functools.lru_cache(maxsize=16)
+def _builtin_scanners(
+    secrets: bool, pii_kinds: tuple[str, ...]
 ) -> tuple[Scanner, Scanner | None]:
-    """The main scanner and the scanner for decoded runs, compiled once per configuration."""
+    """The built-in detectors' scanners (main, decoded runs), compiled once per process per
+    configuration, from the on-disk cache when it has them."""
     secret_rules: list[Rule] = []
     blocks = []
     if secrets:
         for module in SECRET_MODULES:
             secret_rules.extend(module.RULES)
         blocks.extend(keys.BLOCKS)
-    secret_rules.extend(exact.rules_for(exact_secrets))
     pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
     decoding = bool(secret_rules or blocks)
-    cacheable = not exact_secrets
     main = Scanner(secret_rules + pii_rules, blocks,
-                   decode.patterns(secret_rules, blocks) if decoding else (), cacheable=cacheable)
+                   decode.patterns(secret_rules, blocks) if decoding else ())
     if not decoding:
         return main, None
     main.max_len = max(main.max_len, DECODE_CAP)
-    return main, Scanner(secret_rules, blocks, cacheable=cacheable)
+    return main, Scanner(secret_rules, blocks)
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scanner, Scanner]:
+    """The scanners of operator-registered exact secrets (exact.py): their forms, and the
+    decode hints of their literals (and, with `escapes`, the percent and ``\\u`` escape
+    patterns, when no built-in scanner reports those). Never cached on disk."""
+    rules = list(exact.rules_for(exact_secrets))
+    main = Scanner(rules, [], decode.patterns(rules, [], escapes), cacheable=False)
+    main.max_len = max(main.max_len, DECODE_CAP)
+    return main, Scanner(rules, [], cacheable=False)
 
 
 def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
@@ -307,7 +347,7 @@ class Redactor:
 
 
 @functools.lru_cache(maxsize=16)
-def _hold_window(scanner: Scanner) -> int:
+def _hold_window(scanner: AnyScanner) -> int:
     """The longest finding of a rule whose matches are not all token characters (the window a
     stream holds back whatever it ends with), and the longest block start marker."""
     longest = [len(_BLOCK_START) + 64]
@@ -326,7 +366,7 @@ def _pii_kinds() -> tuple[str, ...]:
 
 
 def _detect(
-    scanner: Scanner, decoded_scanner: Scanner | None, text: str, data: bytes
+    scanner: AnyScanner, decoded_scanner: AnyScanner | None, text: str, data: bytes
 ) -> list[tuple[int, int, str]]:
     """Every finding (unmerged) of `scanner` in `text` (whose one-byte form is `data`)."""
     hits = scanner.scan(data)
@@ -392,7 +432,7 @@ def _detect(
     return found
 
 
-def _inner(scanner: Scanner, decoded: bytes) -> str | None:
+def _inner(scanner: AnyScanner, decoded: bytes) -> str | None:
     """The name of the finding in decoded bytes (the longest; a specific rule before the
     generic one), or None."""
     inner = _detect(scanner, None, decoded.decode("latin-1"), decoded)

@@ -233,6 +233,54 @@ class Scanner:
             self.window_db.scan(data[start:stop], match_event_handler=handler)
 
 
+class Joined:
+    """Two scanners scanned as one (engine.detect cannot tell the difference): `first`, the
+    built-in detectors (compiled once, cached on disk, shared copy-on-write by every warden a
+    spawner forks), and `second`, a launch's operator-registered exact secrets (a few dozen
+    literals: compiled in milliseconds, never written to disk).
+
+    Rules, blocks and pattern kinds are concatenated; the second scanner's pattern ids, rule
+    and block indexes come after the first's. A hit of either is a hit of the pattern alone,
+    so the union of their hits is what one database of both would report.
+    """
+
+    def __init__(self, first: Scanner, second: Scanner) -> None:
+        self.first, self.second = first, second
+        self.rules: list[Rule] = first.rules + second.rules
+        self.blocks: list[Block] = first.blocks + second.blocks
+        shift = {RULE: len(first.rules), BEGIN: len(first.blocks), END: len(first.blocks)}
+        self.kinds: list[tuple[int, int]] = first.kinds + [
+            (kind, index + shift.get(kind, 0)) for kind, index in second.kinds]
+        self._offset = len(first.kinds)
+        self.max_len = max(first.max_len, second.max_len)
+        self.min_len = min(first.min_len, second.min_len)
+
+    def scan(self, data: bytes) -> list[Hit]:
+        """`Scanner.scan` of both, the second's pattern ids shifted."""
+        hits = self.first.scan(data)
+        more = self.second.scan(data)
+        if more:
+            offset = self._offset
+            hits = hits + [(pid + offset, start, end) for pid, start, end in more]
+        return hits
+
+    def quiet(self, data: bytes, ignore: frozenset[int] = frozenset()) -> set[int] | None:
+        """`Scanner.quiet` of both: None if either reports a hit not in `ignore`."""
+        seen = self.first.quiet(data, ignore)
+        if seen is None:
+            return None
+        more = self.second.quiet(data, ignore)
+        return None if more is None else seen | more
+
+    def ends(self, data: bytes) -> list[int]:
+        """`Scanner.ends` of both."""
+        return self.first.ends(data) + self.second.ends(data)
+
+
+#: What engine.detect scans with.
+AnyScanner = Scanner | Joined
+
+
 class _Collector:
     """Hyperscan match handler that appends (id, start, end); returning None goes on."""
 
