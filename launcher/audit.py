@@ -162,6 +162,28 @@ class GateDropCounts(_Closed):
     counts: dict[str, int]
 
 
+class OutputCell(_Closed):
+    """What the output policy did to one request's output (cellblock.output.report), written
+    once, right before the gate releases its idle; only when the policy changed something.
+    Labels (MIME types, JSON keys) are the redacted strings, at most 64 characters."""
+
+    redactions: dict[str, int] = Field(description="rule -> findings in the output")
+    input_redactions: dict[str, int] = Field(
+        description="rule -> findings in execute_input, the kernel's echo of the code")
+    hashes: list[str] = Field(description="'rule:<first 12 hex of the sha256 of the secret>', "
+                              "distinct, at most 50")
+    hashes_omitted: int = 0
+    truncated_bytes: dict[str, int] = Field(
+        description="bytes cut: 'stdout'/'stderr' by the stream budget, else by max_text, "
+                    "by the MIME type or JSON key of the value")
+    images_withheld: dict[str, int] = Field(description="MIME type -> images over max_image")
+    mime_dropped: dict[str, int] = Field(description="MIME type -> values not in allowed_mime")
+    urls_neutralised: int = Field(description="remote URLs replaced in markdown, HTML and SVG")
+    notes: list[str] = Field(description="what was withheld, cut or removed, in words; "
+                             "distinct, at most 20")
+    notes_omitted: int = 0
+
+
 #: event name -> the model of its ``fields``
 EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "kernel.start": KernelStart,
@@ -181,6 +203,7 @@ EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "gate.error": GateEvent,
     "gate.refuse": GateEvent,
     "gate.drop_counts": GateDropCounts,
+    "output.cell": OutputCell,
 }
 
 

@@ -6,20 +6,19 @@ iopub messages and shell reply into a :class:`RunResult`; the :class:`PolicyRepo
 comes from the kernel's audit log (:mod:`cellblock.audit`), which the warden writes, read
 through an :class:`AuditTail` once the cell's ``status: idle`` and reply have arrived:
 
-- ``output.filtered`` events of the cell (written by the output filter before the message
-  they describe is sent): redactions by rule, and notes such as ``"81,920 bytes of
-  text/plain truncated"`` or ``"image/png of 900,000 bytes (limit 524,288)"``;
+- the cell's ``output.cell`` (written by the output filter when the gate releases the cell's
+  idle, before the client sees it; one per cell, the policy's whole effect on it): redactions
+  by rule (not those in the echo of the code), bytes cut by the stream budget and by
+  ``max_text``, and notes such as ``"81,920 bytes of text/plain truncated"`` or
+  ``"image/png of 900,000 bytes (limit 524,288)"``;
 - the cell's ``execution.end`` (written when its reply passes the gate, before its idle):
   ``limits_hit`` (``cell_seconds``, ``grace_seconds``, ``output_bytes``) and the output
   bytes the kernel sent and the client got;
 - a ``kernel.exit`` written while the cell ran: the budget that stopped the kernel, or
   ``memory``/``pids`` when the jail died at a cgroup limit.
 
-Stream truncation (a cell's stdout/stderr past the profile's ``stream_head``) is in no
-audit event; it is read from the markers the gate puts in the text
-(``[cellblock 3fa2b1: 81,920 bytes, 2,048 lines of stdout truncated]``). The marker's nonce
-is not known to clients, so a kernel could print a fake marker and inflate
-``truncated_bytes``; it cannot hide a real one.
+Nothing is read from the text the client got: a kernel can print something that looks like the
+gate's truncation marker, but it cannot write the audit log.
 """
 
 from __future__ import annotations
@@ -45,10 +44,6 @@ __all__ = [
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
-_STREAM_MARKER = re.compile(
-    r"\[cellblock [0-9a-f]{6}: ([0-9,]+) bytes(?:, [0-9,]+ lines?)? of (?:stdout|stderr) "
-    r"truncated\]"
-)
 _NOTE_CUT = re.compile(r"^([0-9]+) bytes of .+ truncated$")
 #: death reasons the warden words (``Warden.death_reason``) -> the limit's policy key
 _DEATHS = (("memory limit ", "memory"), ("process limit ", "pids"),
@@ -189,19 +184,14 @@ def _parse(data: bytes) -> Iterator[AuditEvent]:
             continue
 
 
-def _stream_cuts(text: str) -> int:
-    return sum(int(m.group(1).replace(",", "")) for m in _STREAM_MARKER.finditer(text))
-
-
-def policy_report(events: list[AuditEvent], msg_id: str, stdout: str, stderr: str,
-                  stopped: bool) -> PolicyReport:
+def policy_report(events: list[AuditEvent], msg_id: str, stopped: bool) -> PolicyReport:
     """The report of the cell whose execute_request was ``msg_id``, from the audit events
-    written while it ran and the stream text the client got. ``stopped``: the kernel ended
-    during the cell, so a ``kernel.exit`` among ``events`` says which limit."""
+    written while it ran. ``stopped``: the kernel ended during the cell, so a ``kernel.exit``
+    among ``events`` says which limit."""
     redactions: dict[str, int] = {}
     notes: list[str] = []
     limits: list[str] = []
-    cut = _stream_cuts(stdout) + _stream_cuts(stderr)
+    cut = 0
     end: AuditEvent | None = None
     for event in events:
         fields = event.fields
@@ -210,14 +200,11 @@ def policy_report(events: list[AuditEvent], msg_id: str, stdout: str, stderr: st
             continue
         if event.parent_msg_id != msg_id:
             continue
-        if event.event == "output.filtered" and fields.get("msg_type") != "execute_input":
+        if event.event == "output.cell":  # one per cell (more if it outlived 1024 others)
             for rule, n in (fields.get("redactions") or {}).items():
                 redactions[str(rule)] = redactions.get(str(rule), 0) + int(n)
-            for note in fields.get("notes") or []:
-                notes.append(str(note))
-                m = _NOTE_CUT.match(str(note))
-                if m:
-                    cut += int(m.group(1))
+            cut += sum(int(n) for n in (fields.get("truncated_bytes") or {}).values())
+            notes.extend(str(note) for note in fields.get("notes") or [])
         elif event.event == "execution.end":
             end = event
     if end is not None:

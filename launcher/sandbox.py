@@ -325,8 +325,7 @@ class Sandbox:
             self._stopped = stopped
         content = reply["content"] if reply is not None else {}
         status = str(content.get("status", "stopped" if stopped else "unknown"))
-        report = policy_report(events, msg_id, text["stdout"], text["stderr"],
-                               stopped is not None)
+        report = policy_report(events, msg_id, stopped is not None)
         if "grace_seconds" in report.limits_hit and stopped is None:
             await self._settle()
         return RunResult(

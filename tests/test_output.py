@@ -7,6 +7,7 @@ would, and check what would leave the gate. The end-to-end canary suite
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -390,3 +391,135 @@ def test_image_payloads_are_left_out_of_the_check_but_nothing_else() -> None:
                     {"data": {"text/plain": "x"}, "metadata": {}, "image/png": AKIA}):
         out, _ = run(f, "display_data", content)
         assert AKIA not in json.dumps(out), content
+
+
+# -- what reaches the audit log: one output.cell event per cell ------------------------------
+
+
+def audited(policy: OutputPolicy, **changes: Any) -> tuple[OutputFilter, list[tuple[str, dict]]]:
+    """A filter whose audit events are collected in the returned list."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    policy = policy.model_copy(update=changes)
+    f = OutputFilter(policy, build_redactor(policy, env={}),
+                     audit=lambda event, fields: events.append((event, fields)), nonce=NONCE)
+    return f, events
+
+
+def valid(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` as the audit log stores them, checked against the event's published model."""
+    from cellblock.audit import EVENT_FIELDS
+
+    rest = {k: v for k, v in fields.items() if k != "parent_msg_id"}
+    EVENT_FIELDS["output.cell"].model_validate(rest)
+    return rest
+
+
+def test_one_output_cell_event_per_cell_says_everything_the_policy_did() -> None:
+    f, events = audited(agent(), stream_head=2000, stream_tail=100, max_text=1000,
+                        max_image=100)
+    email = "jane.doe@example.com"
+    run(f, "execute_input", {"code": f"x = '{AKIA}'", "execution_count": 1}, "c1")
+    for i in range(50):
+        run(f, "stream", {"name": "stdout", "text": f"row {i:04d} {AKIA}\n" + "y" * 100}, "c1")
+    run(f, "stream", {"name": "stderr", "text": f"mail {email}\n"}, "c1")
+    run(f, "display_data", {"data": {"text/plain": "t" * 5000, "text/html": "<b>x</b>",
+                                     "image/png": "A" * 500,
+                                     "text/markdown": "![x](https://evil.tld/p?d=1)"},
+                            "metadata": {}}, "c1")
+    run(f, "display_data", {"data": {"text/plain": "u", "image/png": "B" * 500},
+                            "metadata": {}}, "c1")
+    assert events == []  # nothing until the cell ends
+    flushed = "".join(c["text"] for _, c in f.flush("c1"))
+    ((event, fields),) = events
+    assert event == "output.cell" and fields["parent_msg_id"] == "c1"
+    fields = valid(fields)
+    marker = flushed[flushed.index(f"[cellblock {NONCE}: "):]
+    stdout_cut = int(marker.split(": ")[1].split(" bytes")[0].replace(",", ""))
+    redacted_rows = flushed.count("[REDACTED:aws-access-key-id]")  # in the tail
+    assert fields["truncated_bytes"] == {"stdout": stdout_cut, "text/plain": 4000}
+    assert fields["redactions"]["email"] == 1
+    # every AKIA that was scanned (the head's and the tail's) is counted, and no other
+    assert 0 < fields["redactions"]["aws-access-key-id"] >= redacted_rows
+    assert fields["input_redactions"] == {"aws-access-key-id": 1}
+    assert fields["images_withheld"] == {"image/png": 2}
+    assert fields["mime_dropped"] == {"text/html": 1}
+    assert fields["urls_neutralised"] == 1
+    digest = hashlib.sha256(AKIA.encode()).hexdigest()[:12]
+    assert f"aws-access-key-id:{digest}" in fields["hashes"]
+    assert len(fields["hashes"]) == len(set(fields["hashes"])) == 2
+    assert fields["notes"] == [
+        "4000 bytes of text/plain truncated", "1 remote URL(s) removed from text/markdown",
+        "text/html (not allowed by the profile)", "image/png of 500 bytes (limit 100)"]
+    assert AKIA not in json.dumps(fields) and email not in json.dumps(fields)
+    assert f.flush("c1") == [] and len(events) == 1  # once
+
+
+def test_stream_truncation_is_audited_and_a_printed_marker_is_not() -> None:
+    f, events = audited(agent(), stream_head=100, stream_tail=50, redact_secrets=False, pii=())
+    fake_marker = "\n[cellblock 3fa2b1: 81,920 bytes, 2,048 lines of stdout truncated]\n"
+    assert stream_out(f, [fake_marker], "c1") == fake_marker
+    assert events == []  # the policy did nothing to that cell
+    seen = stream_out(f, ["o\n" * 150, "e\n" * 5], "c2")
+    marker = seen[seen.index(f"\n[cellblock {NONCE}: "):seen.index("truncated]\n") + 11]
+    cut = int(marker.split(": ")[1].split(" bytes")[0].replace(",", ""))
+    assert len(seen) - len(marker) + cut == 310  # what was not shown was cut, and counted
+    ((event, fields),) = events
+    assert event == "output.cell"
+    assert valid(fields)["truncated_bytes"] == {"stdout": cut}
+    assert fields["redactions"] == {} and fields["notes"] == []
+
+
+def test_every_cell_of_a_long_session_is_reported() -> None:
+    f, events = audited(agent())
+    for n in range(250):
+        assert stream_out(f, [f"key {AKIA}\n"], f"cell-{n}") == \
+            "key [REDACTED:aws-access-key-id]\n"
+    assert [(e, fields["parent_msg_id"], fields["redactions"]) for e, fields in events] == [
+        ("output.cell", f"cell-{n}", {"aws-access-key-id": 1}) for n in range(250)]
+
+
+def test_reports_of_cells_never_flushed_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellblock.output import filter as output_filter
+
+    monkeypatch.setattr(output_filter, "MAX_OPEN_REPORTS", 3)
+    f, events = audited(agent(), max_text=100)
+    for n in range(5):
+        run(f, "execute_result", {"data": {"text/plain": "x" * 500}, "metadata": {},
+                                  "execution_count": n}, f"cell-{n}")
+    # the two oldest were written early, as they were
+    assert [fields["parent_msg_id"] for _, fields in events] == ["cell-0", "cell-1"]
+    for n in range(5):
+        f.flush(f"cell-{n}")
+    assert [fields["parent_msg_id"] for _, fields in events] == [f"cell-{n}" for n in range(5)]
+    assert all(fields["truncated_bytes"] == {"text/plain": 400} for _, fields in events)
+
+
+def test_a_secret_as_key_or_mime_type_is_not_in_a_marker_or_the_log() -> None:
+    """A value is named in its cut marker and in the audit log after its key or MIME type;
+    those are the kernel's strings, so what names it is the redacted string."""
+    f, events = audited(agent(), max_text=1000, max_image=100, allowed_mime=None)
+    content, meta = run(f, "display_data", {
+        "data": {"text/plain": "ok", f"text/x-{AKIA}": "z" * 5000,
+                 f"image/{AKIA}": "A" * 50, f"image/{AKIA}.x": "A" * 500},
+        "metadata": {AKIA: "m" * 5000}}, "c1", metadata={AKIA: "n" * 5000})
+    assert content is not None
+    f.flush("c1")
+    shown = json.dumps([content, meta])
+    assert AKIA not in shown and "[REDACTED:aws-access-key-id]" in shown
+    ((_, fields),) = events
+    assert AKIA not in json.dumps(fields)
+    assert fields["truncated_bytes"] == {"[REDACTED:aws-access-key-id]": 2 * 4000,
+                                         "text/x-[REDACTED:aws-access-key-id]": 4000}
+    assert fields["images_withheld"] == {"image/[REDACTED:aws-access-key-id].x": 1}
+    assert content["data"]["image/[REDACTED:aws-access-key-id]"] == "A" * 50
+
+
+def test_an_overlong_key_is_named_by_its_first_characters() -> None:
+    f, events = audited(agent(), max_text=1000, redact_secrets=False, pii=())
+    key = "k" * 200
+    content, _ = run(f, "execute_result", {"data": {"text/plain": "x"}, "execution_count": 1,
+                                            "metadata": {key: "v" * 5000}}, "c1")
+    f.flush("c1")
+    assert f"[cellblock {NONCE}: 4,000 bytes of {'k' * 63}… truncated]" in \
+        content["metadata"][key]
+    assert events[0][1]["truncated_bytes"] == {"k" * 63 + "…": 4000}

@@ -110,23 +110,32 @@ async def test_output_bytes_out_counts_what_the_flush_sent(sandbox: Sandbox) -> 
     assert r.policy.truncated_bytes > 0
 
 
-async def test_pinned_gap_redaction_reports_stop_after_100_filtered_events(
-        sandbox: Sandbox) -> None:
-    """The warden writes the first 100 audit events of each (event, reason) and only counts
-    the rest; output.filtered has no reason, so after 100 filtered messages in a kernel's
-    life no cell's redactions reach the audit log. Pins the current behaviour (reported)."""
+@pytest.mark.xfail(strict=True, reason="needs Warden._audit to write every output.cell event "
+                   "instead of the first 100 (reported to the lead); remove this mark then")
+async def test_every_cell_of_a_long_session_reports_its_redactions(sandbox: Sandbox) -> None:
+    """The output filter writes one output.cell event per cell (per-message events stopped
+    reaching the log after 100 in a kernel's life, with the warden's cap per event kind):
+    the 101st cell and later ones still report what the policy redacted."""
     path = sandbox.audit_log
     assert path is not None
-
-    def filtered() -> int:
-        return sum(1 for e in read_events(path) if e.event == "output.filtered")
-
-    while filtered() < 100:
+    for n in range(105):
         r = await sandbox.run(SECRET_CODE)
-        assert r.policy.redactions == {"github-pat": 1}
-    r = await sandbox.run(SECRET_CODE)
-    assert r.stdout == "[REDACTED:github-pat]\n"  # the redaction itself still happens
-    assert r.policy.redactions == {}  # but the audit log no longer says so
+        assert r.stdout == "[REDACTED:github-pat]\n"
+        assert r.policy.redactions == {"github-pat": 1}, f"cell {n + 1}"
+    cells = [e for e in read_events(path) if e.event == "output.cell"
+             and e.fields["redactions"] == {"github-pat": 1}]
+    assert len(cells) == 105 and len({e.parent_msg_id for e in cells}) == 105
+
+
+async def test_a_printed_truncation_marker_is_not_a_truncation(sandbox: Sandbox) -> None:
+    """Truncation is read from the audit log, which a kernel cannot write, not from markers
+    in the text, which it can print."""
+    fake = "[cellblock 3fa2b1: 81,920 bytes, 2,048 lines of stdout truncated]"
+    r = await sandbox.run(f"print({fake!r})")
+    assert r.stdout == fake + "\n"
+    assert r.policy.truncated_bytes == 0 and r.policy.summary() == ""
+    r = await sandbox.run("print('a' * 100000)")  # a real one is counted, once
+    assert 0 < r.policy.truncated_bytes < 100000 and r.policy.notes == ()
 
 
 @pytest.mark.profile("cell")

@@ -28,6 +28,7 @@ from ..gate.rules import WITHHOLD
 from ..gate.wire import load_object
 from ..policy import OutputPolicy
 from ..redact.normalise import normalise
+from .report import CellReport, label
 from .rich import filter_bundle
 from .streams import CellStreams
 from .text import cap_text
@@ -38,6 +39,9 @@ _BUNDLE_TYPES = {"display_data", "update_display_data", "execute_result", "inspe
 _COMM_TYPES = {"comm_open", "comm_msg", "comm_close"}
 Audit = Callable[[str, dict[str, Any]], None]
 CARRY_LATENCY = 0.2  # seconds held-back stream text may wait for the rest of a match
+#: Cells whose report waits for its flush, at most; past this the oldest is written early (a
+#: request the relay stopped tracking, never flushed, costs no more than this).
+MAX_OPEN_REPORTS = 1024
 
 
 def build_redactor(policy: OutputPolicy, env: Mapping[str, str] | None = None) -> Any:
@@ -69,8 +73,9 @@ class OutputFilter:
         self.cells: dict[str, CellStreams] = {}
         self._changed = False
         self._quiet = False  # every string of the message part being walked is left as it is
-        self._findings: list[Any] = []
-        self._notes: list[str] = []
+        self._findings: list[Any] = []  # of the message being filtered
+        self._msg: CellReport | None = None  # what else happened to it
+        self._reports: dict[str, CellReport] = {}  # per parent msg_id, until its flush
 
     # -- the rule ----------------------------------------------------------
 
@@ -83,7 +88,7 @@ class OutputFilter:
             return None
         self._changed = False
         self._findings = []
-        self._notes = []
+        self._msg = None
         parent_id = str(parent.get("msg_id", ""))
         # Strict (no NaN, duplicate keys, lone surrogates, UTF-16, non-objects): the original
         # bytes are forwarded when nothing changes, so they must mean what was scanned.
@@ -96,15 +101,14 @@ class OutputFilter:
                 self._report(parent_id, msg_type)
                 return WITHHOLD
         elif msg_type in _BUNDLE_TYPES:
-            content = {("data" if key == "data" else self._clean(key, "key")):
-                       (self._bundle(value) if key == "data" else self._walk(value, key))
-                       for key, value in content.items()}
+            content = {key: self._bundle(value) if key == "data" else value
+                       for key, value in self._walk_keys(content, skip="data")}
         elif msg_type == "execute_reply":
             content = self._execute_reply(content)
         elif msg_type == "kernel_info_reply" and self.policy.neutralize_urls:
             if content.pop("help_links", None):
                 self._changed = True
-                self._notes.append("help_links removed")
+                self._current().note("help_links removed")
             content = self._walk(content, "kernel_info")
         else:
             content = self._walk(content, msg_type)
@@ -126,14 +130,20 @@ class OutputFilter:
         return _dump(content), metadata_out
 
     def flush(self, parent_msg_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """Called by the relay before the cell's idle: held-back text, markers, tails."""
+        """Called by the relay before the cell's idle: held-back text, markers, tails; and
+        the cell's ``output.cell`` audit event, if the policy did anything to it."""
         cell = self.cells.pop(parent_msg_id, None)
-        if cell is None:
-            return []
-        out = [("stream", {"name": name, "text": text}) for name, text in cell.flush()]
-        self._findings = cell.findings
-        cell.findings = []
-        self._report(parent_msg_id, "stream")
+        out: list[tuple[str, dict[str, Any]]] = []
+        if cell is not None:
+            out = [("stream", {"name": name, "text": text}) for name, text in cell.flush()]
+            self._findings = cell.findings
+            cell.findings = []
+            for name, cut in cell.cut.items():
+                self._current().truncated(name, cut)
+            self._report(parent_msg_id, "stream")
+        report = self._reports.pop(parent_msg_id, None)
+        if report and self.audit is not None:
+            self.audit("output.cell", report.fields(parent_msg_id))
         return out
 
     def tick(self, now: float) -> list[tuple[str, str, dict[str, Any]]]:
@@ -201,6 +211,9 @@ class OutputFilter:
         return bool(self.redactor.untouched(strings, self.policy.normalise))
 
     def _clean(self, text: str, what: str) -> str:
+        """`text` redacted (normalised, if the profile says so) and capped; `what` names it in
+        a cut marker and the audit log, so it is a label (report.label), never kernel text
+        that was not cleaned."""
         if self._quiet:
             return text
         out = text
@@ -215,7 +228,9 @@ class OutputFilter:
             out = normalise(text)
         out, cut = cap_text(out, self.policy.max_text, self.nonce, what)
         if cut:
-            self._notes.append(f"{cut} bytes of {what} truncated")
+            report = self._current()
+            report.truncated(what, cut)
+            report.note(f"{cut} bytes of {what} truncated")
         if out is not text and out != text:
             self._changed = True
         return out
@@ -228,12 +243,26 @@ class OutputFilter:
         if isinstance(obj, list):
             return [self._walk(v, what) for v in obj]
         if isinstance(obj, dict):
-            return {(self._clean(k, "key") if isinstance(k, str) else k):
-                    self._walk(v, k if isinstance(k, str) else what) for k, v in obj.items()}
+            return dict(self._walk_keys(obj))
         return obj
 
+    def _walk_keys(self, obj: dict[str, Any], skip: str | None = None) -> list[tuple[Any, Any]]:
+        """(cleaned key, walked value) for each item of `obj`; the value of key `skip` is left
+        as it is. A value is named after its *cleaned* key: a secret used as a key must not
+        come back in the value's cut marker."""
+        out: list[tuple[Any, Any]] = []
+        for k, v in obj.items():
+            if k == skip:
+                out.append((k, v))
+            elif isinstance(k, str):
+                key = self._clean(k, "key")
+                out.append((key, self._walk(v, label(key))))
+            else:
+                out.append((k, self._walk(v, "key")))
+        return out
+
     def _bundle(self, data: Any) -> Any:
-        out, changed = filter_bundle(data, self.policy, self._clean, self._walk, self._notes)
+        out, changed = filter_bundle(data, self.policy, self._clean, self._walk, self._current())
         if changed:
             self._changed = True
         return out
@@ -263,23 +292,33 @@ class OutputFilter:
                     items.append(item)
                 out[key] = items
             else:
-                out[self._clean(key, "key")] = self._walk(value, key)
+                key = self._clean(key, "key")
+                out[key] = self._walk(value, label(key))
         return out
 
+    def _current(self) -> CellReport:
+        """The report of the message being filtered (made when something happens)."""
+        if self._msg is None:
+            self._msg = CellReport()
+        return self._msg
+
     def _report(self, parent_id: str, msg_type: str) -> None:
-        if self.audit is None or not (self._findings or self._notes):
-            self._findings, self._notes = [], []
+        """Add what happened to the message just filtered to its cell's report, which `flush`
+        writes (one ``output.cell`` event per cell, however many messages it had)."""
+        findings, msg = self._findings, self._msg
+        self._findings, self._msg = [], None
+        if self.audit is None or not (findings or msg):
             return
-        by_rule: dict[str, int] = {}
-        hashes: list[str] = []
-        for f in self._findings:
-            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-            hashes.append(f"{f.rule}:{f.sha256_prefix}")
-        self.audit("output.filtered", {
-            "parent_msg_id": parent_id, "msg_type": msg_type, "redactions": by_rule,
-            "hashes": hashes[:50], "notes": self._notes[:20],
-        })
-        self._findings, self._notes = [], []
+        cell = self._reports.get(parent_id)
+        if cell is None:
+            cell = self._reports[parent_id] = msg or CellReport()
+            while len(self._reports) > MAX_OPEN_REPORTS:  # never flushed: write it now
+                oldest = next(iter(self._reports))
+                self.audit("output.cell", self._reports.pop(oldest).fields(oldest))
+        elif msg:
+            cell.merge(msg)
+        if findings:
+            cell.findings(findings, code_echo=msg_type == "execute_input")
 
 
 def _is_image(mime: str) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..policy import OutputPolicy
+from .report import CellReport, label
 
 __all__ = ["REMOVED_URL", "filter_bundle", "neutralize_urls"]
 
@@ -29,7 +30,6 @@ _URL = re.compile(
     r"[^\s\"'<>()\[\]{}`]*"
 )
 _URL_MIME = {"text/markdown", "text/html", "image/svg+xml"}
-_TEXT_LIKE = ("text/", "application/json", "image/svg+xml", "application/javascript")
 
 
 def neutralize_urls(text: str) -> tuple[str, int]:
@@ -44,21 +44,20 @@ def neutralize_urls(text: str) -> tuple[str, int]:
     return _URL.sub(sub, text), count
 
 
-def _is_text(mime: str) -> bool:
-    return mime.startswith(_TEXT_LIKE) or mime.endswith("+json")
-
-
 def filter_bundle(
     data: Any,
     policy: OutputPolicy,
     clean: Callable[[str, str], str],
     walk: Callable[[Any, str], Any],
-    notes: list[str],
+    report: CellReport,
 ) -> tuple[Any, bool]:
     """The bundle as it may leave the gate, and whether a MIME type or image was withheld or a
     URL removed. ``clean(text, what)`` redacts and caps one string; ``walk(obj, what)`` does
     that for every string in a JSON value (both tell their caller themselves when they change
-    something). ``notes`` collects what was withheld, for the audit log."""
+    something). ``report`` records what was withheld and removed, for the audit log.
+
+    A MIME type is a string the kernel chose: what leaves (as a key, in a note, in a cut
+    marker) is its cleaned form, never the original (a token in ``image/<token>``)."""
     if not isinstance(data, dict):
         return walk(data, "output"), False
     changed = False
@@ -67,30 +66,34 @@ def filter_bundle(
     withheld: list[str] = []
     for mime, value in data.items():
         mime_clean = clean(mime, "MIME type") if isinstance(mime, str) else str(mime)
+        shown = label(mime_clean)
         if allowed is not None and mime not in allowed:
-            withheld.append(f"{mime_clean} (not allowed by the profile)")
+            withheld.append(f"{shown} (not allowed by the profile)")
+            report.mime_withheld(mime_clean)
             continue
         if mime.startswith("image/") and mime != "image/svg+xml":
             size = len(value) if isinstance(value, str) else -1
             if size < 0 or size > policy.max_image:
-                withheld.append(f"{mime} of {max(size, 0):,} bytes (limit {policy.max_image:,})")
+                withheld.append(f"{shown} of {max(size, 0):,} bytes "
+                                f"(limit {policy.max_image:,})")
+                report.image_withheld(mime_clean)
                 continue
-            out[mime] = value  # opaque; not decoded (R20), OCR is out of scope
+            out[mime_clean] = value  # opaque; not decoded (R20), OCR is out of scope
             continue
         if isinstance(value, str):
-            text = clean(value, mime)
+            text = clean(value, shown)
             if policy.neutralize_urls and mime in _URL_MIME:
                 text, n = neutralize_urls(text)
                 if n:
                     changed = True
-                    notes.append(f"{n} remote URL(s) removed from {mime}")
+                    report.urls(n)
+                    report.note(f"{n} remote URL(s) removed from {mime}")
             out[mime_clean] = text
-        elif _is_text(mime) or isinstance(value, (dict, list)):
-            out[mime_clean] = walk(value, mime)
         else:
-            out[mime_clean] = walk(value, mime)
+            out[mime_clean] = walk(value, shown)
     if withheld:
-        notes.extend(withheld)
+        for note in withheld:
+            report.note(note)
         note = "[cellblock: withheld " + "; ".join(withheld) + "]"
         plain = out.get("text/plain")
         out["text/plain"] = f"{plain}\n{note}" if isinstance(plain, str) and plain else note

@@ -76,6 +76,8 @@ class CellStreams:
         self.since: dict[str, float] = {}  # when each stream's held-back text started waiting
         self.tails: dict[str, _Tail] = {}
         self.findings: list[Any] = []
+        #: bytes of each stream cut by the budget, set by `flush` (the filter audits them)
+        self.cut: dict[str, int] = {}
 
     def _clean(self, text: str) -> str:
         if self.redactor is None:
@@ -167,7 +169,8 @@ class CellStreams:
         return keep
 
     def flush(self) -> list[tuple[str, str]]:
-        """What is left of each stream at the end of the cell, redacted, with markers."""
+        """What is left of each stream at the end of the cell, redacted, with markers (and
+        what the markers say in `cut`)."""
         out: list[tuple[str, str]] = []
         names = list(dict.fromkeys([*self.pending, *self.tails]))
         for name in names:
@@ -181,6 +184,7 @@ class CellStreams:
                 cut_bytes = tail.total_bytes - kept_bytes
                 cut_lines = tail.total_lines - kept.count("\n")
                 if cut_bytes > 0:
+                    self.cut[name] = cut_bytes
                     text += marker(self.nonce, name, cut_bytes, cut_lines)
                 text += self._clean(kept)
             if text:
