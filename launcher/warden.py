@@ -422,9 +422,13 @@ class Warden:
                                  f"({self._stop_reason})")
 
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
-        """Gate events (drops, strips, reconnects). The first 100 of each kind are
-        written one by one; after that only the count, at exit, so a kernel flooding
-        forgeries cannot flood the log."""
+        """Gate and output-rule events. Drops, strips, reconnects: the first 100 of each kind
+        are written one by one; after that only the count, at exit, so a kernel flooding
+        forgeries cannot flood the log. ``output.cell`` (what the policy did to one cell) is
+        always written: there is one per cell, bounded by the executions budget."""
+        if event == "output.cell":
+            self.audit.write(event, **fields)
+            return
         key = f"{event}:{fields.get('reason', '')}"
         self.drops[key] = self.drops.get(key, 0) + 1
         if self.drops[key] <= 100:

@@ -110,8 +110,6 @@ async def test_output_bytes_out_counts_what_the_flush_sent(sandbox: Sandbox) -> 
     assert r.policy.truncated_bytes > 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs Warden._audit to write every output.cell event "
-                   "instead of the first 100 (reported to the lead); remove this mark then")
 async def test_every_cell_of_a_long_session_reports_its_redactions(sandbox: Sandbox) -> None:
     """The output filter writes one output.cell event per cell (per-message events stopped
     reaching the log after 100 in a kernel's life, with the warden's cap per event kind):
