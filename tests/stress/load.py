@@ -39,13 +39,16 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import ctypes
 import functools
+import gc
 import os
 import queue
 import random
 import re
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +225,24 @@ def work(rng: random.Random, head: int, tail: int, exact_env: bool) -> list[tupl
     return items
 
 
+def growth(snapshots: list[tracemalloc.Snapshot], top: int = 12) -> dict[str, Any]:
+    """Where the client's Python heap grew during the load (first to second snapshot) and
+    what of it was still held once every kernel had stopped (first to third)."""
+    if len(snapshots) < 3:
+        return {}
+    out: dict[str, Any] = {}
+    for name, later in (("during", snapshots[1]), ("kept_after_stop", snapshots[2])):
+        diff = later.compare_to(snapshots[0], "traceback")
+        out[name] = {
+            "total_kib": sum(d.size_diff for d in diff) // 1024,
+            "top": [{"kib": d.size_diff // 1024, "count": d.count_diff,
+                     "where": [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+                               for f in d.traceback][:6]}
+                    for d in diff[:top]],
+        }
+    return out
+
+
 def _short(out: dict[str, Any]) -> dict[str, Any]:
     return {k: (v[:300] + f"...({len(v)} chars)" if isinstance(v, str) and len(v) > 300
                 else v) for k, v in out.items()}
@@ -241,6 +262,9 @@ class Load:
         self.stats: dict[str, Any] = {}
         self.checks = 0
         self.aborted = 0  # cells ipykernel aborted right after an error, sent again
+        self.trace = False  # --tracemalloc: where the client's memory grew
+        self.churn_cycles = 0  # --churn: start/stop cycles before the load
+        self.snapshots: list[tracemalloc.Snapshot] = []
         self.kernels_done: list[tuple[int, str, dict[str, int]]] = []
 
     def find(self, what: str) -> None:
@@ -337,8 +361,36 @@ class Load:
             self.stats["peak_fds"] = max(self.stats.get("peak_fds", 0), st["fds"])
             self.stats["peak_rss_kib"] = max(self.stats.get("peak_rss_kib", 0), st["rss_kib"])
 
+    async def churn(self, cycles: int) -> None:
+        """Start ``self.n`` kernels, run 1+1 on each, stop them; ``cycles`` times. The
+        client's descriptors and memory after each cycle (collected and trimmed) show
+        whether starting and stopping kernels (the provisioner's part) keeps anything."""
+        after: list[dict[str, int]] = []
+        for cycle in range(cycles):
+            await self.start_all()
+            outs = await asyncio.gather(*(k.run("1+1") for k in self.kernels))
+            if any(o["results"] != [{"text/plain": "2"}] for o in outs):
+                self.find(f"churn cycle {cycle}: 1+1 gave {outs}")
+            await asyncio.gather(*(k.stop() for k in self.kernels))
+            self.kernels = []
+            gc.collect()
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            left = settle(lambda: leftovers(self.env, Expected({os.getpid()}, set(), 2)), 60)
+            if left:
+                self.find(f"after churn cycle {cycle}: {left}")
+            after.append(proc_stats(os.getpid()))
+            log(f"churn cycle {cycle + 1}/{cycles}: {self.n} kernels started and stopped; "
+                f"client {after[-1]}")
+        self.stats["churn"] = after
+        if len(after) > 1 and after[-1]["fds"] > after[0]["fds"]:
+            self.find(f"the client's descriptors grew over {cycles} start/stop cycles: "
+                      f"{[a['fds'] for a in after]}")
+
     async def main(self) -> None:
         await self.warm_up()
+        if self.churn_cycles:
+            await self.churn(self.churn_cycles)
         self.stats["before"] = proc_stats(os.getpid())
         log(f"baseline: {self.stats['before']}; starting {self.n} kernels")
         t0 = time.monotonic()
@@ -348,10 +400,15 @@ class Load:
         log(f"{len(self.kernels)} kernels up in {self.stats['start_all_seconds']} s; "
             f"client {self.stats['started']}; running for {self.seconds:.0f} s")
         end = time.monotonic() + self.seconds
+        if self.trace:
+            tracemalloc.start(8)
+            self.snapshots.append(tracemalloc.take_snapshot())
         ticker = asyncio.create_task(self.tick(end))
         await asyncio.gather(self.probe(end), self.watch(end),
                              *(self.drive(k, end) for k in self.kernels))
         ticker.cancel()
+        if self.trace:
+            self.snapshots.append(tracemalloc.take_snapshot())
         log("stopping the kernels")
         await asyncio.gather(*(k.stop() for k in self.kernels))
         left = settle(lambda: leftovers(self.env, Expected({os.getpid()}, set(), 2)), 60)
@@ -361,6 +418,14 @@ class Load:
         self.stats["stopped"] = proc_stats(os.getpid())
         self.kernels_done = [(k.index, k.profile, dict(k.cells)) for k in self.kernels]
         self.kernels = []
+        gc.collect()
+        if self.trace:
+            self.snapshots.append(tracemalloc.take_snapshot())
+            tracemalloc.stop()
+        # What of the RSS is memory the allocator keeps but nothing holds: given back here.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.stats["stopped_trimmed"] = proc_stats(os.getpid())
 
     async def tick(self, end: float) -> None:
         while True:
@@ -381,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--keep", action="store_true", help="keep the environment's dir")
+    parser.add_argument("--churn", type=int, default=0, metavar="N",
+                        help="first start and stop all kernels N times, measuring the "
+                        "client after each cycle")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="report where the client's Python memory grew (slower)")
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     seed = args.seed if args.seed is not None else int(time.time())
@@ -389,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"load: {args.kernels} kernels for {seconds:.0f} s, seed {seed}, env {env.top}, "
         f"uid {os.geteuid()}, load average {os.getloadavg()}")
     run = Load(env, args.kernels, seconds, random.Random(seed))
+    run.trace = args.tracemalloc
+    run.churn_cycles = args.churn
     t0 = time.monotonic()
     try:
         asyncio.run(run.main())
@@ -425,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                           "max": round(max(run.start_seconds, default=0), 2)},
         "client": run.stats, "leak_checks_during": run.checks,
         "aborted_after_error_resent": run.aborted,
+        "memory_growth": growth(run.snapshots),
         "findings": run.findings, "load_average_end": os.getloadavg(), "env": str(env.top),
     }
     write_report(args.json, report)
