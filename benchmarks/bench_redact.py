@@ -390,6 +390,11 @@ PATHOLOGICAL: dict[str, str] = {
         [base64.b64encode(b"API_KEY=sk_live_" + b"x1Y2z3" * 4 + b"\n").decode()] * 20_000),
     '"ghp_"*250k': "ghp_" * 250_000,
     '"QUFB"*250k (base64 "AAA")': "QUFB" * 250_000,
+    '"\\x1b["*500k': "\x1b[" * 500_000,
+    '("\\x1b]" + "x"*10k)*100 (open OSC)': ("\x1b]" + "x" * 10_000) * 100,
+    '"\\x1b[1;"*333k (CSI parameters)': "\x1b[1;" * 333_333,
+    '"ab\\b"*333k': "ab\b" * 333_333,
+    '"12%|###   |\\r"*83k (a bar on one line)': "12%|###   |\r" * 83_333,
 }
 
 

@@ -512,6 +512,13 @@ PATHOLOGICAL = {
     "percent": "%41" * 333_333,
     "digit-groups": "1111 " * 200_000,
     "pem-headers": "-----BEGIN RSA PRIVATE KEY-----\n" * 30_000,
+    # ANSI stripping is one re.sub: every failing attempt stops at the next ESC
+    "csi-starts": "\x1b[" * 500_000,
+    "csi-long-parameters": ("\x1b[" + "1;" * 5_000 + " " * 5_000) * 100,
+    "osc-unterminated": ("\x1b]" + "x" * 10_000) * 100,
+    "osc-esc": "\x1b]x\x1b" * 250_000,
+    "c1-csi": "\x9b" * 1_000_000,
+    "backspaces": "ab\b" * 300_000 + "\n" + ("x" * 100 + "\b\n") * 10_000,
 }
 
 
@@ -701,6 +708,80 @@ def test_texts_joined_for_normalising_normalise_each(pieces: list[list[str]]) ->
 
     texts = ["".join(p) for p in pieces]
     assert normalise(JOIN_FOR_NORMALISE.join(texts)) == "\n".join(normalise(t) for t in texts)
+
+
+def _strip_ansi_reference(text: str) -> str:
+    """Every match of each ANSI pattern, as a hyperscan scan for all of them reports them
+    (leftmost start for each end), removed, then stray ESCs: how normalise did it before one
+    ``re.sub`` did it."""
+    import hyperscan
+
+    from cellblock.redact.normalise import ANSI_PATTERNS, scan_bytes
+
+    text = text.replace("\x9b", "\x1b[")
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=[p.encode() for p in ANSI_PATTERNS], ids=[0, 1, 2], elements=3,
+               flags=[hyperscan.HS_FLAG_SOM_LEFTMOST] * 3)
+    spans: list[tuple[int, int]] = []
+    db.scan(scan_bytes(text), match_event_handler=lambda _i, s, e, _f, _c: spans.append((s, e)))
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        if start > pos:
+            out.append(text[pos:start])
+        pos = max(pos, end)
+    out.append(text[pos:])
+    return "".join(out).replace("\x1b", "")
+
+
+_ANSI_PIECES = ["\x1b", "\x1b", "\x1b[", "\x1b]", "\x9b", "[", "]", "0", "1", ";", "?", " ",
+                "/", "!", "m", "@", "~", "A", "\x07", "\\", "\x1b\\", "x", "\n", "\u00e9",
+                "\u4e2d", "\x7f", "\t"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_ANSI_PIECES), max_size=30))
+def test_ansi_stripping_removes_every_match_of_every_pattern(pieces: list[str]) -> None:
+    from cellblock.redact.normalise import _strip_ansi
+
+    text = "".join(pieces)
+    assert _strip_ansi(text) == _strip_ansi_reference(text)
+
+
+def _backspaces_reference(text: str) -> str:
+    """Backspaces rendered through the whole text at once (as before only the lines holding
+    one were visited)."""
+    pieces = text.split("\b")
+    out = list(pieces[0])
+    for piece in pieces[1:]:
+        if out and out[-1] != "\n":
+            out.pop()
+        out.extend(piece)
+    return "".join(out)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(["\b", "\b", "\n", "a", "bc", "\u00e9", "x" * 70, "\r"]),
+                max_size=40))
+def test_backspaces_rendered_per_line_as_through_the_whole_text(pieces: list[str]) -> None:
+    """Sparse backspaces (per line) and dense ones (the whole text) alike."""
+    from cellblock.redact.normalise import _render_backspaces
+
+    text = "".join(pieces)
+    assert _render_backspaces(text) == _backspaces_reference(text)
+    sparse = "y" * 64 * len(text) + text  # below the density that renders the whole text
+    assert _render_backspaces(sparse) == _backspaces_reference(sparse)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([*_NORMALISE_PIECES, TOKEN[:20], TOKEN[20:], " "]),
+                         max_size=8), max_size=5))
+def test_untouched_is_only_true_when_nothing_would_change(red: Redactor,
+                                                          pieces: list[list[str]]) -> None:
+    texts = ["".join(p) for p in pieces]
+    for normalised in (False, True):
+        if red.untouched(texts, normalised):
+            assert not any(red.redact(t).findings for t in texts), texts
+            assert not normalised or all(normalise(t) == t for t in texts), texts
 
 
 def test_untouched_sees_a_token_behind_escapes_in_any_string(red: Redactor) -> None:

@@ -261,10 +261,16 @@ class Redactor:
         gives the same as normalising each (`JOIN_FOR_NORMALISE`).
         """
         text = "\n".join(texts)
-        if normalise(text) is not text:
+        if "\x1b" in text or "\r" in text or "\b" in text or "\x9b" in text:
             if normalised:
-                return False
+                return False  # normalising removes each of these: the text would change
             text = normalise(JOIN_FOR_NORMALISE.join(texts))
+        else:  # only NFKC and Cf removal can change it, which a line feed stops as ESC LF does
+            folded = normalise(text)
+            if folded is not text:
+                if normalised:
+                    return False
+                text = folded
         if len(text) < self._scanner.min_len:
             return True
         data = scan_bytes(text)

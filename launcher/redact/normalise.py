@@ -16,7 +16,14 @@ All steps are linear, and each is skipped when it cannot change anything, which 
 C speed: ASCII text without ESC, CR or BS is returned as is; Latin-1 text (accents, ``ñ``) needs
 NFKC only if it holds one of the 14 Latin-1 characters NFKC changes, or a soft hyphen; other text
 is NFKC-folded only if `unicodedata.is_normalized` says so, and a compiled class of every Cf
-character finds format characters. ANSI sequences are found by hyperscan, never by Python `re`.
+character finds format characters. ANSI sequences go in one ``re.sub`` (`_ANSI`), which is
+linear: every branch starts with ESC, no class in it holds ESC, so an attempt that fails stops
+at the next ESC (or BEL) and each stretch between two ESCs is looked at by one attempt; from one
+ESC the branches are tried longest first (CSI and OSC before the two-character escape, which
+from the same ESC only ever takes ``ESC [`` or ``ESC ]``), so the leftmost-first matches remove
+exactly the union of every match of each pattern, which is what a scan for all of them removes
+(`tests/test_redact.py` compares with such a scan). Carriage returns and backspaces are
+rendered only on the lines that hold them.
 """
 
 from __future__ import annotations
@@ -60,23 +67,13 @@ def scan_bytes(text: str) -> bytes:
     return text.encode("ascii", _SUB)
 
 
-_ANSI_PATTERNS = (
-    rb"\x1b\[[0-?]*[ -/]*[@-~]",  # CSI
-    rb"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)",  # OSC, ended by BEL or ST
-    rb"\x1b[ -/]*[0-~]",  # two-character and nF escapes
+#: ANSI escape sequences, longest first from any one ESC (see the module doc).
+ANSI_PATTERNS = (
+    r"\x1b\[[0-?]*[ -/]*[@-~]",  # CSI
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)",  # OSC, ended by BEL or ST
+    r"\x1b[ -/]*[0-~]",  # two-character and nF escapes
 )
-
-
-@functools.cache
-def _ansi_db() -> hyperscan.Database:
-    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    db.compile(
-        expressions=list(_ANSI_PATTERNS),
-        ids=list(range(len(_ANSI_PATTERNS))),
-        elements=len(_ANSI_PATTERNS),
-        flags=[hyperscan.HS_FLAG_SOM_LEFTMOST] * len(_ANSI_PATTERNS),
-    )
-    return db
+_ANSI = re.compile("|".join(ANSI_PATTERNS))
 
 
 @functools.cache
@@ -202,18 +199,10 @@ def _fold(text: str) -> str:
 
 
 def _strip_ansi(text: str) -> str:
-    text = text.replace("\x9b", "\x1b[")
-    spans: list[tuple[int, int]] = []
-    _ansi_db().scan(
-        scan_bytes(text), match_event_handler=lambda _i, s, e, _f, _c: spans.append((s, e))
-    )
-    out, pos = [], 0
-    for start, end in sorted(spans):
-        if start > pos:
-            out.append(text[pos:start])
-        pos = max(pos, end)
-    out.append(text[pos:])
-    return "".join(out).replace("\x1b", "")
+    """Every ANSI sequence removed (the 8-bit CSI as the 7-bit one), then every stray ESC."""
+    if "\x9b" in text:
+        text = text.replace("\x9b", "\x1b[")
+    return _ANSI.sub("", text).replace("\x1b", "")
 
 
 def _render_carriage_returns(text: str) -> str:
@@ -243,6 +232,28 @@ def _render_carriage_returns(text: str) -> str:
 
 
 def _render_backspaces(text: str) -> str:
+    """Each backspace deletes the character before it on its line (none at a line's start).
+    Only the lines holding one are visited, unless backspaces are so dense (one every few
+    characters) that going through the whole text once costs less."""
+    if text.count("\b") * 64 > len(text):
+        return _backspaces_in(text)
+    out: list[str] = []
+    pos = 0
+    bs = text.find("\b")
+    while bs >= 0:
+        start = text.rfind("\n", pos, bs) + 1 or pos
+        end = text.find("\n", bs)
+        end = len(text) if end < 0 else end
+        out.append(text[pos:start])
+        out.append(_backspaces_in(text[start:end]))
+        pos = end
+        bs = text.find("\b", pos)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _backspaces_in(text: str) -> str:
+    """Backspaces rendered through all of `text` (a line, or a whole text)."""
     pieces = text.split("\b")
     out = list(pieces[0])
     for piece in pieces[1:]:
