@@ -12,11 +12,14 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellblock.gate.rules import WITHHOLD, Withheld, apply_rules
 from cellblock.output.filter import OutputFilter, build_redactor
 from cellblock.output.rich import REMOVED_URL, neutralize_urls
 from cellblock.policy import OutputPolicy, load_policy
+from cellblock.redact import normalise
 
 NONCE = "abc123"
 AKIA = "AKIA" + "QWERTYUIOPASDFGH"  # AWS access key id format, not a real key
@@ -523,3 +526,64 @@ def test_an_overlong_key_is_named_by_its_first_characters() -> None:
     assert f"[cellblock {NONCE}: 4,000 bytes of {'k' * 63}… truncated]" in \
         content["metadata"][key]
     assert events[0][1]["truncated_bytes"] == {"k" * 63 + "…": 4000}
+
+
+# -- one look per message ------------------------------------------------------------------
+
+
+class _Counting:
+    """A Redactor that counts the calls of `redact` (one scan per string)."""
+
+    def __init__(self, redactor: Any) -> None:
+        self._redactor = redactor
+        self.redacts = 0
+
+    def redact(self, text: str) -> Any:
+        self.redacts += 1
+        return self._redactor.redact(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redactor, name)
+
+
+_TRACEBACK = ["\x1b[0;31m" + "-" * 75 + "\x1b[0m",
+              "\x1b[0;31mKeyError\x1b[0m                  Traceback (most recent call last)",
+              "Cell \x1b[0;32mIn[3], line 1\x1b[0m\n\x1b[0;32m----> 1\x1b[0m df['amount']",
+              "File \x1b[0;32m/opt/conda/lib/python3.11/site-packages/pandas/core/frame.py:4102"
+              "\x1b[0m\n   4100 \x1b[0;34m\x1b[0m\n\x1b[0;32m-> 4102\x1b[0m indexer = get_loc(key)",
+              "\x1b[0;31mKeyError\x1b[0m: 'amount'"]
+
+
+def test_a_message_with_nothing_to_redact_is_only_normalised_not_scanned_per_string() -> None:
+    """The agent sends normalised text: an ANSI-coloured traceback with nothing to redact is
+    normalised string by string after one scan of the whole message, not scanned again per
+    string; one with a secret still is, and loses it."""
+    policy = agent()
+    counting = _Counting(build_redactor(policy, env={}))
+    f = OutputFilter(policy, counting, audit=None, nonce=NONCE)
+    content, _ = run(f, "error", {"ename": "KeyError", "evalue": "'amount'",
+                                  "traceback": _TRACEBACK})
+    assert content["traceback"] == [normalise(line) for line in _TRACEBACK]
+    assert "\x1b" not in json.dumps(content) and counting.redacts == 0
+    content, _ = run(f, "error", {"ename": "KeyError", "evalue": f"'{AKIA}'",
+                                  "traceback": [*_TRACEBACK, f"\x1b[0;31mKeyError\x1b[0m: {AKIA}"]})
+    assert AKIA not in json.dumps(content) and counting.redacts > 0
+    assert content["traceback"][-1] == "KeyError: [REDACTED:aws-access-key-id]"
+
+
+_MESSAGE_PIECES = ["\x1b[0;31m", "\x1b[0m", "\r", "\b", "\n", " ", "x", "\u00e9", "\uff41",
+                   "\u200b", AKIA, AKIA[:8], "jane@example.com", "%41", "ghp%5F", "=", "k"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_MESSAGE_PIECES), max_size=12), min_size=1,
+                max_size=6), st.sampled_from(["agent", "analyst"]))
+def test_one_look_per_message_sends_what_string_by_string_sends(
+        pieces: list[list[str]], profile: str) -> None:
+    texts = ["".join(p) for p in pieces]
+    policy = load_policy().profile(profile).output.model_copy(update={"max_text": 200})
+    message = {"ename": texts[0], "evalue": texts[-1], "traceback": texts}
+    one = OutputFilter(policy, build_redactor(policy, env={}), audit=None, nonce=NONCE)
+    each = OutputFilter(policy, build_redactor(policy, env={}), audit=None, nonce=NONCE)
+    each._survey = lambda obj, bundle=False: None  # type: ignore[method-assign]
+    assert run(one, "error", message) == run(each, "error", message)

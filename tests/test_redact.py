@@ -877,3 +877,25 @@ def test_a_window_start_is_not_a_word_boundary() -> None:
     result = r.redact(text)
     assert token in result.text and "[REDACTED:generic-secret]" in result.text
     assert r.redact(" " + token + filler + assignment).text.count("[REDACTED:") == 2
+
+
+def _carriage_returns_reference(text: str) -> str:
+    """Every line's writes overlaid one after the other, as a terminal does."""
+    out = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        segments = line.split("\r")
+        shown = segments[0]
+        for segment in segments[1:]:
+            shown = segment if len(segment) >= len(shown) else segment + shown[len(segment):]
+        out.append(shown)
+    return "\n".join(out)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(["\r", "\r", "\n", "\r\n", "a", "bc", "def", "ghij" * 3,
+                                 "\u00e9", "\u2588"]), max_size=40))
+def test_carriage_returns_rendered_as_writes_overlaid(pieces: list[str]) -> None:
+    from cellblock.redact.normalise import _render_carriage_returns
+
+    text = "".join(pieces)
+    assert _render_carriage_returns(text) == _carriage_returns_reference(text)

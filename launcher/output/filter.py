@@ -73,6 +73,7 @@ class OutputFilter:
         self.cells: dict[str, CellStreams] = {}
         self._changed = False
         self._quiet = False  # every string of the message part being walked is left as it is
+        self._clean_only = False  # ... or only normalised and capped: nothing to redact in it
         self._findings: list[Any] = []  # of the message being filtered
         self._msg: CellReport | None = None  # what else happened to it
         self._reports: dict[str, CellReport] = {}  # per parent msg_id, until its flush
@@ -93,8 +94,9 @@ class OutputFilter:
         # Strict (no NaN, duplicate keys, lone surrogates, UTF-16, non-objects): the original
         # bytes are forwarded when nothing changes, so they must mean what was scanned.
         content = load_object(content_bytes, "content")
-        self._quiet = msg_type != "stream" and self._untouched(
-            content, msg_type in _BUNDLE_TYPES)
+        self._quiet = self._clean_only = False
+        if msg_type != "stream":
+            self._survey(content, msg_type in _BUNDLE_TYPES)
         if msg_type == "stream":
             held = self._stream(parent_id, content)
             if held:
@@ -117,12 +119,12 @@ class OutputFilter:
             before = self._changed
             self._changed = False
             metadata = load_object(metadata_bytes, "metadata")
-            self._quiet = self._untouched(metadata)
+            self._survey(metadata)
             metadata = self._walk(metadata, "metadata")
             if self._changed:
                 metadata_out = _dump(metadata)
             self._changed = self._changed or before
-        self._quiet = False
+        self._quiet = self._clean_only = False
         self._report(parent_id, msg_type)
         if not self._changed:
             return content_bytes if metadata_out is metadata_bytes else (content_bytes,
@@ -188,12 +190,14 @@ class OutputFilter:
             content.update({"name": name, "text": out})
         return False
 
-    def _untouched(self, obj: Any, bundle: bool = False) -> bool:
-        """True when no string in `obj` (keys included) would change: none needs a cap, and
-        the redactor finds nothing to redact (nor to normalise, if the profile sends the
-        normalised text) in all of them at once (`Redactor.untouched`: one scan for the
-        message instead of one per string). In a `bundle` message, the images of its
-        ``data`` are left out, as filter_bundle leaves them unscanned (R20)."""
+    def _survey(self, obj: Any, bundle: bool = False) -> None:
+        """Set how the strings of `obj` (keys included) are walked, from one look at them all
+        instead of one scan per string: `_quiet` when none would change (none needs a cap, the
+        redactor finds nothing to redact in any, nor to normalise if the profile sends the
+        normalised text), `_clean_only` when there is nothing to redact but something to
+        normalise (`Redactor.survey`). In a `bundle` message, the images of its ``data`` are
+        left out, as filter_bundle leaves them unscanned (R20)."""
+        self._quiet = self._clean_only = False
         strings: list[str] = []
         data = obj.get("data") if bundle else None
         if type(data) is dict and any(_is_image(k) for k in data):
@@ -201,14 +205,18 @@ class OutputFilter:
                                    for k, v in data.items()}}
         _strings(obj, strings)
         if not strings:
-            return True
+            self._quiet = True
+            return
         if max(map(len, strings)) * 4 > self.policy.max_text:
-            return False  # cap_text may have something to cut
+            return  # cap_text may have something to cut: every string on its own
         if self.redactor is None:
             joined = "\n".join(strings)
-            return not self.policy.normalise or normalise(joined) is joined
+            self._quiet = not self.policy.normalise or normalise(joined) is joined
+            return
+        clean, normalised = self.redactor.survey(strings)
         # Without `normalise` a string is sent as it came unless something is redacted in it.
-        return bool(self.redactor.untouched(strings, self.policy.normalise))
+        self._quiet = clean and (normalised or not self.policy.normalise)
+        self._clean_only = clean
 
     def _clean(self, text: str, what: str) -> str:
         """`text` redacted (normalised, if the profile says so) and capped; `what` names it in
@@ -217,7 +225,7 @@ class OutputFilter:
         if self._quiet:
             return text
         out = text
-        if self.redactor is not None:
+        if self.redactor is not None and not self._clean_only:
             result = self.redactor.redact(text)
             if result.findings:
                 self._findings.extend(result.findings)

@@ -251,36 +251,44 @@ class Redactor:
         """True when `redact` would find nothing in any of `texts`, as one scan of them all
         can tell (no candidate at all, nor in the decoded view of percent or ``\\u``
         escapes), and, with `normalised`, when each is already normalised too. False does not
-        mean a finding. The output filter calls this once per message instead of `redact` once
-        per string.
+        mean a finding. `survey` says both apart.
+        """
+        if normalised and _may_change(texts):
+            return False  # normalising removes ESC, CR and BS: the text would change
+        clean, same = self.survey(texts)
+        return clean and (same or not normalised)
+
+    def survey(self, texts: list[str]) -> tuple[bool, bool]:
+        """(``clean``, ``normalised``): ``clean`` when `redact` would find nothing in any of
+        `texts`, as one scan of them all can tell (no candidate at all, nor in the decoded
+        view of percent or ``\\u`` escapes; False does not mean a finding), and
+        ``normalised`` when each is already normalised. The output filter calls this once per
+        message instead of `redact` once per string: a clean message is sent as it is, or
+        (if the profile sends normalised text) each string normalised, never scanned again.
 
         The texts are scanned joined by line feeds: a line feed is a boundary for every pattern
         (not a word character, not base64, not a URL character), so a hit in any one of them
-        is a hit in the joined text. When they need normalising (and the caller does not
-        require them normalised), they are joined by ESC LF and normalised together, which
-        gives the same as normalising each (`JOIN_FOR_NORMALISE`).
+        is a hit in the joined text. When they need normalising, they are joined by ESC LF and
+        normalised together, which gives the same as normalising each (`JOIN_FOR_NORMALISE`).
         """
         text = "\n".join(texts)
-        if "\x1b" in text or "\r" in text or "\b" in text or "\x9b" in text:
-            if normalised:
-                return False  # normalising removes each of these: the text would change
+        if _may_change(texts, text):
+            same = False  # normalising removes each of ESC, CR, BS: the text changes
             text = normalise(JOIN_FOR_NORMALISE.join(texts))
         else:  # only NFKC and Cf removal can change it, which a line feed stops as ESC LF does
             folded = normalise(text)
-            if folded is not text:
-                if normalised:
-                    return False
-                text = folded
+            same = folded is text
+            text = folded
         if len(text) < self._scanner.min_len:
-            return True
+            return True, same
         data = scan_bytes(text)
         escapes = self._scanner.quiet(data, _ESCAPE_KINDS)
         if escapes is None:
-            return False
+            return False, same
         if not escapes or self._decoded is None:
-            return True
+            return True, same
         return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
-                                  UESCAPE_ANY in escapes)
+                                  UESCAPE_ANY in escapes), same
 
     def release(self, text: str) -> tuple[RedactResult, str]:
         """Normalise `text`, redact what can be released now and return it with the rest.
@@ -350,6 +358,12 @@ class Redactor:
             return []
         found = _detect(self._scanner, self._decoded, text, scan_bytes(text))
         return _merge(found)
+
+
+def _may_change(texts: list[str], joined: str | None = None) -> bool:
+    """True when normalising changes some text for sure: it holds ESC, CR, BS or CSI."""
+    text = "\n".join(texts) if joined is None else joined
+    return "\x1b" in text or "\r" in text or "\b" in text or "\x9b" in text
 
 
 @functools.lru_cache(maxsize=16)

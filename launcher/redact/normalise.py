@@ -219,10 +219,17 @@ def _render_carriage_returns(text: str) -> str:
         end = len(text) if end < 0 else end
         segments = text[start:end].split("\r")
         shown = segments[-1]
-        if len(shown) < max(map(len, segments)):  # a shorter last write: overlay them all
-            shown = segments[0]
-            for segment in segments[1:]:
-                shown = segment if len(segment) >= len(shown) else segment + shown[len(segment):]
+        longest = max(map(len, segments))
+        if len(shown) < longest:  # a shorter last write: earlier ones show past its end
+            parts = [shown]
+            covered = len(shown)
+            for i in range(len(segments) - 2, -1, -1):  # the latest write reaching further
+                if len(segments[i]) > covered:
+                    parts.append(segments[i][covered:])
+                    covered = len(segments[i])
+                    if covered == longest:
+                        break
+            shown = "".join(parts)
         out.append(text[pos:start])
         out.append(shown)
         pos = end
