@@ -26,7 +26,14 @@ from test_lifecycle import run_cell
 from cellblock.rundir import RunDir
 from cellblock.wardens import SpawnerClient, warm
 
-from conftest import TEST_POLICY, audit_events, jail_processes, wait_for
+from conftest import (
+    TEST_POLICY,
+    audit_events,
+    free_port,
+    jail_processes,
+    jupyter_app,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no_leftovers")]
 
@@ -241,17 +248,14 @@ async def test_jupyter_server_fills_the_pool_at_start(tmp_path: Path,
     import json
     import uuid
 
-    from test_server import free_port
     from tornado.httpclient import AsyncHTTPClient
 
     port, token = free_port(), uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
-         f"--ServerApp.root_dir={tmp_path}", "--ServerApp.jpserver_extensions=cellblock=True",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    argv = [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={tmp_path}", "--ServerApp.jpserver_extensions=cellblock=True",
+            *(["--allow-root"] if os.geteuid() == 0 else [])]
     base = Path(os.environ["CELLBLOCK_RUNTIME_DIR"])
 
     def pooled() -> list[str]:
@@ -261,22 +265,17 @@ async def test_jupyter_server_fills_the_pool_at_start(tmp_path: Path,
 
     http = AsyncHTTPClient()
     try:
-        assert wait_for(lambda: len(pooled()) == 2 or proc.poll() is not None, timeout=120)
-        assert proc.poll() is None and len(pooled()) == 2, "the pool did not fill at start"
-        auth = {"Authorization": f"token {token}"}
-        resp = await http.fetch(f"http://127.0.0.1:{port}/api/kernels", method="POST",
-                                headers=auth, body=json.dumps({"name": "cellblock-pooled"}))
-        kernel_id = json.loads(resp.body)["id"]
-        record = next(r for e in base.iterdir()
-                      if (r := RunDir(base, e.name).read_record()) and r.kernel_id == kernel_id)
-        assert record.slot.startswith("pool-")
-        await http.fetch(f"http://127.0.0.1:{port}/api/kernels/{kernel_id}", method="DELETE",
-                         headers=auth)
+        with jupyter_app(argv, port, token, tmp_path, "jupyter-server"):
+            assert wait_for(lambda: len(pooled()) == 2, timeout=120), "the pool did not fill"
+            auth = {"Authorization": f"token {token}"}
+            resp = await http.fetch(f"http://127.0.0.1:{port}/api/kernels", method="POST",
+                                    headers=auth, body=json.dumps({"name": "cellblock-pooled"}))
+            kernel_id = json.loads(resp.body)["id"]
+            record = next(r for e in base.iterdir()
+                          if (r := RunDir(base, e.name).read_record())
+                          and r.kernel_id == kernel_id)
+            assert record.slot.startswith("pool-")
+            await http.fetch(f"http://127.0.0.1:{port}/api/kernels/{kernel_id}",
+                             method="DELETE", headers=auth)
     finally:
         http.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
