@@ -250,6 +250,30 @@ def test_benign_output_unchanged() -> None:
     assert stream_out(f, [text]) == text
 
 
+@pytest.mark.parametrize("profile", ["agent", "analyst"])
+def test_exact_secrets_split_across_stream_messages(profile: str) -> None:
+    """The exact secrets' own database catches them in pieces as one database did: raw,
+    base64 (three alignments, both alphabets), hex and percent-encoded, in two halves and one
+    character per message."""
+    import base64
+    import urllib.parse
+
+    secret = "op-registered/value+9f3k2=x"
+    policy = load_policy().profile(profile).output.model_copy(update={"redact_env": ("TOK",)})
+    raw = secret.encode()
+    forms = [secret, raw.hex(), urllib.parse.quote(secret, safe="")]
+    for prefix in (b"", b"a", b"ab"):
+        forms += [base64.b64encode(prefix + raw).decode(),
+                  base64.urlsafe_b64encode(prefix + raw).decode()]
+    for n, form in enumerate(forms):
+        for pieces in ([f"v={form[:len(form) // 2]}", f"{form[len(form) // 2:]} ok\n"],
+                       list(f"v={form} ok\n")):
+            f = OutputFilter(policy, build_redactor(policy, env={"TOK": secret}), nonce=NONCE)
+            seen = stream_out(f, pieces, parent=f"p{n}")
+            assert "[REDACTED:operator-secret" in seen, (form, pieces[:2])
+            assert form not in seen and form[:12] not in seen and form[-12:] not in seen, form
+
+
 def test_compiled_rules_cached_but_never_exact_secrets(tmp_path, monkeypatch) -> None:
     from cellblock.redact import Redactor, engine
 
