@@ -62,9 +62,11 @@ def test_faults_short(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(400)
 def test_load_short(tmp_path: Path) -> None:
-    """8 kernels for 35 s of mixed work: every output exact, the gate answers, nothing
-    leaks, and the client holds no more descriptors after than before."""
-    report = run_script("load", ["--kernels", "8", "--seconds", "35"], tmp_path, 380)
+    """8 kernels started and stopped twice, then 35 s of mixed work: every output exact,
+    the gate answers, nothing leaks, and the client holds no more descriptors after than
+    before (nor after each start/stop cycle)."""
+    report = run_script("load", ["--kernels", "8", "--seconds", "35", "--churn", "2"],
+                        tmp_path, 380)
     assert report["findings"] == [], report["findings"]
     assert report["kernels_run"] == 8
     assert set(report["cells"]) == {"1+1", "print", "error", "table", "interrupt", "secret",
@@ -72,6 +74,8 @@ def test_load_short(tmp_path: Path) -> None:
     assert report["kernel_info"]["n"] > 10, report["kernel_info"]
     assert report["client"]["stopped"]["fds"] <= report["client"]["before"]["fds"], \
         report["client"]
+    churn = [c["fds"] for c in report["client"]["churn"]]
+    assert len(churn) == 2 and churn[1] <= churn[0], report["client"]
 
 
 def nsjail_of(warden_pid: int) -> int:

@@ -88,6 +88,9 @@ class Kernel:
         self.kc: Any = None
         self.cells: collections.Counter[str] = collections.Counter()
         self.control = asyncio.Lock()  # one control round trip at a time
+        self.executions = 0  # since the last (re)start, against the profile's budgets
+        self.output = 0
+        self.restarts = 0
 
     async def start(self) -> float:
         from jupyter_client.manager import AsyncKernelManager
@@ -100,6 +103,14 @@ class Kernel:
         await self.kc.wait_for_ready(timeout=120)
         return time.monotonic() - t0
 
+    async def restart(self) -> None:
+        """jupyter_client's restart (a new warden and jail on the same ports)."""
+        async with self.control:
+            await self.km.restart_kernel(now=False)
+            await self.kc.wait_for_ready(timeout=120)
+        self.executions = self.output = 0
+        self.restarts += 1
+
     async def stop(self) -> None:
         if self.kc is not None:
             self.kc.stop_channels()
@@ -110,6 +121,7 @@ class Kernel:
                   timeout: float = 180) -> dict[str, Any]:
         """Execute ``code``; gather stdout, stderr, results and errors until the reply."""
         msg_id = self.kc.execute(code)
+        self.executions += 1
         out: dict[str, Any] = {"stdout": "", "stderr": "", "results": [], "errors": [],
                                "status": None}
         end = time.monotonic() + timeout
@@ -134,6 +146,7 @@ class Kernel:
             reply = await self._next(self.kc.get_shell_msg, end, code)
             if reply["parent_header"].get("msg_id") == msg_id:
                 out["status"] = reply["content"]["status"]
+        self.output += len(out["stdout"]) + len(out["stderr"]) + len(str(out["results"]))
         return out
 
     async def _next(self, get: Any, end: float, code: str) -> dict[str, Any]:
@@ -264,6 +277,7 @@ class Load:
         self.aborted = 0  # cells ipykernel aborted right after an error, sent again
         self.trace = False  # --tracemalloc: where the client's memory grew
         self.churn_cycles = 0  # --churn: start/stop cycles before the load
+        self.restarts = 0  # kernels restarted near a budget during the load
         self.snapshots: list[tracemalloc.Snapshot] = []
         self.kernels_done: list[tuple[int, str, dict[str, int]]] = []
 
@@ -307,7 +321,8 @@ class Load:
     async def drive(self, k: Kernel, end: float) -> None:
         from cellblock.policy import load_policy
 
-        out_policy = load_policy().profile(k.profile).output
+        profile = load_policy().profile(k.profile)
+        out_policy, budgets = profile.output, profile.budgets
         rng = random.Random(self.rng.random())
         exact_env = EXACT_ENV in out_policy.redact_env
         last = "ok"
@@ -316,6 +331,11 @@ class Load:
                                           exact_env):
                 t0 = time.monotonic()
                 try:
+                    # A kernel near its executions or output budget is restarted first (the
+                    # budget would refuse cells or stop it, as it should).
+                    if (budgets.executions and k.executions >= budgets.executions - 5) or \
+                            (budgets.output_bytes and k.output >= budgets.output_bytes * 0.7):
+                        await k.restart()
                     out = await k.run(code, interrupt_on="sleeping" if name == "interrupt"
                                       else "")
                     if out["status"] == "aborted" and last == "error":
@@ -417,6 +437,7 @@ class Load:
         # the same state as the baseline: the spawner and its warm pool, no kernel
         self.stats["stopped"] = proc_stats(os.getpid())
         self.kernels_done = [(k.index, k.profile, dict(k.cells)) for k in self.kernels]
+        self.restarts = sum(k.restarts for k in self.kernels)
         self.kernels = []
         gc.collect()
         if self.trace:
@@ -497,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                           "max": round(max(run.start_seconds, default=0), 2)},
         "client": run.stats, "leak_checks_during": run.checks,
         "aborted_after_error_resent": run.aborted,
+        "restarts_near_budget": run.restarts,
         "memory_growth": growth(run.snapshots),
         "findings": run.findings, "load_average_end": os.getloadavg(), "env": str(env.top),
     }
