@@ -232,8 +232,8 @@ class OutputFilter:
                 out = str(result.text)
             elif self.policy.normalise:
                 out = str(result.text)
-        elif self.policy.normalise:
-            out = normalise(text)
+        elif self.policy.normalise:  # the redactor's normalise, so a benchmark counts it there
+            out = normalise(text) if self.redactor is None else self.redactor.normalise(text)
         out, cut = cap_text(out, self.policy.max_text, self.nonce, what)
         if cut:
             report = self._current()
