@@ -193,7 +193,8 @@ class Warden:
 
     def _probe_kernel(self) -> None:
         """One kernel_info round trip on the kernel's shell socket, signed with the kernel
-        key; raises JailStartError if the kernel does not answer in its startup time."""
+        key; raises JailStartError if the kernel does not answer in its startup time, or
+        as soon as its jail has ended."""
         import zmq
 
         from .gate.wire import DELIM, Signer
@@ -213,6 +214,12 @@ class Warden:
             deadline = self._started + self.profile.startup_timeout
             while not sock.poll(50):
                 self._check_stopped()
+                assert self.proc is not None
+                if self.proc.poll() is not None:  # it will never answer: say so at once
+                    raise JailStartError(
+                        f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited "
+                        f"during start with status {self.proc.returncode}; its last output:"
+                        f"\n{self.output_tail()}")
                 if time.monotonic() > deadline:
                     raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
                                          "within the profile's startup_timeout")

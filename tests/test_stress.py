@@ -22,9 +22,10 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from test_lifecycle import run_cell
 
+from cellblock.rundir import RunDir
 from cellblock.wardens import SpawnerClient, warm
 
-from conftest import REPO, audit_events, wait_dead
+from conftest import REPO, TEST_POLICY, audit_events, wait_dead, wait_for
 
 pytestmark = [pytest.mark.jail, pytest.mark.nonroot]
 
@@ -269,3 +270,65 @@ async def test_run_dir_of_a_warden_killed_before_its_record(jupyter_env: dict[st
         kc.stop_channels()
         await km.shutdown_kernel(now=False)
     assert not run.exists()
+
+
+def _pool_slot_in_probe(base: Path) -> tuple[Path, int] | None:
+    """A pooled kernel that has bound its five sockets (so its warden is probing it, or
+    has): its run dir and the kernel's pid."""
+    for entry in base.iterdir() if base.is_dir() else []:
+        if not entry.name.startswith("pool-"):
+            continue
+        record = RunDir(base, entry.name).read_record()
+        if record is None or not record.nsjail_pid:
+            continue
+        if not all((entry / "ipc" / f"k-{p}").exists() for p in range(1, 6)):
+            continue
+        kernels = _children_of(record.nsjail_pid, b"cellblock_kernel")
+        if kernels:
+            return entry, kernels[0]
+    return None
+
+
+def _state(base: Path, slot: str) -> str:
+    record = RunDir(base, slot).read_record()
+    return record.state if record is not None else ""
+
+
+async def test_pooled_kernel_dying_while_probed(jupyter_env: dict[str, str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                no_leftovers: None) -> None:
+    """Found by faults.py (a pooled kernel killed while the pool refilled): a pooled
+    warden whose kernel died after binding its sockets, before answering the warden's
+    kernel_info, waited for that answer until the profile's startup_timeout (60 s) and
+    held its pool slot meanwhile. Here the kernel is stopped once its sockets exist (so
+    it cannot answer), then killed; the startup_timeout is 600 s, and the warden must be
+    gone long before it."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(TEST_POLICY.replace("warm_pool = 2", "warm_pool = 1\n"
+                                          "startup_timeout = 600"))
+    monkeypatch.setenv("CELLBLOCK_POLICY", str(policy))
+    base = Path(jupyter_env["CELLBLOCK_RUNTIME_DIR"])
+    client = SpawnerClient.instance()
+    try:
+        for _ in range(5):  # until the kernel is caught before it answered
+            assert client.pool({"profile": "pooled", "env": dict(os.environ)})["ok"]
+            found = wait_for(lambda: _pool_slot_in_probe(base), timeout=60, interval=0.001)
+            assert found, "no pooled kernel bound its sockets"
+            run, kernel = found
+            os.kill(kernel, signal.SIGSTOP)
+            record = RunDir(base, run.name).read_record()
+            if not wait_for(lambda run=run: _state(base, run.name) == "pooled", timeout=2):
+                break
+            os.kill(kernel, signal.SIGCONT)  # it answered in time: empty the pool, again
+            assert warm("pooled", size=0)["size"] == 0
+            assert wait_for(lambda: not any(base.glob("pool-*")), timeout=30)
+        else:
+            pytest.fail("never caught a pooled kernel between its sockets and its answer")
+        assert record is not None
+        os.kill(kernel, signal.SIGKILL)
+        warden = record.warden_pid
+        assert wait_for(lambda: not Path(f"/proc/{warden}").exists() or Path(
+            f"/proc/{warden}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z",
+            timeout=60), "the pooled warden still waits for its dead kernel"
+    finally:
+        assert warm("pooled", size=0)["size"] == 0
