@@ -116,6 +116,7 @@ class RunDir:
     def __init__(self, base: Path, kernel_id: str) -> None:
         self.path = base / kernel_id
         self.kernel_id = kernel_id
+        self.created = False  #: create() made the directory (it was not there before)
 
     @property
     def ipc(self) -> Path:
@@ -135,6 +136,7 @@ class RunDir:
                 f"${RUNTIME_ENV} to a shorter directory"
             )
         self.path.mkdir(mode=0o711)
+        self.created = True
         (self.path / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}\n")
         self.ipc.mkdir(mode=0o700)
         if os.geteuid() == 0:  # the one host directory the jail writes: keep it tiny

@@ -780,7 +780,8 @@ class Warden:
         if self.datasets is not None:
             self.datasets.close_staged()
             self.datasets.broker.close()
-        self.run.remove()
+        if self.run.created:  # never a run dir that was there before (another warden's)
+            self.run.remove()
         counted = {k: v for k, v in self.drops.items() if v > 100}
         if counted:
             self.audit.write("gate.drop_counts", counts=counted)

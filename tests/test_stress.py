@@ -332,3 +332,33 @@ async def test_pooled_kernel_dying_while_probed(jupyter_env: dict[str, str], tmp
             timeout=60), "the pooled warden still waits for its dead kernel"
     finally:
         assert warm("pooled", size=0)["size"] == 0
+
+
+async def test_failed_start_leaves_a_live_kernels_run_dir_alone(
+        jupyter_env: dict[str, str], no_leftovers: None) -> None:
+    """Seen while looking into the faults.py findings above: a warden whose run dir
+    already existed (FileExistsError: another warden, alive, holds that kernel id)
+    removed that run dir in its cleanup, as if it were its own. Here the run dir names a
+    live warden (this process); the start fails, and the run dir must still be there."""
+    import dataclasses
+    import uuid
+
+    from cellblock.errors import JailStartError
+    from cellblock.rundir import WardenRecord, process_start, runtime_base
+
+    kernel_id = str(uuid.uuid4())
+    run = RunDir(runtime_base(), kernel_id)
+    run.path.mkdir(parents=True)
+    record = WardenRecord(kernel_id=kernel_id, profile="agent", warden_pid=os.getpid(),
+                          jail_uid=os.getuid(), cgroup_version=None, cgroup_parent="",
+                          started=time.time(), client_ports={}, slot=kernel_id,
+                          warden_start=process_start(os.getpid()) or 0)
+    run.write_record(dataclasses.replace(record))
+    try:
+        km = AsyncKernelManager(kernel_name="cellblock-agent")
+        with pytest.raises(JailStartError, match="File exists"):
+            await km.start_kernel(kernel_id=kernel_id)
+        await km.cleanup_resources()
+        assert run.read_record() == record, "the failed warden removed a live kernel's run dir"
+    finally:
+        run.remove()
