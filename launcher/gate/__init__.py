@@ -3,6 +3,8 @@
 Who calls it: the warden (one Gate per kernel). Modules, one concern each:
 
 - :mod:`cellblock.gate.wire`: frame layout, HMAC sign/verify, strict header JSON.
+- :mod:`cellblock.gate.connection`: caps (GateLimits), addresses and signers of a
+  connection, and the warden's kernel_info probe of a pooled kernel.
 - :mod:`cellblock.gate.tracker`: msg_type allowlists and the open-request state machine.
 - :mod:`cellblock.gate.replay`: the bounded replay window over kernel msg_ids.
 - :mod:`cellblock.gate.rules`: the output-rule seam (truncation, redaction plug in here).

@@ -44,13 +44,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import zmq
 
+from cellblock.gate.connection import GateLimits, address, signer
 from cellblock.gate.observe import Observed, Observer
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules, tick_rules
@@ -65,7 +65,6 @@ from cellblock.gate.tracker import (
 )
 from cellblock.gate.wire import (
     DELIM,
-    SIGNATURE_SCHEME,
     Dropped,
     Signer,
     check,
@@ -86,53 +85,6 @@ _HB_MAX_BYTES = 4096
 _HB_MAX_PENDING = 256
 _EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
 _NOT_OUTPUT = frozenset({"status", "execute_input"})  # not charged to an output budget
-
-
-@dataclass(frozen=True, slots=True)
-class GateLimits:
-    """Caps on what the gate accepts. Defaults suit a notebook kernel."""
-
-    max_frame_bytes: int = 64 * 1024 * 1024  #: zmq.MAXMSGSIZE: a bigger frame disconnects the peer
-    max_frames: int = 64  #: frames per multipart, idents and buffers included
-    max_header_bytes: int = 64 * 1024  #: header and parent_header frames each
-    replay_window: int = 65536  #: kernel msg_ids remembered (P4)
-    max_buffer_bytes: int = 16 * 1024 * 1024  #: total buffer bytes on one comm message
-    max_open_requests: int = 1024  #: requests tracked at once; the oldest is evicted past this
-    #: zmq.RCVHWM on kernel-facing sockets (messages). It bounds what the gate buffers when
-    #: a kernel floods faster than it relays: about kernel_rcvhwm x message size per socket
-    #: (a 1 MiB-message flood held 1 GiB at 1000). Beyond it the kernel's own queue fills
-    #: (its memory, in its cgroup) and its PUB drops.
-    kernel_rcvhwm: int = 16
-    linger_ms: int = 1000  #: how long close() waits to flush client-facing sockets
-
-    def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(
-                    f"cellblock gate: GateLimits.{name} must be an int >= 1, got {value!r}"
-                )
-        if self.max_frames < 6:
-            raise ValueError(
-                f"cellblock gate: GateLimits.max_frames must be at least 6 (a message without "
-                f"idents has 6 frames), got {self.max_frames}"
-            )
-
-
-def _address(conn: Mapping[str, Any], port: int) -> str:
-    transport = conn.get("transport", "tcp")
-    if transport == "tcp":
-        return f"tcp://{conn['ip']}:{port}"
-    if transport == "ipc":
-        return f"ipc://{conn['ip']}-{port}"
-    raise ValueError(f"cellblock gate: transport {transport!r} is not tcp or ipc")
-
-
-def _signer(conn: Mapping[str, Any], side: str) -> Signer:
-    scheme = conn.get("signature_scheme", SIGNATURE_SCHEME)
-    if scheme != SIGNATURE_SCHEME:
-        raise ValueError(f"cellblock gate: {side} signature_scheme {scheme!r} is not hmac-sha256")
-    return Signer(conn["key"])
 
 
 def _without_stdin(parts: list[bytes]) -> list[bytes]:
@@ -163,8 +115,8 @@ class Gate:
     ) -> None:
         self._client_conn = dict(client)
         self._kernel_conn = dict(kernel)
-        self._client_signer = _signer(client, "client")
-        self._kernel_signer = _signer(kernel, "kernel")
+        self._client_signer = signer(client, "client")
+        self._kernel_signer = signer(kernel, "kernel")
         self._limits = limits or GateLimits()
         self._rules = tuple(rules)
         self._audit = audit
@@ -243,7 +195,7 @@ class Gate:
                     sock.setsockopt(zmq.SUBSCRIBE, b"")
                 else:  # ipykernel routes input_request to the shell identity: stdin must match
                     sock.setsockopt(zmq.IDENTITY, self._identity)
-                endpoint = _address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"]))
+                endpoint = address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"]))
                 self._endpoints[name] = endpoint
                 sock.connect(endpoint)
                 self._monitors[name] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -344,7 +296,7 @@ class Gate:
         if port == 0 and self._client_conn.get("transport", "tcp") == "tcp":
             self._client_conn[key] = sock.bind_to_random_port(f"tcp://{self._client_conn['ip']}")
         else:
-            sock.bind(_address(self._client_conn, port))
+            sock.bind(address(self._client_conn, port))
 
     # ----------------------------------------------------------- the loop thread
 
