@@ -58,8 +58,7 @@ class WardenProcess:
         if self.returncode is not None:
             return
         if b"\n" not in self._buf:
-            ready, _, _ = select.select([self._sock], [], [], timeout)
-            if not ready:
+            if not _readable(self._sock, timeout):
                 return
             try:
                 chunk = self._sock.recv(4096)
@@ -243,6 +242,14 @@ class SpawnerClient:
         return status or {"ok": False, "error": "no answer"}
 
 
+def _readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Wait until ``sock`` is readable (or ``timeout`` seconds). poll(), not select(): a
+    server with a few hundred kernels holds descriptors past select()'s 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(None if timeout is None else max(0, timeout) * 1000))
+
+
 def _has_fd(stream: Any) -> bool:
     try:
         stream.fileno()
@@ -265,8 +272,7 @@ def _read_status(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | 
         left = deadline - time.monotonic()
         if left <= 0:
             return None, b""
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
+        if not _readable(sock, left):
             return None, b""
         try:
             chunk = sock.recv(65536)

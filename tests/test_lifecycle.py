@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import queue
+import resource
 import socket
 import subprocess
 import sys
@@ -348,6 +349,34 @@ async def test_no_stdin_profile_refuses_input_at_once(
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=False)
+
+
+async def test_a_client_holding_many_descriptors_starts_kernels(
+    jupyter_env: dict[str, str], no_leftovers: None,
+) -> None:
+    """A server with a few hundred kernels holds descriptors past 1024, where select()
+    fails: the provisioner's launch socket there must still work (found by the capacity
+    benchmark at ~150 kernels)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard RLIMIT_NOFILE is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    ballast = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    km = AsyncKernelManager(kernel_name="cellblock-agent")
+    try:
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            assert (await run_cell(kc, "1 + 1"))["results"] == [{"text/plain": "2"}]
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=False)
+    finally:
+        for fd in ballast:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_two_clients_see_iopub(kernel: tuple[AsyncKernelManager, Any]) -> None:
