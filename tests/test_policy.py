@@ -103,6 +103,7 @@ def test_builtin_profiles(operator) -> None:
         "allow_stdin": False,
         "allowed_requests": AGENT_REQUESTS,
         "startup_timeout": 60.0,
+        "warm_pool": 0,
         "datasets": (),
         "default_datasets": (),
         "enabled": True,
