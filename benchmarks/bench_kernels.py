@@ -111,7 +111,10 @@ async def until_idle(kc: Any, msg_id: str) -> int:
 
 
 async def settle(kc: Any) -> None:
-    """Drain what the start left on iopub (status, welcome) before timing anything."""
+    """Before timing anything: make sure the client's iopub subscription is live (as
+    jupyter_client's wait_for_ready does; a cell run before that may lose its idle to
+    ZMQ's slow joiner, with a plain kernel as with cellblock), then run one cell."""
+    await kc.wait_for_ready(timeout=120)
     await until_idle(kc, kc.execute("0"))
 
 
@@ -122,50 +125,70 @@ async def stop(km: AsyncKernelManager, kc: Any) -> None:
 
 # -- figures ------------------------------------------------------------------------------
 
-async def starts(make: Callable[[], AsyncKernelManager], runs: int,
-                 between: Callable[[], Any] | None = None) -> dict[str, Any]:
-    times = []
+Maker = Callable[[], AsyncKernelManager]
+
+
+async def starts(makers: dict[str, Maker], runs: int,
+                 between: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """Start and stop one kernel of each case in turn, ``runs`` times (interleaved, so
+    that a machine that slows down or speeds up meanwhile affects every case alike)."""
+    times: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(runs):
-        if between is not None:
-            between()
-        km = make()
-        kc, dt = await first_reply(km)
-        times.append(dt)
-        await stop(km, kc)
-    return {"start_s": statistics.median(times), "start_all_s": times}
+        for name, make in makers.items():
+            if between is not None:
+                between()
+            km = make()
+            kc, dt = await first_reply(km)
+            times[name].append(dt)
+            await stop(km, kc)
+    return times
 
 
-async def round_trips(make: Callable[[], AsyncKernelManager], kernels: int,
-                      per_kernel: int) -> dict[str, Any]:
-    times = []
-    for _ in range(kernels):
+async def open_kernels(makers: dict[str, Maker]) -> dict[str, tuple[AsyncKernelManager, Any]]:
+    out = {}
+    for name, make in makers.items():
         km = make()
         kc, _ = await first_reply(km)
-        try:
-            await settle(kc)
-            for _ in range(per_kernel):
-                t = time.perf_counter()
-                await until_idle(kc, kc.execute("1+1"))
-                times.append(time.perf_counter() - t)
-        finally:
-            await stop(km, kc)
-    return {"rt_ms": statistics.median(times) * 1e3}
-
-
-async def prints(make: Callable[[], AsyncKernelManager], runs: int,
-                 mb: int) -> dict[str, Any]:
-    times, shown = [], 0
-    km = make()
-    kc, _ = await first_reply(km)
-    try:
         await settle(kc)
+        out[name] = (km, kc)
+    return out
+
+
+async def round_trips(makers: dict[str, Maker], kernels: int,
+                      per_kernel: int) -> dict[str, list[float]]:
+    """``1+1`` on one kernel of each case at once, alternating one cell per case."""
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(kernels):
+        open_ = await open_kernels(makers)
+        try:
+            for _ in range(per_kernel):
+                for name, (_, kc) in open_.items():
+                    t = time.perf_counter()
+                    await until_idle(kc, kc.execute("1+1"))
+                    times[name].append(time.perf_counter() - t)
+        finally:
+            for km, kc in open_.values():
+                await stop(km, kc)
+    return times
+
+
+async def prints(makers: dict[str, Maker], runs: int,
+                 mb: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """``print('x' * N)`` on one kernel of each case, alternating."""
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    shown: dict[str, int] = {}
+    open_ = await open_kernels(makers)
+    try:
         for _ in range(runs):
-            t = time.perf_counter()
-            shown = await until_idle(kc, kc.execute(f"print('x' * {mb * 1000 * 1000})"))
-            times.append(time.perf_counter() - t)
+            for name, (_, kc) in open_.items():
+                t = time.perf_counter()
+                shown[name] = await until_idle(
+                    kc, kc.execute(f"print('x' * {mb * 1000 * 1000})"))
+                times[name].append(time.perf_counter() - t)
     finally:
-        await stop(km, kc)
-    return {"print_s": statistics.median(times), "print_chars_received": shown}
+        for km, kc in open_.values():
+            await stop(km, kc)
+    return times, shown
 
 
 def pss_kib(pid: int) -> int:
@@ -278,34 +301,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     q = args.quick
     results: dict[str, dict[str, Any]] = {}
-    makers: dict[str, tuple[Callable[[], AsyncKernelManager], bool]] = {
+    makers: dict[str, tuple[Maker, bool]] = {
         "plain": (plain, False),
         "plain-nodbg": (lambda: plain(nodbg=True), False),
         "agent": (lambda: sandbox("agent"), True),
         "analyst": (lambda: sandbox("analyst"), True),
     }
     only = set(args.only.split(",")) if args.only else None
+    for name in makers:  # the table's order
+        if not only or name in only:
+            results[name] = {}
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     # The spawner's start belongs to a process's first kernel: measured once, apart.
     say("first cellblock start in this process (starts the spawner)...")
-    first = await starts(makers["agent"][0], 1)
-    results.setdefault("agent", {})["first_start_s"] = first["start_s"]
-
+    first = await starts({"agent": makers["agent"][0]}, 1)
+    results.setdefault("agent", {})["first_start_s"] = first["agent"][0]
+    chosen = {n: m for n, (m, _) in makers.items() if not only or n in only}
+    if chosen:
+        say(f"starts: {', '.join(chosen)}, interleaved")
+        for name, ts in (await starts(chosen, 3 if q else args.runs)).items():
+            results.setdefault(name, {}).update(start_s=statistics.median(ts), start_all_s=ts)
+        say("1+1 round trips, interleaved")
+        for name, ts in (await round_trips(chosen, 1 if q else 3, 50 if q else 200)).items():
+            results[name]["rt_ms"] = statistics.median(ts) * 1e3
+        say(f"print {args.mb} MB, interleaved")
+        times, shown = await prints(chosen, 1 if q else 5, args.mb)
+        for name, ts in times.items():
+            results[name].update(print_s=statistics.median(ts),
+                                 print_chars_received=shown[name])
     for name, (make, sandboxed) in makers.items():
-        if only and name not in only:
-            continue
-        r = results.setdefault(name, {})
-        say(f"{name}: starts")
-        r.update(await starts(make, 3 if q else args.runs))
-        say(f"{name}: 1+1 round trips")
-        r.update(await round_trips(make, 1 if q else 3, 50 if q else 200))
-        say(f"{name}: print {args.mb} MB")
-        r.update(await prints(make, 1 if q else 3, args.mb))
-        say(f"{name}: memory with {args.kernels} idle kernels")
-        r.update(await memory(make, 4 if q else args.kernels, sandboxed, 3 if q else 10))
+        if name in chosen:
+            n = 4 if q else args.kernels
+            say(f"{name}: memory with {n} idle kernels")
+            results[name].update(await memory(make, n, sandboxed, 3 if q else 10))
 
     if not only or "agent-warm" in only:
         from cellblock.wardens import warm
@@ -315,9 +346,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["CELLBLOCK_POLICY"] = str(policy)
         say("agent-warm: starts from the warm pool")
         warm("agent", timeout=120)
-        r = results.setdefault("agent-warm", {})
-        r.update(await starts(makers["agent"][0], 5 if q else args.runs,
-                              between=lambda: warm("agent", timeout=120)))
+        ts = (await starts({"agent-warm": makers["agent"][0]}, 5 if q else args.runs,
+                           between=lambda: warm("agent", timeout=120)))["agent-warm"]
+        results["agent-warm"] = {"start_s": statistics.median(ts), "start_all_s": ts}
         warm("agent", size=0)
         del os.environ["CELLBLOCK_POLICY"]
 
