@@ -200,13 +200,23 @@ def parse_header(raw: bytes, max_bytes: int) -> dict[str, Any]:
 def parse_parent(raw: bytes, max_bytes: int) -> dict[str, Any]:
     """Parse a parent_header frame: ``{}`` or an object with str msg_id and session.
     Raises Dropped("oversized_parent") or ("bad_parent")."""
+    global _last_parent
     if len(raw) > max_bytes:
         raise Dropped("oversized_parent")
+    last = _last_parent  # one read: another gate's thread may replace it meanwhile
+    if raw == last[0]:
+        return last[1]
     parent = load_object(raw, "parent")
     if parent:
         _field(parent, "msg_id", "parent")
         _field(parent, "session", "parent")
+    _last_parent = (raw, parent)
     return parent
+
+
+# Every message a cell's request causes carries that request's header as its parent,
+# byte for byte: the last one parsed is kept (read-only to every caller) and reused.
+_last_parent: tuple[bytes, dict[str, Any]] = (b"{}", {})
 
 
 @dataclass(slots=True)
