@@ -35,17 +35,25 @@ class _Tail:
         self.total_bytes = 0
         self.total_lines = 0
 
-    def add(self, text: str) -> None:
-        self.total_bytes += len(text) if text.isascii() else \
-            len(text.encode("utf-8", "surrogatepass"))
-        self.total_lines += text.count("\n")
+    def add(self, text: str, start: int = 0) -> None:
+        """Add ``text[start:]`` (a huge message's overflow is passed with its offset, not
+        copied: a 48 MB slice cost 28 ms of a 50 MB print's ~180 ms in the gate)."""
+        if start >= len(text):
+            return
+        if text.isascii():
+            self.total_bytes += len(text) - start
+        else:
+            self.total_bytes += len(text[start:].encode("utf-8", "surrogatepass"))
+        self.total_lines += text.count("\n", start)
         if self.size == 0:
             return
-        if len(text) >= self.size:
+        if len(text) - start >= self.size:
             self.parts.clear()
             self.parts.append(text[-self.size:])
             self.chars = self.size
             return
+        if start:
+            text = text[start:]
         self.parts.append(text)
         self.chars += len(text)
         while self.chars > self.size:
@@ -101,17 +109,15 @@ class CellStreams:
         # the rest of a huge message goes to the tail unscanned.
         window = self.redactor.max_match_len if self.redactor is not None else 0
         room = self.head_left + 2 * window
-        overflow = ""
-        if len(text) > room:
-            text, overflow = text[:room], text[room:]
-        out = self._head(name, text)
-        if overflow:
-            self.head_left = 0  # the head ends here even if redaction shortened it
-            for other, held in list(self.pending.items()):
-                self._tail(other).add(held)
-            self.pending.clear()
-            self.since.clear()
-            self._tail(name).add(overflow)
+        if len(text) <= room:
+            return self._head(name, text)
+        out = self._head(name, text[:room])
+        self.head_left = 0  # the head ends here even if redaction shortened it
+        for other, held in list(self.pending.items()):
+            self._tail(other).add(held)
+        self.pending.clear()
+        self.since.clear()
+        self._tail(name).add(text, room)  # the overflow, text[room:], without a copy
         return out
 
     def _head(self, name: str, text: str) -> str:
