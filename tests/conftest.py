@@ -304,3 +304,13 @@ def jupyter_app(argv: list[str], port: int, token: str, cwd: Path, name: str,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def make_world() -> Iterator[Any]:
+    """Gates between raw ZMQ sockets (tests/gate_harness.py): ``make_world(**options)``
+    gives a World; every one made is closed and checked for leftovers at the end."""
+    from gate_harness import worlds
+
+    with worlds() as make:
+        yield make

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
@@ -30,7 +29,6 @@ from gate_harness import (
     CHANNELS,
     LEGIT,
     ROUTED,
-    World,
     agent_gate,
     dumps,
     new_header,
@@ -38,16 +36,9 @@ from gate_harness import (
     sign,
     text_is,
     wait_until,
-    worlds,
 )
 
 pytestmark = pytest.mark.nonroot
-
-
-@pytest.fixture
-def make_world() -> Iterator[Callable[..., World]]:
-    with worlds() as make:
-        yield make
 
 
 # ====================================================================== P1 forged signatures

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,18 +19,10 @@ from gate_harness import (
     AGENT_OUTPUT,
     CANARY,
     SECRET,
-    World,
     agent_gate,
-    worlds,
 )
 
 pytestmark = pytest.mark.nonroot
-
-
-@pytest.fixture
-def make_world() -> Iterator[Callable[..., World]]:
-    with worlds() as make:
-        yield make
 
 
 MALFORMED_CONTENT = [

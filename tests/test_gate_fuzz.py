@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,16 +26,9 @@ from gate_harness import (
     examples,
     opener,
     sign,
-    worlds,
 )
 
 pytestmark = pytest.mark.nonroot
-
-
-@pytest.fixture
-def make_world() -> Iterator[Callable[..., World]]:
-    with worlds() as make:
-        yield make
 
 
 # ====================================================================== hypothesis

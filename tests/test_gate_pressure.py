@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
@@ -25,21 +24,13 @@ from gate_harness import (
     LEGIT,
     WAIT,
     Kernel,
-    World,
     agent_gate,
     opener,
     rss_kib,
     wait_until,
-    worlds,
 )
 
 pytestmark = pytest.mark.nonroot
-
-
-@pytest.fixture
-def make_world() -> Iterator[Callable[..., World]]:
-    with worlds() as make:
-        yield make
 
 
 # ====================================================================== P6, R10 sizes
