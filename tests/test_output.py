@@ -79,6 +79,25 @@ def test_stream_budget_keeps_head_and_tail_with_a_marker() -> None:
     assert len(seen) < 400
 
 
+@pytest.mark.parametrize("unit", ["x", "é", "€\n"])
+def test_one_huge_message_counts_its_overflow_exactly(unit: str) -> None:
+    """One message far past the head (a single big print): the head is sent, the rest goes
+    to the tail without being copied, and every byte and line of it is counted in the
+    marker (ASCII, 2-byte and 3-byte UTF-8, with and without newlines)."""
+    f = make(analyst(), stream_head=1000, stream_tail=300, redact_secrets=False, pii=())
+    text = unit * 200_000
+    seen = stream_out(f, [text])
+    marker = seen[seen.index("[cellblock"):].split("]")[0]
+    cut = int(marker.split(": ")[1].split(" bytes")[0].replace(",", ""))
+    head, tail = seen[: seen.index("\n[cellblock")], seen[seen.index("]") + 2:]
+    assert text.startswith(head) and text.endswith(tail) and tail
+    assert len(head.encode()) <= 1000 and len(tail) <= 300
+    assert len(head.encode()) + cut + len(tail.encode()) == len(text.encode())
+    if "\n" in unit:
+        lines = int(marker.split(", ")[1].split(" lines")[0].replace(",", ""))
+        assert lines == text.count("\n") - head.count("\n") - tail.count("\n")
+
+
 def test_budget_is_per_cell() -> None:
     f = make(agent(), stream_head=10, stream_tail=0, redact_secrets=False, pii=())
     assert stream_out(f, ["0123456789abcdef"], "cell-a").startswith("0123456789")
