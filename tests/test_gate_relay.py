@@ -13,8 +13,6 @@ No fixed sleeps: every wait polls a socket, or the audit log's condition, with a
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -34,6 +32,8 @@ from jupyter_client.session import Session
 
 from cellblock.gate import Gate, GateLimits
 from cellblock.gate.wire import DELIM
+
+from gate_harness import Kernel, sign
 
 WAIT = 15.0  # seconds: the deadline of any single wait
 
@@ -337,82 +337,11 @@ def test_announce_names_the_running_request(real_kernel, make_gate, make_client)
 # ====================================================================== hostile kernel
 
 
-def sign(key: bytes, parts: list[bytes]) -> bytes:
-    return hmac.new(key, b"".join(parts), hashlib.sha256).hexdigest().encode()
+class HostileKernel(Kernel):
+    """gate_harness's raw kernel (it holds the kernel key and lies); ``recv_raw`` gives the
+    frames the gate sent as they came, after its routing id."""
 
-
-class HostileKernel:
-    """Raw sockets bound where the kernel would be; it holds the kernel key and lies."""
-
-    def __init__(self, rundir: str) -> None:
-        self.key = uuid.uuid4().hex.encode()
-        self.session = uuid.uuid4().hex
-        self.conn = {
-            "transport": "ipc",
-            "ip": os.path.join(rundir, "h"),
-            "key": self.key.decode(),
-            "signature_scheme": "hmac-sha256",
-            "shell_port": 1,
-            "iopub_port": 2,
-            "stdin_port": 3,
-            "control_port": 4,
-            "hb_port": 5,
-        }
-        self.ctx = zmq.Context()
-        self.sockets: dict[str, zmq.Socket] = {}
-        for name in ("shell", "control", "stdin", "hb", "iopub"):
-            sock = self.ctx.socket(zmq.PUB if name == "iopub" else zmq.ROUTER)
-            if name != "iopub":
-                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(f"ipc://{self.conn['ip']}-{self.conn[f'{name}_port']}")
-            self.sockets[name] = sock
-        self.gate_id = b""
-
-    def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close(linger=0)
-        self.ctx.term()
-
-    def parts(
-        self, msg_type: str, parent: dict | bytes, content: dict | bytes, **header: Any
-    ) -> list[bytes]:
-        fields = {
-            "msg_id": uuid.uuid4().hex,
-            "msg_type": msg_type,
-            "session": self.session,
-            "username": "kernel",
-            "date": "2025-01-01T00:00:00Z",
-            "version": "5.3",
-        }
-        fields.update(header)
-        return [
-            json.dumps(fields).encode(),
-            parent if isinstance(parent, bytes) else json.dumps(parent).encode(),
-            b"{}",
-            content if isinstance(content, bytes) else json.dumps(content).encode(),
-        ]
-
-    def frames(self, parts: list[bytes], idents=(), buffers=(), key: bytes | None = None):
-        return [*idents, DELIM, sign(key or self.key, parts), *parts, *buffers]
-
-    def send(self, channel: str, frames: list[bytes]) -> None:
-        sock = self.sockets[channel]
-        if channel == "iopub":
-            sock.send_multipart(frames)
-            return
-        deadline = time.monotonic() + WAIT
-        while True:  # ROUTER_MANDATORY: retry until the gate's DEALER is connected
-            try:
-                sock.send_multipart([self.gate_id, *frames])
-                return
-            except zmq.ZMQError as e:
-                if e.errno != zmq.EHOSTUNREACH or time.monotonic() > deadline:
-                    raise
-                sock.poll(10, zmq.POLLOUT)
-
-    def recv(self, channel: str) -> list[bytes]:
+    def recv_raw(self, channel: str) -> list[bytes]:
         sock = self.sockets[channel]
         assert sock.poll(WAIT * 1000), f"the kernel got nothing on {channel}"
         frames = sock.recv_multipart()
@@ -481,7 +410,7 @@ def execute(client: RawClient, kernel: HostileKernel, code: str = "x") -> dict:
     """Client sends execute_request; the kernel receives it (checking the gate re-signed it
     with the kernel key) and both iopub hops are synced. Returns the request header."""
     sent = client.request("shell", "execute_request", {"code": code, "silent": False})
-    frames = kernel.recv("shell")
+    frames = kernel.recv_raw("shell")
     i = frames.index(DELIM)
     assert frames[:i] == [client.session.bsession]  # the client's identity as the one ident
     assert frames[i + 1] == sign(kernel.key, frames[i + 2 : i + 6])
@@ -692,7 +621,7 @@ def test_client_messages_are_checked(hostile, make_gate, make_raw_client, audit)
     ]
     # The kernel saw none of them: the next thing it receives is the good request.
     sent = client.request("shell", "execute_request", {"code": "good"})
-    assert json.loads(k.recv("shell")[3])["msg_id"] == sent["header"]["msg_id"]
+    assert json.loads(k.recv_raw("shell")[3])["msg_id"] == sent["header"]["msg_id"]
     assert not k.sockets["shell"].poll(0) and not k.sockets["control"].poll(0)
     assert gate.shutdown_requested is False
 
