@@ -65,6 +65,7 @@ from harness import (
     run_dirs,
     settle,
     sigkill,
+    tree_below,
     write_report,
 )
 
@@ -609,18 +610,8 @@ def _gone(proc: Proc) -> bool:
 
 
 def _tree_of(procs: list[Proc], warden: Proc) -> dict[str, Proc]:
-    out: dict[str, Proc] = {}
     w = next((p for p in procs if p.pid == warden.pid and p.start == warden.start), None)
-    if w is None:
-        return out
-    out["warden"] = w
-    nsjail = next((p for p in procs if p.kind == "nsjail" and p.ppid == w.pid), None)
-    if nsjail is not None:
-        out["nsjail"] = nsjail
-        kernel = next((p for p in procs if p.kind == "kernel" and p.ppid == nsjail.pid), None)
-        if kernel is not None:
-            out["kernel"] = kernel
-    return out
+    return {} if w is None else tree_below(procs, w)
 
 
 def schedule(rounds: int, rng: random.Random) -> list[tuple[str, str]]:

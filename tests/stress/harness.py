@@ -160,11 +160,13 @@ def kernel_tree(procs: Iterable[Proc], warden_title: str) -> dict[str, Proc]:
     """The warden titled ``cellblock-warden <warden_title>`` and its nsjail and kernel
     (whichever of them exist)."""
     procs = list(procs)
-    out: dict[str, Proc] = {}
     warden = next((p for p in procs if p.kind == "warden" and p.title == warden_title), None)
-    if warden is None:
-        return out
-    out["warden"] = warden
+    return {} if warden is None else tree_below(procs, warden)
+
+
+def tree_below(procs: list[Proc], warden: Proc) -> dict[str, Proc]:
+    """``warden`` and whichever of its nsjail and kernel exist in ``procs``."""
+    out = {"warden": warden}
     nsjail = next((p for p in procs if p.kind == "nsjail" and p.ppid == warden.pid), None)
     if nsjail is not None:
         out["nsjail"] = nsjail
