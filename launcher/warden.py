@@ -1,7 +1,7 @@
 """The warden: one host process per kernel that owns the jail.
 
 Forked by the spawner (:mod:`cellblock.spawner`) for each launch the provisioner asks for
-(:func:`run_forked`). It
+(:func:`cellblock.wardenrun.run_forked`). It
 
 1. dies with the client: it watches the client process through a pidfd (inherited from
    the spawner), so a killed client leaves nothing, even if the spawner died first;
@@ -661,19 +661,22 @@ class Warden:
         if self.cgroup is not None:
             self.cgroup.kill_all()
         self._end_executions("killed")
-        self.gate.announce("CellblockBudget", action.message, replies=True)
         self.restarts += 1
         try:
+            key = secrets.token_hex(32)
+            # The gate holds client requests from the rekey on: it must come before the
+            # announcement that ends the killed cell, or a request sent right after it
+            # would go, signed with the old key, to a kernel that drops it.
+            if not self.gate.rekey(key):
+                raise JailStartError("the gate did not take the new kernel key")
+            self.gate.announce("CellblockBudget", action.message, replies=True)
             for entry in self.run.ipc.iterdir():  # sockets, the old key, anything it left
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-            key = secrets.token_hex(32)
             self._inner = {**self._inner, "key": key}
             self.run.write_connection_file(self._inner, *self._ids)
-            if not self.gate.rekey(key):
-                raise JailStartError("the gate did not take the new kernel key")
             self._oom_base = self.cgroup.oom_kills() if self.cgroup is not None else 0
             self._spawn(self._argv)
             if self.record is not None:

@@ -122,11 +122,9 @@ class Gate:
         self._rules = tuple(rules)
         self._audit = audit
         self._allowed = allowed_client_msg_types
-        # No input_reply allowed: execute_requests go out with allow_stdin false, so input()
-        # raises StdinNotImplementedError at once instead of waiting for an answer that the
-        # gate would drop.
-        self._stdin = allowed_client_msg_types is None or "input_reply" in allowed_client_msg_types
-        # P12: with no input_reply allowed, nobody could answer an input_request: drop it.
+        # No input_reply allowed (P12): nobody could answer an input_request, so it is
+        # dropped, and execute_requests go out with allow_stdin false, so that input()
+        # raises StdinNotImplementedError at once instead of waiting for an answer.
         self._stdin = self._allowed is None or "input_reply" in self._allowed
         self._table = RequestTable(self._limits.max_open_requests)
         self._replay = ReplayWindow(self._limits.replay_window)
@@ -422,10 +420,16 @@ class Gate:
 
     def _from_client(self, channel: str, frames: list[bytes]) -> None:
         if self._held is not None:  # the jail is restarting in place: keep it for resume()
-            if len(self._held) < self._limits.max_open_requests:
-                self._held.append((channel, frames))
-            else:
-                self._drop("client", channel, Dropped("restart_queue_full"))
+            limits = self._limits
+            try:  # only what verifies is kept: nobody without the key fills the warden
+                check(frames, self._client_signer, limits.max_frames, limits.max_header_bytes,
+                      False)
+                if len(self._held) >= limits.max_open_requests:
+                    raise Dropped("restart_queue_full")
+            except Dropped as dropped:
+                self._drop("client", channel, dropped)
+                return
+            self._held.append((channel, frames))
             return
         try:
             limits = self._limits
