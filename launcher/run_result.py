@@ -11,7 +11,7 @@ through an :class:`AuditTail` once the cell's ``status: idle`` and reply have ar
   by rule (not those in the echo of the code), bytes cut by the stream budget and by
   ``max_text``, and notes such as ``"81,920 bytes of text/plain truncated"`` or
   ``"image/png of 900,000 bytes (limit 524,288)"``;
-- the cell's ``execution.end`` (written when its reply passes the gate, before its idle):
+- the cell's ``execution.end`` (written when its idle passes the gate, before the client sees it):
   ``limits_hit`` (``cell_seconds``, ``grace_seconds``, ``output_bytes``) and the output
   bytes the kernel sent and the client got;
 - a ``kernel.exit`` written while the cell ran: the budget that stopped the kernel, or
