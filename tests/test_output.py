@@ -98,6 +98,26 @@ def test_one_huge_message_counts_its_overflow_exactly(unit: str) -> None:
         assert lines == text.count("\n") - head.count("\n") - tail.count("\n")
 
 
+@pytest.mark.parametrize("policy", [agent, analyst])
+def test_empty_or_vanishing_stream_messages_pass(policy: Any) -> None:
+    """A stream message that is empty, or that normalising empties (a lone colour reset, a
+    lone carriage return), is neither an error nor a drop (it raised in the redactor)."""
+    f = make(policy())
+    for text in ("", "\x1b[0m", "\r"):
+        content, _ = run(f, "stream", {"name": "stdout", "text": text})
+        assert content is None or content["text"] == ""
+    assert stream_out(f, ["", "\x1b[0m", "ok\n"]) == "ok\n"
+
+
+def test_a_carriage_return_renders_within_its_own_piece() -> None:
+    """A ``\r`` in a later piece is rendered within that piece, the same whether or not the
+    end of the line before it was still held back (it overwrote the held-back part only)."""
+    line = "progress: " + "word " * 200
+    for policy in (agent, analyst):
+        f = make(policy())
+        assert stream_out(f, [line, "\rDONE \n"]) == line + "DONE \n"
+
+
 def test_budget_is_per_cell() -> None:
     f = make(agent(), stream_head=10, stream_tail=0, redact_secrets=False, pii=())
     assert stream_out(f, ["0123456789abcdef"], "cell-a").startswith("0123456789")

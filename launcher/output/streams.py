@@ -123,7 +123,7 @@ class CellStreams:
     def _head(self, name: str, text: str) -> str:
         if self.redactor is not None:
             # One scan: what can go now (redacted) and what must wait for the next piece.
-            result, rest = self.redactor.release(self.pending.pop(name, "") + text)
+            result, rest = self.redactor.release(text, self.pending.pop(name, ""))
             if rest:
                 self.pending[name] = rest
                 self.since.setdefault(name, time.monotonic())

@@ -290,14 +290,19 @@ class Redactor:
         return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
                                   UESCAPE_ANY in escapes), same
 
-    def release(self, text: str) -> tuple[RedactResult, str]:
-        """Normalise `text`, redact what can be released now and return it with the rest.
+    def release(self, text: str, held: str = "") -> tuple[RedactResult, str]:
+        """Normalise `text`, append it to `held` (what the last call kept back, normalised
+        already: normalising it again would render a ``\r`` of `text` over the part of
+        its line that was held back but not over the part already sent), redact what can
+        be released now and return it with the rest.
 
         What is released is ``text[:cut]`` with ``cut`` as `scan_end_safe` chooses it, and the
         rest is what a stream keeps back for the next piece; one scan of `text` serves both
         (findings in the released part see the text after them, as they will when it comes).
         """
-        text = normalise(text)
+        text = held + normalise(text)
+        if not text:  # an empty message, or one normalising removed entirely
+            return RedactResult("", []), ""
         cut = self._hold_from(text)
         if cut <= 0:
             return RedactResult("", []), text
