@@ -35,8 +35,6 @@ MIN_BITS = 15.0
 #: Shortest base64 core registered (2 characters would fire everywhere).
 MIN_CORE = 3
 
-_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
 
 def required(pattern: str, caseless: bool = False) -> list[Seq] | None:
     """Alternatives of which every match of `pattern` contains one, or None."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -352,8 +351,3 @@ def compiled(expressions: list[bytes] | Callable[[], list[bytes]], flags: list[i
                 f.write(hyperscan.dumpb(db))
             os.replace(tmp, path)
     return db
-
-
-def literal_class(chars: Iterable[str]) -> str:
-    """A hyperscan character class for exactly `chars` (ASCII)."""
-    return "[" + "".join(re.escape(c) if c in "-]\\^[" else c for c in sorted(set(chars))) + "]"
