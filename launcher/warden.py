@@ -366,18 +366,19 @@ class Warden:
         from .gate.tracker import CLIENT_TYPES
         from .output import build_output_rules
 
-        allowed = self.profile.allowed_requests
-        if allowed is None:  # every known request, but stdin only where the profile has it
-            allowed = tuple(sorted(set().union(*CLIENT_TYPES.values()) - {"input_reply"}))
+        # every known request if the profile does not list them, stdin only where it has it
+        listed = self.profile.allowed_requests
+        allowed = set(set().union(*CLIENT_TYPES.values()) if listed is None else listed)
+        allowed.discard("input_reply")
         if self.profile.allow_stdin:
-            allowed = (*allowed, "input_reply")
+            allowed.add("input_reply")
         self.gate = Gate(
             client=self.client_conn,
             kernel=kernel_conn,
             limits=GateLimits(),
             rules=build_output_rules(self.profile.output, audit=self._audit),
             audit=self._audit,
-            allowed_client_msg_types=frozenset(allowed) if allowed is not None else None,
+            allowed_client_msg_types=frozenset(allowed),
             observer=self._observe,
         )
         self.gate.start()

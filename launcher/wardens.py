@@ -200,16 +200,15 @@ class SpawnerClient:
         spawner that dies with the request unanswered (SIGKILLed just before, so that it
         still looked alive) is replaced and asked once more: at EOF nobody holds the
         request's other end, so no warden was started for it."""
-        for attempt in (1, 2):
+        deadline = time.monotonic() + timeout
+        sock = self.request(req)
+        status, rest = _read_status(sock, timeout)
+        left = deadline - time.monotonic()
+        if status is None and left > 0 and self._spawner_died():  # EOF, not the timeout
+            sock.close()
             sock = self.request(req)
-            deadline = time.monotonic() + timeout
-            status, rest = _read_status(sock, timeout)
-            eof = status is None and time.monotonic() < deadline
-            if attempt == 1 and eof and self._spawner_died():
-                sock.close()
-                continue
-            return sock, status, rest
-        raise AssertionError("unreachable")
+            status, rest = _read_status(sock, left)
+        return sock, status, rest
 
     def _spawner_died(self) -> bool:
         """True once the spawner has exited (it is given a second if it is dying)."""
