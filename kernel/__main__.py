@@ -1,8 +1,9 @@
 """Entry point inside the jail: ``python -m cellblock_kernel -f CONNECTION_FILE ...``.
 
-The warden writes the connection file (ipc transport, the kernel's own HMAC key)
-and passes ``--transport=ipc --ip=...`` as well, since ipykernel takes the
-transport from its command line.
+The warden writes the connection file (ipc transport, the kernel's own HMAC key) and binds
+the five sockets it names; the kernel connects to them (:mod:`cellblock_kernel.app`). The
+warden passes ``--transport=ipc --ip=...`` as well, since ipykernel takes the transport
+from its command line.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     # Inside a pid namespace the launching process is invisible: with this set,
     # ipykernel's parent poller would see "no parent" and exit at once.
     os.environ.pop("JPY_PARENT_PID", None)
-    # Sockets the kernel binds must be reachable by the warden, which is either
-    # the same uid or root; the run dir's own mode restricts everybody else.
     os.umask(0o077)
     # No debugger: every cellblock kernelspec says "debugger": false and the gate never
     # forwards debug_request to an agent. Without debugpy (pydevd) the kernel has no debug
     # server inside the jail, boots ~0.1 s faster and holds ~8 MiB less (docs/benchmarks.md).
     sys.modules["debugpy"] = None  # type: ignore[assignment]
-    from ipykernel.kernelapp import IPKernelApp
+    from cellblock_kernel.app import CellblockKernelApp
 
-    IPKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv)
+    CellblockKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

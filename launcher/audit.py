@@ -241,8 +241,10 @@ class AuditLog:
     """Appends events for one kernel. Thread-safe; ``close`` is idempotent."""
 
     def __init__(self, directory: Path, kernel_id: str) -> None:
+        from .names import check_kernel_id
+
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{kernel_id}.jsonl"
+        self.path = directory / f"{check_kernel_id(kernel_id)}.jsonl"
         self.kernel_id = kernel_id
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")

@@ -86,6 +86,9 @@ class KernelCgroup:
     @classmethod
     def for_kernel(cls, version: str, parent: str, kernel_id: str,
                    root: Path = CGROUP_ROOT) -> KernelCgroup:
+        from .names import check_kernel_id
+
+        check_kernel_id(kernel_id)
         if version == "v2":
             return cls(version, (root / parent / kernel_id,))
         return cls(version, tuple(root / c / parent / kernel_id for c in V1_CONTROLLERS))

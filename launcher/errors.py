@@ -3,6 +3,8 @@
 The tree::
 
     CellblockError(Exception)
+    ├── BadKernelId(CellblockError, ValueError)      a kernel id that cannot be a name
+    │                                                  (run dir, cgroup, audit file)
     ├── PolicyError(CellblockError, ValueError)      bad policy file, key or value
     │   ├── UnknownProfile(PolicyError, KeyError)    a profile name that no policy defines
     │   └── ProfileDisabled(PolicyError)             the operator set enabled = false on it
@@ -20,6 +22,7 @@ a secret: keys, tokens and dataset contents stay out of exception text.
 from __future__ import annotations
 
 __all__ = [
+    "BadKernelId",
     "CellblockError",
     "HostUnsupported",
     "JailStartError",
@@ -32,6 +35,10 @@ __all__ = [
 
 class CellblockError(Exception):
     """Base class of every cellblock error."""
+
+
+class BadKernelId(CellblockError, ValueError):
+    """A kernel id that is not a short ``[A-Za-z0-9_-]`` name (a UUID is one)."""
 
 
 class PolicyError(CellblockError, ValueError):

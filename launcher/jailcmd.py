@@ -10,7 +10,6 @@ that from a template-injection advisory).
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +18,7 @@ from pathlib import Path
 from cellblock_kernel.datasets import BROKER_DIR, DATA_ROOT
 
 from .errors import HostUnsupported, PolicyError
+from .names import DATASET_NAME
 from .policy import HostSettings, Profile
 
 __all__ = [
@@ -44,14 +44,13 @@ JAIL_HOME = "/home/jovyan"
 JAIL_BROKER = BROKER_DIR  # the dataset broker's socket dir (cellblock_kernel.datasets)
 # Bound by the base profile already; a Python environment under them needs no bind.
 BASE_BOUND = (Path("/usr"),)
-_DATASET_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 
 @dataclass(frozen=True)
 class JailLayout:
     """Host paths and ids of one kernel's jail (made by the warden from its run dir)."""
 
-    ipc_dir: Path  # bound read-write at JAIL_RUN; the kernel binds its ZMQ sockets here
+    ipc_dir: Path  # bound read-only at JAIL_RUN; the warden's sockets the kernel connects to
     pkg_dir: Path  # bound read-only at JAIL_PKG
     passwd: Path  # bound read-only at /etc/passwd (one line: jovyan)
     group: Path  # bound read-only at /etc/group
@@ -192,11 +191,11 @@ def nsjail_argv(
     if layout.broker_dir is not None:
         argv += ["--bindmount_ro", f"{_checked(layout.broker_dir, 'run dir')}:{JAIL_BROKER}"]
     for name, source in data_mounts:
-        if not _DATASET_NAME.fullmatch(name):
+        if not DATASET_NAME.fullmatch(name):
             raise PolicyError(f"dataset name {name!r} cannot be a mount point")
         argv += ["--bindmount_ro", f"{_checked(source, f'dataset {name!r}')}:{DATA_ROOT}/{name}"]
     argv += [
-        "--bindmount", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
+        "--bindmount_ro", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
         "--env", f"PYTHONPATH={JAIL_PKG}",
         "--",
         *kernel_argv(python),

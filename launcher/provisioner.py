@@ -37,6 +37,7 @@ from traitlets import Float, Unicode
 
 from .datasets import DATASETS_ENV, select_datasets
 from .errors import JailStartError, JailStartTimeout, PolicyError, ProfileDisabled
+from .names import check_kernel_id
 from .policy import load_policy
 from .rundir import sweep_stale
 from .wardens import SpawnerClient
@@ -74,6 +75,7 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         """Called by KernelManager before launch_kernel. Validates the profile, lets
         LocalProvisioner pick and cache the client-facing ports and write the client's
         connection file, then replaces the command with the warden's."""
+        check_kernel_id(str(self.kernel_id))  # it becomes a run dir, cgroup and file name
         policy = load_policy()
         profile = policy.profile(self.profile)  # UnknownProfile names the known ones
         if not profile.enabled:

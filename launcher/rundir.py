@@ -9,9 +9,11 @@ only known when a client adopts it: ``warden.json`` always names the current ker
                   that is still starting
     warden.json   who owns this kernel: kernel id, warden pid and start time, profile,
                   ports, cgroup, jail uid
-    ipc/          bound read-write at /run/cellblock in the jail; owned by the jail
-                  uid, mode 0700; holds the inner connection file and the kernel's
-                  ZMQ ipc sockets
+    ipc/          bound read-only at /run/cellblock in the jail; owned by the warden,
+                  mode 0711 (0700 unprivileged); holds the inner connection file and the
+                  five ZMQ ipc sockets the warden binds and the kernel connects to (each
+                  owned by the jail's uid, mode 0600). Nothing in it is the jail's: no
+                  host operation follows a path the jail could have written
     pkg/          a copy of cellblock_kernel, bound read-only at /opt/cellblock-kernel
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
     broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from .errors import HostUnsupported
 from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout
+from .names import KERNEL_ID, check_kernel_id
 
 __all__ = [
     "STOP_REASON_FILE",
@@ -56,13 +59,7 @@ RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
 JAIL_UID_BASE = 0x40000000
 JAIL_UID_SPAN = 1 << 24
 MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes with the NUL
-# As root the ipc dir (the kernel's connection file and its five sockets) is a tmpfs of
-# its own, so the jail cannot fill the host's disk through it; unprivileged it is a plain
-# directory of the runtime dir (a size-capped tmpfs under $XDG_RUNTIME_DIR on most hosts).
-IPC_SIZE = 1024 * 1024
-IPC_INODES = 64
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MNT_DETACH = 2
+MNT_DETACH = 2  # umount2 flag: how remove() detaches a tmpfs left by an older cellblock
 OWNER_FILE = "owner"
 STOP_REASON_FILE = "stop-reason"  # written by `cellblock kill` before it signals the warden
 
@@ -114,7 +111,7 @@ class RunDir:
     """One kernel's run dir. :meth:`create` makes it; :meth:`remove` deletes it (idempotent)."""
 
     def __init__(self, base: Path, kernel_id: str) -> None:
-        self.path = base / kernel_id
+        self.path = base / check_kernel_id(kernel_id)
         self.kernel_id = kernel_id
         self.created = False  #: create() made the directory (it was not there before)
 
@@ -138,10 +135,9 @@ class RunDir:
         self.path.mkdir(mode=0o711)
         self.created = True
         (self.path / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}\n")
-        self.ipc.mkdir(mode=0o700)
-        if os.geteuid() == 0:  # the one host directory the jail writes: keep it tiny
-            _mount_tmpfs(self.ipc, f"size={IPC_SIZE},nr_inodes={IPC_INODES},mode=0700,"
-                                   f"uid={uid},gid={gid}")
+        # The warden's, read-only in the jail: the jail's uid may traverse it (as root it is
+        # another uid) to reach the connection file and the sockets, and write nothing.
+        self.ipc.mkdir(mode=0o711 if os.geteuid() == 0 else 0o700)
         pkg = self.path / "pkg" / "cellblock_kernel"
         src = resources.files("cellblock_kernel")
         pkg.mkdir(parents=True)
@@ -156,21 +152,28 @@ class RunDir:
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
         for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group, hosts):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        if os.geteuid() == 0:
-            os.chown(self.ipc, uid, gid)
         return JailLayout(
             ipc_dir=self.ipc, pkg_dir=self.path / "pkg", passwd=passwd, group=group,
             outside_uid=uid, outside_gid=gid, hosts=hosts,
         )
 
     def write_connection_file(self, info: dict[str, object], uid: int, gid: int) -> Path:
-        """The inner connection file: readable only by the jail's uid (and us)."""
+        """The inner connection file: readable only by the jail's uid (and us). Written
+        anew (a temporary file renamed over it) for a restart in place with a fresh key;
+        the directory is the warden's, so no name in it is the jail's to choose."""
         path = self.ipc / "kernel.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        if os.geteuid() == 0:
-            os.chown(path, uid, gid)
+        tmp = self.ipc / f".kernel.json.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            if os.geteuid() == 0:
+                os.chown(tmp, uid, gid)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return path
 
     def write_record(self, record: WardenRecord) -> None:
@@ -227,18 +230,6 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _mount_tmpfs(path: Path, options: str) -> None:
-    """Mount a tmpfs on ``path``; where root may not mount (a container without
-    CAP_SYS_ADMIN) the directory stays a plain one, as for an unprivileged user."""
-    if _libc().mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                     options.encode()) != 0:
-        import logging
-
-        logging.getLogger("cellblock.rundir").warning(
-            "cannot mount a tmpfs on %s (%s): the kernel's ipc dir is bounded only by its "
-            "file system", path, os.strerror(ctypes.get_errno()))
-
-
 def _umount(path: Path) -> None:
     _libc().umount2(str(path).encode(), MNT_DETACH)
 
@@ -277,8 +268,8 @@ def sweep_stale(base: Path | None = None) -> list[str]:
     if not base.is_dir():
         return removed
     for entry in base.iterdir():
-        if not entry.is_dir():
-            continue
+        if not entry.is_dir() or not KERNEL_ID.fullmatch(entry.name):
+            continue  # not a run dir cellblock made
         run = RunDir(base, entry.name)
         record = run.read_record()
         if record is None:

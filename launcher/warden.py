@@ -5,7 +5,9 @@ Forked by the spawner (:mod:`cellblock.spawner`) for each launch the provisioner
 
 1. dies with the client: it watches the client process through a pidfd (inherited from
    the spawner), so a killed client leaves nothing, even if the spawner died first;
-2. makes the run dir, a fresh kernel HMAC key and the inner connection file;
+2. makes the run dir, a fresh kernel HMAC key and the inner connection file, and binds
+   the five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the
+   kernel connects, the host never follows a path the jail can write);
 3. makes the kernel's cgroup and starts nsjail inside it;
 4. runs the gate between the client's connection (tcp, client key) and the
    kernel's (ipc, kernel key);
@@ -38,7 +40,6 @@ import logging
 import os
 import secrets
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,7 @@ from .cgroups import KernelCgroup, detect
 from .datasets import parse_selection, select_datasets
 from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
+from .names import check_kernel_id
 from .policy import Policy, Profile, load_policy
 from .rundir import (
     STOP_REASON_FILE,
@@ -77,9 +79,11 @@ INNER_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port"
 STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
 OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
 # Ready means the gate's iopub subscription to the kernel is live (ipykernel's
-# iopub_welcome, milliseconds after its sockets exist); a kernel that never sends one is
-# reported ready after this many seconds anyway.
+# iopub_welcome, sent when the kernel's iopub connects, after its shell, stdin and control).
+# An adopted pooled kernel answered a kernel_info already; its welcome is waited for this
+# long at most.
 WELCOME_WAIT = 2.0
+WELCOME_POLL = 0.05  # seconds between checks of the jail while waiting for the welcome
 STATE_SETTLE = 0.25  # seconds a busy/idle state lasts before warden.json says so
 
 
@@ -100,6 +104,14 @@ def human_bytes(n: int) -> str:
             value = n / size
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n} B"
+
+
+# What a signal that ended the kernel means here (nsjail exits with 128 + the signal).
+_SIGNAL_REASONS = {
+    signal.SIGSYS: "killed by the seccomp policy (signal SIGSYS: a forbidden system call)",
+    signal.SIGXFSZ: "file size limit {file_size} exceeded (signal SIGXFSZ)",
+    signal.SIGXCPU: "CPU time limit exceeded (signal SIGXCPU)",
+}
 
 
 class HeldAudit:
@@ -143,6 +155,8 @@ class Warden:
         self.cgroup: KernelCgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.gate: Any = None
+        self.kernel_sockets: Any = None  # gate.kernelside.KernelSockets, bound before the jail
+        self._fault: str | None = None  # the gate saw the kernel misbehave: stop it
         self.tail: deque[bytes] = deque()
         self.tail_bytes = 0
         self.drops: dict[str, int] = {}
@@ -162,6 +176,7 @@ class Warden:
         self.record: WardenRecord | None = None
         self.restarts = 0
         self._oom_base = 0
+        self._pids_base = 0
         self._argv: list[str] = []
         self._inner: dict[str, Any] = {}
         self._ids = (0, 0)
@@ -175,16 +190,14 @@ class Warden:
         kernel is up. Raises CellblockError."""
         self._prepare_jail()
         assert self.client_conn is not None
-        self._start_gate(self._kernel_conn())  # builds the output rules while the kernel boots
-        self._wait_for_kernel_sockets()
-        self.gate.wait_kernel_subscribed(WELCOME_WAIT)
+        self._start_gate()  # builds the output rules while the kernel boots
+        self._wait_for_kernel()
         self._ready()
 
     def start_pooled(self) -> None:
         """Warm pool: start the jail and wait until the kernel answers a kernel_info_request
         of the warden's own (it has booted completely); no client yet."""
         self._prepare_jail()
-        self._wait_for_kernel_sockets()
         self._probe_kernel()
         self._set_state("pooled")
 
@@ -192,19 +205,16 @@ class Warden:
         """One kernel_info round trip with the kernel, signed with the kernel key; raises
         JailStartError if it does not answer in its startup time, or as soon as its jail
         has ended."""
-        from .gate.connection import probe_kernel
-
         def check() -> None:
             self._check_stopped()
             assert self.proc is not None
             if self.proc.poll() is not None:  # it will never answer: say so at once
                 raise JailStartError(
                     f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited "
-                    f"during start with status {self.proc.returncode}; its last output:"
-                    f"\n{self.output_tail()}")
+                    f"during start with status {self.proc.returncode}; its last output (the "
+                    f"kernel's own words):\n{self.output_tail()}")
 
-        if not probe_kernel(self._kernel_conn(), self._started + self.profile.startup_timeout,
-                            check):
+        if not self.kernel_sockets.probe(self._started + self.profile.startup_timeout, check):
             raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
                                  "within the profile's startup_timeout")
 
@@ -214,7 +224,7 @@ class Warden:
         with directory datasets is never sent here). Raises CellblockError."""
         assert self.pooled and self.record is not None and self.datasets is not None
         held = self.audit
-        self.kernel_id = kernel_id
+        self.kernel_id = check_kernel_id(kernel_id)
         self.client_conn = client_conn
         self.audit = AuditLog(audit_dir(self.policy.audit.dir), kernel_id)
         self.telemetry = Telemetry.from_env(kernel_id, self.profile_name)
@@ -234,8 +244,8 @@ class Warden:
         if granted:
             self._audit_write("broker.grant", granted=list(granted), origin="launch")
         self._started = time.monotonic()
-        self._start_gate(self._kernel_conn())
-        self.gate.wait_kernel_subscribed(WELCOME_WAIT)
+        self._start_gate()
+        self.gate.wait_kernel_ready(WELCOME_WAIT)  # connected and welcomed since the probe
         self._ready()
 
     def _kernel_conn(self) -> dict[str, Any]:
@@ -289,6 +299,11 @@ class Warden:
         }
         self.run.write_connection_file(inner, uid, gid)
         self._inner = inner
+        from .gate import GateLimits
+        from .gate.kernelside import KernelSockets
+
+        self.kernel_sockets = KernelSockets(self._kernel_conn(), GateLimits(), owner=(uid, gid))
+        self.kernel_sockets.bind()  # before the jail: the kernel connects to them
         if cg_version is not None:
             self.cgroup = KernelCgroup.create(
                 cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits
@@ -361,8 +376,8 @@ class Warden:
     def output_tail(self, limit: int = 2000) -> str:
         return b"".join(self.tail).decode("utf-8", "replace")[-limit:]
 
-    def _start_gate(self, kernel_conn: dict[str, Any]) -> None:
-        from .gate import Gate, GateLimits
+    def _start_gate(self) -> None:
+        from .gate import Gate
         from .gate.tracker import CLIENT_TYPES
         from .output import build_output_rules
 
@@ -374,34 +389,42 @@ class Warden:
             allowed.add("input_reply")
         self.gate = Gate(
             client=self.client_conn,
-            kernel=kernel_conn,
-            limits=GateLimits(),
+            kernel=self.kernel_sockets,
+            limits=self.kernel_sockets.limits,
             rules=build_output_rules(self.profile.output, audit=self._audit),
             audit=self._audit,
             allowed_client_msg_types=frozenset(allowed),
             observer=self._observe,
+            on_fault=self._on_gate_fault,
         )
         self.gate.start()
 
-    def _wait_for_kernel_sockets(self) -> None:
-        """Return once the kernel has bound its five ipc sockets; raise if the jail ended."""
+    def _on_gate_fault(self, reason: str) -> None:
+        """The gate's thread: the kernel misbehaved in a way that costs the host (its
+        connections keep coming back). Wake the main thread, which stops it."""
+        self._fault = reason
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"!")
+
+    def _wait_for_kernel(self) -> None:
+        """Return once the kernel has connected its five sockets and its iopub has welcomed
+        the gate; raise if the jail ended or took longer than the profile's
+        startup_timeout."""
         deadline = time.monotonic() + self.profile.startup_timeout
-        want = [self.run.ipc / f"k-{p}" for p in INNER_PORTS.values()]
-        assert self.proc is not None
-        while not all(p.exists() for p in want):
+        assert self.proc is not None and self.gate is not None
+        while not self.gate.wait_kernel_ready(WELCOME_POLL):
             if self.proc.poll() is not None:
                 raise JailStartError(
                     f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited during "
-                    f"start with status {self.proc.returncode}; its last output:\n"
-                    f"{self.output_tail()}"
+                    f"start with status {self.proc.returncode}; its last output (the "
+                    f"kernel's own words):\n{self.output_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise JailStartError(
-                    f"kernel {self.kernel_id} did not bind its sockets within "
+                    f"kernel {self.kernel_id} did not connect to the warden within "
                     f"{self.profile.startup_timeout:.0f} s (profile startup_timeout)"
                 )
             self._check_stopped()
-            time.sleep(0.005)  # poll interval for a condition, not a fixed wait
 
     def _check_stopped(self) -> None:
         """During a start: give up (and clean up) once a stop signal has arrived."""
@@ -521,6 +544,8 @@ class Warden:
         wanted = ("", 0.0)  # the state to publish, and from when
         try:
             while self._stop_reason is None and self.proc.poll() is None:
+                if self._fault is not None:
+                    return Stop(self._fault, "connections")
                 with self._lock:
                     clock = self.clock
                     now = time.monotonic()
@@ -671,19 +696,18 @@ class Warden:
             if not self.gate.rekey(key):
                 raise JailStartError("the gate did not take the new kernel key")
             self.gate.announce("CellblockBudget", action.message, replies=True)
-            for entry in self.run.ipc.iterdir():  # sockets, the old key, anything it left
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+            # Nothing the old jail wrote survives: its /tmp and $HOME were its own tmpfs,
+            # and the ipc dir, the broker dir and the package are the warden's, read-only
+            # in the jail. Only the key changes; the sockets stay bound for the new kernel.
             self._inner = {**self._inner, "key": key}
             self.run.write_connection_file(self._inner, *self._ids)
-            self._oom_base = self.cgroup.oom_kills() if self.cgroup is not None else 0
+            if self.cgroup is not None:
+                self._oom_base = self.cgroup.oom_kills()
+                self._pids_base = self.cgroup.pids_max_hits()
             self._spawn(self._argv)
             if self.record is not None:
                 self.record.nsjail_pid = self.proc.pid
-            self._wait_for_kernel_sockets()
-            self.gate.wait_kernel_subscribed(WELCOME_WAIT)
+            self._wait_for_kernel()
             self.gate.resume()  # the requests that came in meanwhile go to the new kernel
         except (CellblockError, OSError) as exc:
             return Stop(f"restart after the {seconds(self.profile.budgets.grace_seconds)} "
@@ -728,22 +752,25 @@ class Warden:
         self._stop_reason = signal.Signals(signum).name
 
     def death_reason(self, status: int) -> str | None:
-        """Why the jail ended, in words for the user; None for a requested shutdown."""
+        """Why the jail ended, in words for the user; None for a requested shutdown.
+
+        Only host facts decide: the cgroup's OOM and pids counters, whether the gate
+        forwarded a shutdown_request, and nsjail's exit status (128 + the signal that
+        ended the kernel). Nothing the kernel printed: a hostile kernel can write
+        "seccomp violation" and exit 3."""
         lim = self.profile.limits
         if self.cgroup is not None and self.cgroup.oom_kills() > self._oom_base:
             return f"memory limit {human_bytes(lim.memory)} exceeded"
         if self.gate is not None and self.gate.shutdown_requested and status == 0:
             return None
-        tail = self.output_tail(4000)
-        if "seccomp" in tail.lower() and "violation" in tail.lower():
-            return "killed by the seccomp policy (a forbidden system call)"
-        if self.cgroup is not None and self.cgroup.pids_max_hits() > 0:
+        if self.cgroup is not None and self.cgroup.pids_max_hits() > self._pids_base:
             return f"process limit {lim.pids} reached (pids), then the kernel exited " \
                    f"with status {status}"
         if status > 128:
-            sig = status - 128
             with contextlib.suppress(ValueError):
-                return f"killed by signal {signal.Signals(sig).name}"
+                sig = signal.Signals(status - 128)
+                return _SIGNAL_REASONS.get(sig, "killed by signal {name}").format(
+                    name=sig.name, file_size=human_bytes(lim.file_size))
         return f"kernel process exited with status {status}"
 
     def _stop_jail(self) -> None:
@@ -769,6 +796,9 @@ class Warden:
         if self.gate is not None:
             with contextlib.suppress(Exception):
                 self.gate.close()
+        if self.kernel_sockets is not None:
+            with contextlib.suppress(Exception):
+                self.kernel_sockets.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.datasets is not None:

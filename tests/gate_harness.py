@@ -153,7 +153,7 @@ class Got:
 
 
 class Kernel:
-    """Raw sockets bound where the kernel would be; it holds the kernel key and lies.
+    """Raw sockets connected where the kernel would connect; it holds the kernel key and lies.
 
     ``iopub=False`` leaves the iopub endpoint to another process (the flood tests).
     """
@@ -180,9 +180,12 @@ class Kernel:
             sock = self.ctx.socket(zmq.PUB if name == "iopub" else zmq.ROUTER)
             if name != "iopub":
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as ipykernel's: the gate reconnects
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as ipykernel's
             sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(self.endpoint(name))
+            sock.setsockopt(zmq.RECONNECT_IVL, 5)  # the gate may bind after this connects
+            # The gate binds, the kernel connects (cellblock_kernel does the same); libzmq
+            # retries until the gate's socket exists, so the order does not matter.
+            sock.connect(self.endpoint(name))
             self.sockets[name] = sock
         self.gate_id = b""  # the routing id of the gate's DEALERs (all four share it)
 
@@ -377,6 +380,13 @@ class World:
         self.gate = Gate(client=client_conn, kernel=self.kernel.conn, audit=self.audit,
                          **gate_kwargs)
         self.gate.start()
+        if kernel_iopub:
+            assert self.gate.wait_kernel_connected(WAIT), "the kernel never connected"
+        else:  # iopub is left to another process: wait for the other four
+            deadline = time.monotonic() + WAIT
+            while not {"shell", "control", "stdin", "hb"} <= self.gate._up:
+                assert time.monotonic() < deadline, "the kernel never connected"
+                time.sleep(0.005)  # polling a condition the gate's thread sets
         self.kernel.gate_id = self.gate._identity  # ipykernel learns it from the first request
         self.conn = self.gate.client_connection_info
         self.clients = [self.client() for _ in range(clients)]

@@ -192,7 +192,7 @@ endpoint, key, parent = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
 size, minimum, end = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 ctx = zmq.Context()
 pub = ctx.socket(zmq.PUB)
-pub.bind(endpoint)
+pub.connect(endpoint)  # the gate binds, the kernel connects
 proto = hmac.new(key, digestmod=hashlib.sha256)
 head = b'{"msg_id": "flood-%d", "msg_type": "%s", "session": "k", "version": "5.3"}'
 content = json.dumps({"name": "stdout", "text": "x" * (size - len(end)) + end}).encode()
@@ -268,7 +268,7 @@ def test_r8_r9_iopub_flood_memory_bounded_control_still_answered(make_world, siz
     assert len(w.gate._table) <= 6  # 3 interrupts and 3 kernel_infos never got their idle
     assert peak - before < 256 * 1024, "the gate's memory grew with the flood"
     k.sockets["iopub"] = k.ctx.socket(zmq.PUB)  # the kernel takes iopub back
-    k.sockets["iopub"].bind(k.endpoint("iopub"))
+    k.sockets["iopub"].connect(k.endpoint("iopub"))
     w.synced.clear()
     w.check()
 

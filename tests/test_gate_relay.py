@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +29,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jupyter_client import BlockingKernelClient, KernelManager
+from jupyter_client import BlockingKernelClient
 from jupyter_client.session import Session
 
 from cellblock.gate import Gate, GateLimits
@@ -101,6 +103,7 @@ def make_gate(audit: AuditLog) -> Iterator[Callable[..., Gate]]:
         gate = Gate(client=client_conn(), kernel=kernel, audit=audit, **kwargs)
         gates.append(gate)
         gate.start()
+        assert gate.wait_kernel_connected(WAIT), "the kernel never connected"
         return gate
 
     yield make
@@ -157,14 +160,39 @@ def test_lifecycle_without_start_and_failed_start(rundir):
 # ====================================================================== real ipykernel
 
 
+class RealKernel:
+    """A real ipykernel (unjailed), started as cellblock starts it in the jail: ``python -m
+    cellblock_kernel -f FILE``, which connects to the gate's bound sockets (libzmq retries
+    until the gate has bound them)."""
+
+    def __init__(self, rundir: str) -> None:
+        self.conn: dict[str, Any] = {
+            "transport": "ipc", "ip": os.path.join(rundir, "k"), "key": uuid.uuid4().hex,
+            "signature_scheme": "hmac-sha256", "kernel_name": "", "shell_port": 1,
+            "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5,
+        }
+        path = os.path.join(rundir, "kernel.json")
+        with open(path, "w") as f:
+            json.dump(self.conn, f)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cellblock_kernel", "-f", path],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def get_connection_info(self) -> dict[str, Any]:
+        return dict(self.conn)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
 @pytest.fixture
-def real_kernel(rundir: str) -> Iterator[KernelManager]:
-    km = KernelManager(transport="ipc", ip=os.path.join(rundir, "k"))
-    km.start_kernel()
-    yield km
-    if km.has_kernel:
-        km.shutdown_kernel(now=True)
-    km.cleanup_resources()
+def real_kernel(rundir: str) -> Iterator[RealKernel]:
+    kernel = RealKernel(rundir)
+    yield kernel
+    kernel.close()
 
 
 @pytest.fixture
@@ -172,6 +200,9 @@ def make_client() -> Iterator[Callable[[Gate], BlockingKernelClient]]:
     clients: list[BlockingKernelClient] = []
 
     def make(gate: Gate) -> BlockingKernelClient:
+        # as the warden does before it reports ready: a standalone client judges liveness
+        # by its heartbeat, whose first ping is lost if the kernel's hb has not connected
+        assert gate.wait_kernel_ready(60)
         kc = BlockingKernelClient()
         kc.load_connection_info(gate.client_connection_info)
         clients.append(kc)
@@ -209,7 +240,7 @@ def reply_to(get: Callable[..., dict], msg_id: str) -> dict:
 def test_kernel_info_execute_and_heartbeat(real_kernel, make_gate, make_client, audit):
     gate = make_gate(real_kernel.get_connection_info())
     kc = make_client(gate)
-    assert gate.client_connection_info["key"] != real_kernel.session.key.decode()
+    assert gate.client_connection_info["key"] != real_kernel.conn["key"]
     # At boot, ipykernel may print debugpy's "frozen modules" warning to stderr with an
     # empty parent: the gate drops that (no request to bind it to). After that, nothing.
     mark = len(audit.events)
@@ -303,7 +334,7 @@ def test_shutdown_request_is_recorded(real_kernel, make_gate, make_client):
     reply = reply_to(kc.get_control_msg, msg_id)
     assert reply["msg_type"] == "shutdown_reply"
     assert gate.shutdown_requested is True
-    assert real_kernel.provisioner.process.wait(timeout=WAIT) == 0
+    assert real_kernel.process.wait(timeout=WAIT) == 0
 
 
 def test_announce_names_the_running_request(real_kernel, make_gate, make_client):
@@ -681,6 +712,7 @@ def hostile_session(rundir, audit) -> Iterator[tuple[HostileKernel, RawClient, d
     kernel = HostileKernel(rundir)
     gate = Gate(client=client_conn(), kernel=kernel.conn, audit=audit)
     gate.start()
+    assert gate.wait_kernel_connected(WAIT), "the kernel never connected"
     client = RawClient(gate.client_connection_info)
     try:
         yield kernel, client, execute(client, kernel)

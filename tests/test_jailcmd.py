@@ -72,7 +72,7 @@ def test_nsjail_argv_exact(base_files: tuple[Path, Path]) -> None:
         "--bindmount_ro", "/run/cellblock/k1/pkg:/opt/cellblock-kernel",
         "--bindmount_ro", "/run/cellblock/k1/passwd:/etc/passwd",
         "--bindmount_ro", "/run/cellblock/k1/group:/etc/group",
-        "--bindmount", "/run/cellblock/k1/ipc:/run/cellblock",
+        "--bindmount_ro", "/run/cellblock/k1/ipc:/run/cellblock",
         "--env", "PYTHONPATH=/opt/cellblock-kernel",
         "--",
         "/opt/env/bin/python3", "-m", "cellblock_kernel",

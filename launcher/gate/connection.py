@@ -1,23 +1,18 @@
-"""The gate's two connections: its caps, the addresses and the signer of a connection
-dict (client's or kernel's), and the warden's one-shot ``kernel_info`` probe of a kernel
-that has no client yet (the warm pool).
+"""The gate's two connections: its caps, and the addresses and the signer of a connection
+dict (client's or kernel's).
 
-Who calls what: :class:`cellblock.gate.Gate` (``GateLimits``, ``address``, ``signer``);
-the warden (``probe_kernel``).
+Who calls what: :class:`cellblock.gate.Gate` and :mod:`cellblock.gate.kernelside`.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cellblock.gate.wire import DELIM, SIGNATURE_SCHEME, Signer
+from cellblock.gate.wire import SIGNATURE_SCHEME, Signer
 
-__all__ = ["GateLimits", "address", "probe_kernel", "signer"]
+__all__ = ["GateLimits", "address", "signer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +31,10 @@ class GateLimits:
     #: (its memory, in its cgroup) and its PUB drops.
     kernel_rcvhwm: int = 16
     linger_ms: int = 1000  #: how long close() waits to flush client-facing sockets
+    #: connections the kernel may make to one kernel-facing socket in one jail's life: 1 at
+    #: start, one more each time libzmq drops it (a frame over max_frame_bytes). A kernel
+    #: past it is stopped: its connections are a host cost (the warden accepts each one).
+    max_kernel_connections: int = 32
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -65,35 +64,3 @@ def signer(conn: Mapping[str, Any], side: str) -> Signer:
     if scheme != SIGNATURE_SCHEME:
         raise ValueError(f"cellblock gate: {side} signature_scheme {scheme!r} is not hmac-sha256")
     return Signer(conn["key"])
-
-
-
-def probe_kernel(conn: Mapping[str, Any], deadline: float,
-                 check: Callable[[], None]) -> bool:
-    """Send the kernel of ``conn`` (its shell socket, its key) one ``kernel_info_request``
-    and wait for the reply until ``deadline`` (time.monotonic). ``check`` runs every 50 ms
-    and may raise to give up (the jail ended, a stop signal). Returns whether a reply came;
-    the reply itself is not used."""
-    import zmq
-
-    header = json.dumps({"msg_id": secrets.token_hex(16), "msg_type": "kernel_info_request",
-                         "username": "cellblock", "session": secrets.token_hex(16),
-                         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "version": "5.3"}).encode()
-    parts = [header, b"{}", b"{}", b"{}"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        sock.connect(address(conn, int(conn["shell_port"])))
-        sock.send_multipart([DELIM, signer(conn, "kernel").sign(parts), *parts])
-        while not sock.poll(50):
-            check()
-            if time.monotonic() > deadline:
-                return False
-        sock.recv_multipart()
-        return True
-    finally:
-        sock.close()
-        ctx.term()

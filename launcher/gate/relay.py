@@ -1,9 +1,10 @@
 """The gate: a ZMQ relay between Jupyter clients (client key) and a hostile kernel (kernel key).
 
-Who calls what: the warden makes one :class:`Gate` per kernel, calls :meth:`Gate.start`
-before the jailed kernel is up, :meth:`Gate.announce` when it knows why the kernel died,
-reads :attr:`Gate.shutdown_requested` to tell a requested exit from a crash, and calls
-:meth:`Gate.close` on every exit path. For budgets it passes an ``observer``
+Who calls what: the warden makes one :class:`Gate` per kernel (with the kernel-facing
+sockets it bound before the jail started, :mod:`cellblock.gate.kernelside`), calls
+:meth:`Gate.start` before or after the jailed kernel is up, :meth:`Gate.announce` when it
+knows why the kernel died, reads :attr:`Gate.shutdown_requested` to tell a requested exit
+from a crash, and calls :meth:`Gate.close` on every exit path. For budgets it passes an ``observer``
 (:mod:`cellblock.gate.observe`), calls :meth:`Gate.interrupt` to send the kernel an
 ``interrupt_request`` of the gate's own, and :meth:`Gate.rekey` before it restarts the jail
 in place with a fresh kernel key. Everything else happens on the gate's one background
@@ -34,6 +35,11 @@ Decisions:
   ``execution_state`` must be busy, idle or starting.
 - **Heartbeat** is forwarded to the kernel, so liveness reflects the kernel; an echo is only
   passed back if it matches a ping the gate forwarded (no unsolicited bytes to clients).
+- **Connections** are the kernel's to make: the gate binds and never reconnects. Every
+  accepted connection is counted per channel; past ``GateLimits.max_kernel_connections``
+  in one jail's life the gate calls ``on_fault`` once (the warden stops the kernel). A
+  connection that breaks and comes back (libzmq drops a peer that sends a frame over
+  MAXMSGSIZE) leaves a marker in the output of every open request.
 - **Audit** fields never carry content: a msg_type outside the known set is omitted.
 """
 
@@ -51,6 +57,7 @@ from typing import Any
 import zmq
 
 from cellblock.gate.connection import GateLimits, address, signer
+from cellblock.gate.kernelside import KernelSockets
 from cellblock.gate.observe import Observed, Observer
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules, tick_rules
@@ -76,16 +83,29 @@ __all__ = ["AuditCallback", "Gate", "GateLimits"]
 AuditCallback = Callable[[str, dict[str, Any]], None]
 
 _ROUTED = ("shell", "control", "stdin")
-_RECONNECT_MS = 5  # between attempts to connect to the kernel's ipc sockets
 _BATCH = 256  # messages read from one socket before the poller is consulted again
 # ...or this long, whichever comes first: a kernel flooding iopub with big messages must not
 # keep an interrupt_request waiting on control for 256 of them (seconds, when measured).
 _SLICE_S = 0.01
 _TICK_S = 0.05  # how often output rules with a tick() are asked for timed releases
 _HB_MAX_BYTES = 4096
+_RESET_MARKER = (
+    "[cellblock: the kernel's {channel} connection broke and came back; whatever it was "
+    "sending then was dropped (a message over the {limit} MiB frame limit does this)]\n"
+)
 _HB_MAX_PENDING = 256
 _EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
 _NOT_OUTPUT = frozenset({"status", "execute_input"})  # not charged to an output budget
+
+
+def monitor_event(frames: list[bytes]) -> tuple[int, int]:
+    """The event number and value (a descriptor for ACCEPTED and DISCONNECTED) of one
+    libzmq monitor message (its first frame: u16 event, u32 value). Raises ValueError for
+    anything else."""
+    if not frames or len(frames[0]) < 6:
+        raise ValueError("not a monitor message")
+    head = frames[0]
+    return int.from_bytes(head[:2], "little"), int.from_bytes(head[2:6], "little")
 
 
 def _without_stdin(parts: list[bytes]) -> list[bytes]:
@@ -107,18 +127,31 @@ class Gate:
     def __init__(
         self,
         client: Mapping[str, Any],
-        kernel: Mapping[str, Any],
+        kernel: Mapping[str, Any] | KernelSockets,
         limits: GateLimits | None = None,
         rules: Sequence[OutputRule] = (),
         audit: AuditCallback | None = None,
         allowed_client_msg_types: frozenset[str] | None = None,
         observer: Observer | None = None,
+        on_fault: Callable[[str], None] | None = None,
     ) -> None:
-        self._client_conn = dict(client)
-        self._kernel_conn = dict(kernel)
-        self._client_signer = signer(client, "client")
-        self._kernel_signer = signer(kernel, "kernel")
         self._limits = limits or GateLimits()
+        # The kernel-facing sockets: bound by the warden (a KernelSockets it owns), or by
+        # this gate at start() from a connection dict (then the gate closes them).
+        self._owns_kernel = not isinstance(kernel, KernelSockets)
+        self._ks = KernelSockets(kernel, self._limits) if not isinstance(
+            kernel, KernelSockets) else kernel
+        self._client_conn = dict(client)
+        self._kernel_conn = dict(self._ks.conn)
+        self._client_signer = signer(client, "client")
+        self._kernel_signer = signer(self._kernel_conn, "kernel")
+        self._on_fault = on_fault
+        self._accepts: dict[str, int] = {}  # connections accepted per channel, this jail
+        self._live: dict[str, set[int]] = {}  # per channel, the fds of its connections
+        self._up: set[str] = set()  # channels with a connection whose handshake succeeded
+        self._broken: set[str] = set()  # channels whose connection broke, until it is back
+        self._down_held: list[tuple[str, list[bytes]]] = []  # requests for a broken channel
+        self._faulted = False
         self._rules = tuple(rules)
         self._audit = audit
         self._allowed = allowed_client_msg_types
@@ -129,13 +162,12 @@ class Gate:
         self._table = RequestTable(self._limits.max_open_requests)
         self._replay = ReplayWindow(self._limits.replay_window)
         self._session = uuid.uuid4().hex  # the gate's own session, for announce()
-        self._identity = b"cellblock-gate-" + uuid.uuid4().hex.encode()
+        self._identity = self._ks.identity
         self._hb_pending: dict[tuple[bytes, ...], int] = {}
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._client: dict[str, zmq.Socket[bytes]] = {}
         self._kernel: dict[str, zmq.Socket[bytes]] = {}
-        self._endpoints: dict[str, str] = {}
         self._monitors: dict[str, zmq.Socket[bytes]] = {}
         self._wake_in: zmq.Socket[bytes] | None = None
         self._wake_out: zmq.Socket[bytes] | None = None
@@ -148,7 +180,9 @@ class Gate:
         self._own: dict[str, None] = {}  # msg_ids of the gate's own requests to the kernel
         self._told: dict[str, str] = {}  # msg_id -> the last error the gate told that request
         self._rekeyed = threading.Event()
-        self._kernel_welcomed = threading.Event()
+        self._kernel_welcomed = False
+        self._kernel_ready = threading.Event()  # welcomed, and all five sockets connected
+        self._kernel_connected = threading.Event()  # all five sockets connected
         self._held: list[tuple[str, list[bytes]]] | None = None  # requests during a restart
 
     # ----------------------------------------------------------- the warden's side
@@ -164,14 +198,11 @@ class Gate:
         return dict(self._client_conn)
 
     def start(self) -> None:
-        """Bind client-facing sockets, connect kernel-facing ones, start the loop thread.
-
-        Connecting does not wait for the kernel: its ipc sockets may appear later. On any
-        failure everything opened so far is closed and the error is raised.
-        """
+        """Bind the client-facing sockets (and the kernel-facing ones, unless the warden
+        bound them), start the loop thread. The kernel may connect before or after. On
+        any failure everything opened here is closed and the error is raised."""
         if self._ctx is not None or self._closed:
             raise RuntimeError("cellblock gate: start() may be called once, before close()")
-        limits = self._limits
         self._ctx = ctx = zmq.Context()
         try:
             for name in (*_ROUTED, "hb"):
@@ -183,26 +214,10 @@ class Gate:
             self._client["iopub"] = ctx.socket(zmq.XPUB)
             self._client["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)
             self._bind(self._client["iopub"], "iopub")
-            for name, kind in (*((n, zmq.DEALER) for n in (*_ROUTED, "hb")), ("iopub", zmq.SUB)):
-                sock = self._kernel[name] = ctx.socket(kind)
-                sock.setsockopt(zmq.LINGER, 0)
-                # The gate connects before the kernel has bound (a cold start builds the
-                # rules meanwhile): with libzmq's default 100 ms between attempts, a start
-                # waited up to 0.1 s after the kernel was up (0.10 s median, 1.37x of a
-                # plain ipykernel's start). An ipc connect to a missing path is one syscall.
-                sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
-                sock.setsockopt(zmq.RCVHWM, limits.kernel_rcvhwm)
-                sock.setsockopt(
-                    zmq.MAXMSGSIZE, _HB_MAX_BYTES if name == "hb" else limits.max_frame_bytes
-                )
-                if kind == zmq.SUB:
-                    sock.setsockopt(zmq.SUBSCRIBE, b"")
-                else:  # ipykernel routes input_request to the shell identity: stdin must match
-                    sock.setsockopt(zmq.IDENTITY, self._identity)
-                endpoint = address(self._kernel_conn, int(self._kernel_conn[f"{name}_port"]))
-                self._endpoints[name] = endpoint
-                sock.connect(endpoint)
-                self._monitors[name] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            if self._owns_kernel:
+                self._ks.bind()
+            self._kernel = self._ks.sockets
+            self._monitors = self._ks.monitors
             endpoint = f"inproc://cellblock-gate-{uuid.uuid4().hex}"
             self._wake_in = ctx.socket(zmq.PAIR)
             self._wake_in.bind(endpoint)
@@ -253,11 +268,18 @@ class Gate:
         (the warden calls it once the restarted kernel has welcomed the gate). Thread-safe."""
         self._wake(b"resume")
 
-    def wait_kernel_subscribed(self, timeout: float) -> bool:
-        """Block until the kernel has welcomed the gate's iopub subscription (JEP 65), so
-        nothing the kernel publishes from now on is lost to ZMQ's slow joiner; False after
-        ``timeout`` (a kernel without iopub_welcome). Thread-safe."""
-        return self._kernel_welcomed.wait(timeout)
+    def wait_kernel_ready(self, timeout: float) -> bool:
+        """Block until the kernel has connected all five sockets and welcomed the gate's
+        iopub subscription (JEP 65), so nothing it publishes from now on is lost to ZMQ's
+        slow joiner and a client's first heartbeat reaches it; False after ``timeout``.
+        Thread-safe."""
+        return self._kernel_ready.wait(timeout)
+
+    def wait_kernel_connected(self, timeout: float) -> bool:
+        """Block until the kernel has connected all five sockets (a request sent before
+        finds no peer and is dropped as ``kernel_queue_full``); False after ``timeout``.
+        Thread-safe."""
+        return self._kernel_connected.wait(timeout)
 
     def _wake(self, *frames: bytes) -> bool:
         with self._lock:
@@ -281,11 +303,8 @@ class Gate:
             thread.join()
         for sock in self._client.values():
             sock.close(linger=self._limits.linger_ms)
-        for name, monitor in self._monitors.items():
-            self._kernel[name].disable_monitor()
-            monitor.close(linger=0)
-        for sock in self._kernel.values():
-            sock.close(linger=0)
+        if self._owns_kernel:
+            self._ks.close()
         for pair in (self._wake_in, self._wake_out):
             if pair is not None:
                 pair.close(linger=0)
@@ -322,7 +341,7 @@ class Gate:
         watch(self._client["hb"], self._hb_from_client)
         watch(self._kernel["hb"], self._hb_from_kernel)
         for name, monitor in self._monitors.items():
-            watch(monitor, partial(self._reconnect, name))
+            watch(monitor, partial(self._connection_event, name))
         keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
         ticking = any(hasattr(rule, "tick") for rule in self._rules)
         timeout = int(_TICK_S * 1000) if ticking else None
@@ -370,7 +389,14 @@ class Gate:
         elif frames[0] == b"rekey":
             self._kernel_signer = Signer(frames[1].decode())
             self._hb_pending.clear()
-            self._kernel_welcomed.clear()
+            self._accepts.clear()  # a new jail connects anew
+            self._live.clear()
+            self._up.clear()
+            self._broken.clear()
+            self._down_held.clear()
+            self._kernel_welcomed = False
+            self._kernel_ready.clear()
+            self._kernel_connected.clear()
             self._held = []
             self._rekeyed.set()
         elif frames[0] == b"resume":
@@ -404,32 +430,84 @@ class Gate:
             fields["msg_type"] = dropped.msg_type
         self._emit("gate.drop", fields)
 
-    def _reconnect(self, channel: str, _event: list[bytes]) -> None:
-        """A kernel-facing connection dropped. After a protocol error (a frame over
-        MAXMSGSIZE) libzmq closes the session for good instead of reconnecting, which
-        would leave the channel deaf for the rest of the kernel's life: connect again."""
-        sock, endpoint = self._kernel[channel], self._endpoints[channel]
+    def _connection_event(self, channel: str, frames: list[bytes]) -> None:
+        """A kernel-facing socket accepted or lost a connection (libzmq's monitor). The
+        kernel reconnects by itself; the gate counts, and tells open requests what a
+        broken connection lost."""
         try:
-            sock.disconnect(endpoint)
-        except zmq.ZMQError:
-            pass  # already gone with the terminated session
-        sock.connect(endpoint)
-        self._emit("gate.reconnect", {"channel": channel, "reason": "disconnected"})
+            event, fd = monitor_event(frames)
+        except ValueError:
+            return
+        live = self._live.setdefault(channel, set())
+        if event == zmq.EVENT_DISCONNECTED:
+            live.discard(fd)
+            if not live:  # another connection (a second socket of the kernel's) may remain
+                self._up.discard(channel)
+                self._broken.add(channel)
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if not live:
+                return
+            self._up.add(channel)
+            self._check_ready()
+            if channel in self._broken:
+                self._broken.discard(channel)
+                self._emit("gate.reconnect", {"channel": channel, "reason": "kernel_reconnected",
+                                              "connections": self._accepts.get(channel, 0)})
+                self._mark_open_requests(_RESET_MARKER.format(
+                    channel=channel, limit=self._limits.max_frame_bytes >> 20))
+                held = [m for m in self._down_held if m[0] == channel]
+                self._down_held = [m for m in self._down_held if m[0] != channel]
+                for held_channel, message in held:
+                    self._from_client(held_channel, message)
+            return
+        if event != zmq.EVENT_ACCEPTED:
+            return
+        live.add(fd)
+        count = self._accepts[channel] = self._accepts.get(channel, 0) + 1
+        if count > self._limits.max_kernel_connections and not self._faulted:
+            self._faulted = True
+            self._emit("gate.fault", {"channel": channel, "reason": "too_many_connections",
+                                      "connections": count})
+            if self._on_fault is not None:
+                try:
+                    self._on_fault(
+                        f"its {channel} connection to the warden was made {count} times "
+                        f"(at most {self._limits.max_kernel_connections} in a kernel's life)")
+                except Exception:  # the warden's callback must not stop the relay
+                    self.audit_errors += 1
+
+    def _check_ready(self) -> None:
+        if len(self._up) == len(self._monitors):
+            self._kernel_connected.set()
+            if self._kernel_welcomed:
+                self._kernel_ready.set()
+
+    def _mark_open_requests(self, text: str) -> None:
+        """Publish ``text`` on stderr to every open execute request."""
+        content = json.dumps({"name": "stderr", "text": text}).encode()
+        for request in self._table.open_requests():
+            if request.msg_type == "execute_request":
+                self._publish_own("stream", request.header, content)
 
     # client -> kernel
 
     def _from_client(self, channel: str, frames: list[bytes]) -> None:
-        if self._held is not None:  # the jail is restarting in place: keep it for resume()
+        # The jail is restarting in place (keep it for resume()), or this channel's
+        # connection broke and the kernel has not reconnected yet (keep it until it has).
+        held = self._held if self._held is not None else (
+            self._down_held if channel in self._broken else None)
+        if held is not None:
             limits = self._limits
             try:  # only what verifies is kept: nobody without the key fills the warden
                 check(frames, self._client_signer, limits.max_frames, limits.max_header_bytes,
                       False)
-                if len(self._held) >= limits.max_open_requests:
+                if len(held) >= limits.max_open_requests:
                     raise Dropped("restart_queue_full")
             except Dropped as dropped:
                 self._drop("client", channel, dropped)
                 return
-            self._held.append((channel, frames))
+            held.append((channel, frames))
             return
         try:
             limits = self._limits
@@ -491,7 +569,8 @@ class Gate:
         if self._replay.seen(header["msg_id"]):
             raise Dropped("replay", msg_type)
         if msg_type == "iopub_welcome" and channel == "iopub" and not parent:
-            self._kernel_welcomed.set()  # our subscription to the kernel is live
+            self._kernel_welcomed = True  # our subscription to the kernel is live
+            self._check_ready()
             return
         if msg_type not in KERNEL_TYPES[channel]:
             raise Dropped("unexpected_msg_type", msg_type)

@@ -188,6 +188,10 @@ class RequestTable:
         """The open request ``msg_id``, if any (``Gate.announce`` to one request)."""
         return self._open.get(msg_id)
 
+    def open_requests(self) -> list[Request]:
+        """The open requests, oldest first (without closing them)."""
+        return list(self._open.values())
+
     def discard(self, msg_id: str) -> None:
         """Forget ``msg_id`` (the relay could not forward it after all)."""
         self._open.pop(msg_id, None)
