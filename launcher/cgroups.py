@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import HostUnsupported
 from .policy import Limits
 
-__all__ = ["CgroupDetection", "KernelCgroup", "detect"]
+__all__ = ["CgroupDetection", "KernelCgroup", "detect", "own_cgroups"]
 
 CGROUP_ROOT = Path(os.environ.get("CELLBLOCK_CGROUP_ROOT", "/sys/fs/cgroup"))
 V1_CONTROLLERS = ("memory", "pids", "cpu")
@@ -54,6 +54,22 @@ def detect(root: Path = CGROUP_ROOT) -> CgroupDetection:
     return CgroupDetection(
         None, f"no cgroup v2 at {root} and no cgroup v1 controllers for {missing}"
     )
+
+
+def own_cgroups(root: Path = CGROUP_ROOT) -> dict[str, Path]:
+    """The calling process's cgroups, by controller ("" for the v2 hierarchy), from
+    /proc/self/cgroup: where a warden returns before it removes its own cgroup."""
+    out: dict[str, Path] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            rel = path.lstrip("/")
+            if controllers == "":
+                out[""] = root / rel
+            for c in controllers.split(","):
+                if c in V1_CONTROLLERS:
+                    out[c] = root / c / rel
+    return out
 
 
 def _write(path: Path, value: str) -> None:
@@ -114,7 +130,75 @@ class KernelCgroup:
             ) from None
         return cg
 
-    def _create_v2(self, root: Path, parent: str, limits: Limits) -> None:
+    @classmethod
+    def for_warden(cls, version: str, parent: str, slot: str,
+                   root: Path = CGROUP_ROOT) -> KernelCgroup:
+        """The warden's own cgroup(s), beside the kernel's: ``<parent>/<slot>.warden`` (a
+        dot never appears in a kernel id, so it never names a kernel)."""
+        from .names import check_kernel_id
+
+        name = check_kernel_id(slot) + ".warden"
+        if version == "v2":
+            return cls(version, (root / parent / name,))
+        return cls(version, tuple(root / c / parent / name for c in V1_CONTROLLERS))
+
+    @classmethod
+    def create_for_warden(cls, version: str, parent: str, slot: str, limits: Limits,
+                          root: Path = CGROUP_ROOT) -> KernelCgroup:
+        """Make the warden's cgroup with ``limits.warden_memory``/``warden_cpus`` (no pids
+        limit: the warden's threads are its own). Raises HostUnsupported."""
+        cg = cls.for_warden(version, parent, slot, root)
+        try:
+            if version == "v2":
+                cg._prepare_v2_parent(root, parent)
+                (d,) = cg.dirs
+                d.mkdir()
+                _write(d / "memory.max", str(limits.warden_memory))
+                with contextlib.suppress(FileNotFoundError):
+                    _write(d / "memory.swap.max", "0")
+                _write(d / "cpu.max", f"{int(limits.warden_cpus * CPU_PERIOD_US)} "
+                                      f"{CPU_PERIOD_US}")
+            else:
+                mem, _pids, cpu = cg.dirs
+                for d in cg.dirs:
+                    d.parent.mkdir(parents=True, exist_ok=True)
+                    d.mkdir()
+                _write(mem / "memory.limit_in_bytes", str(limits.warden_memory))
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    _write(mem / "memory.memsw.limit_in_bytes", str(limits.warden_memory))
+                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(cpu / "cpu.cfs_quota_us", str(int(limits.warden_cpus * CPU_PERIOD_US)))
+        except OSError as exc:
+            cg.remove_empty()
+            raise HostUnsupported(
+                f"cannot set up the warden's cgroup {version} at {exc.filename or 'cgroupfs'}"
+                f": {exc.strerror}. Fix: as for the kernel's cgroup (run as root or delegate "
+                f"{root}/.../{parent}), or set cgroups = \"off\" in the profile") from None
+        return cg
+
+    def leave(self, to: dict[str, Path]) -> None:
+        """Move the calling process out of these cgroups, into ``to`` (controller -> the
+        cgroup it came from; see :func:`own_cgroups`), so that they can be removed.
+        Best effort: where it may not move, :meth:`remove_empty` later fails quietly and
+        the sweep removes the directories once the process is gone."""
+        names = ("",) if self.version == "v2" else V1_CONTROLLERS
+        for controller, d in zip(names, self.dirs, strict=True):
+            for target in (to.get(controller), d.parent):  # where it came from, else above
+                if target is None:
+                    continue
+                try:
+                    _write(target / "cgroup.procs", "0")
+                    break
+                except OSError:
+                    continue
+
+    def remove_empty(self) -> None:
+        """Remove the directories if nothing is left in them (never kills). Idempotent."""
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    def _prepare_v2_parent(self, root: Path, parent: str) -> None:
         want = "+memory +pids +cpu"
         node = root
         for part in parent.split("/"):
@@ -124,6 +208,9 @@ class KernelCgroup:
             node.mkdir(exist_ok=True)
         with contextlib.suppress(OSError):
             _write(node / "cgroup.subtree_control", want)
+
+    def _create_v2(self, root: Path, parent: str, limits: Limits) -> None:
+        self._prepare_v2_parent(root, parent)
         (d,) = self.dirs
         d.mkdir()
         _write(d / "memory.max", str(limits.memory))

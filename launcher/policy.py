@@ -90,6 +90,11 @@ class Limits(_Model):
     home_size: Size = Field(64 * 1024**2, gt=0, description="tmpfs size of $HOME")
     open_files: int = Field(1024, ge=64, le=1_048_576, description="RLIMIT_NOFILE")
     file_size: Size = Field(256 * 1024**2, ge=1024**2, description="RLIMIT_FSIZE")
+    warden_memory: Size = Field(1024**3, ge=256 * 1024**2,
+                                description="memory of the kernel's warden (the host process "
+                                "running its gate): its cgroup limit and its address space")
+    warden_cpus: float = Field(1.0, gt=0, le=1024, description="CPU quota of the kernel's "
+                               "warden, in cores")
 
 
 PII_KINDS = ("email", "phone", "card", "iban", "ssn")

@@ -294,6 +294,9 @@ def sweep_stale(base: Path | None = None) -> list[str]:
             KernelCgroup.for_kernel(
                 record.cgroup_version, record.cgroup_parent, record.cgroup_name
             ).remove()
+            KernelCgroup.for_warden(  # empty once that warden is gone; never killed here
+                record.cgroup_version, record.cgroup_parent, record.cgroup_name
+            ).remove_empty()
         run.remove()
         removed.append(record.kernel_id)
     return removed

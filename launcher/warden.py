@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from .audit import AuditLog, audit_dir
 from .broker import DatasetSetup, setup_datasets
 from .budgets import BudgetClock, Execution, Interrupt, Kill, Stop, seconds
-from .cgroups import KernelCgroup, detect
+from .cgroups import KernelCgroup, detect, own_cgroups
 from .datasets import parse_selection, select_datasets
 from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
 from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
@@ -96,6 +96,19 @@ def set_pdeathsig(sig: int) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
     if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def cap_address_space(limit: int) -> None:
+    """Cap this warden's address space (RLIMIT_AS, soft; nsjail sets the jail's own) at the
+    profile's ``warden_memory``, the same figure as its cgroup's memory limit: resident
+    memory cannot pass the address space, so a flood that makes libzmq allocate (one
+    multipart of many big frames) fails that allocation and libzmq drops the connection,
+    instead of the cgroup's OOM killer ending the warden without a word."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def human_bytes(n: int) -> str:
@@ -153,6 +166,8 @@ class Warden:
         self.profile: Profile = self.policy.profile(profile_name)
         self.run = RunDir(runtime_base(), kernel_id)
         self.cgroup: KernelCgroup | None = None
+        self.warden_cgroup: KernelCgroup | None = None  # this process's, beside the jail's
+        self._home_cgroups: dict[str, Any] = {}  # where this process was before it
         self.proc: subprocess.Popen[bytes] | None = None
         self.gate: Any = None
         self.kernel_sockets: Any = None  # gate.kernelside.KernelSockets, bound before the jail
@@ -268,6 +283,13 @@ class Warden:
                     "cgroups = \"off\" in the profile"
                 )
             cg_version = found.version
+            # What the kernel makes its warden spend (queued messages, a flood, the gate's
+            # CPU) is charged to a cgroup of the warden's own, with the profile's limits.
+            self._home_cgroups = own_cgroups()
+            self.warden_cgroup = KernelCgroup.create_for_warden(
+                cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits)
+            self.warden_cgroup.join(0)
+        cap_address_space(profile.limits.warden_memory)
         python = resolve_python(profile)
         env_mounts = python_env_mounts(python)
         nsjail = locate_nsjail(self.policy.host)
@@ -815,3 +837,6 @@ class Warden:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self.warden_cgroup is not None:  # last: this process leaves it, then removes it
+            self.warden_cgroup.leave(self._home_cgroups)
+            self.warden_cgroup.remove_empty()

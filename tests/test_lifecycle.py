@@ -210,8 +210,9 @@ async def test_one_multipart_of_many_big_frames_cannot_swell_the_warden(
 ) -> None:
     """THREATS R10/P6: libzmq buffers a whole multipart (4 GiB here, from 32 MiB of the
     kernel's memory) before the gate can refuse it; MAXMSGSIZE caps frames, not messages.
-    Under the warden's address-space cap the allocation fails, libzmq drops that
-    connection, the gate reconnects: the warden stays bounded and keeps serving."""
+    Under the warden's address-space cap (the profile's ``warden_memory``, also its
+    cgroup's limit) the allocation fails, libzmq drops that connection, the kernel
+    reconnects: the warden stays bounded and keeps serving."""
     km, kc = kernel
     warden = km.provisioner.process.pid
 
@@ -233,13 +234,14 @@ async def test_one_multipart_of_many_big_frames_cannot_swell_the_warden(
     watcher.start()
     kc.execute(MULTIPART_BOMB)
     try:
-        swelled = wait_for(lambda: peak[0] > 1024**3, timeout=60)
-        settled = wait_for(lambda: peak[0] > 1024**3 and rss() < 512 * 1024**2, timeout=60)
+        swelled = wait_for(lambda: peak[0] > 256 * 1024**2, timeout=60)
+        settled = wait_for(lambda: peak[0] > 256 * 1024**2 and rss() < 200 * 1024**2,
+                           timeout=60)
     finally:
         stop.set()
         watcher.join()
     assert swelled, f"the attack did not reach the warden (peak {peak[0] >> 20} MiB)"
-    assert peak[0] < 2.2 * 1024**3, f"the warden reached {peak[0] >> 20} MiB"
+    assert peak[0] <= 1024**3, f"the warden reached {peak[0] >> 20} MiB (warden_memory 1 GiB)"
     assert settled, f"the warden kept {rss() >> 20} MiB"
     msg_id = kc.kernel_info()  # the gate still relays
     while (reply := await kc.get_shell_msg(timeout=60))["parent_header"]["msg_id"] != msg_id:
