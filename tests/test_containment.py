@@ -610,8 +610,9 @@ KERNEL_ENDERS = {
              MEMORY_STOP),
     # K20: a kernel writes its own death certificate (issue 12, finding 4): "seccomp
     # violation" on its original stderr, then exit 3. The reason comes from host facts.
-    "K20": ("import os\nos.write(2, b'[E] seccomp violation: syscall 101\\n' * 20)\n"
-            "os._exit(3)", "cellblock: kernel stopped, kernel process exited with status 3"),
+    "K20": ("import os, sys\nfd = sys.stderr._original_stdstream_copy  # nsjail's pipe\n"
+            "os.write(fd, b'[E] seccomp violation: syscall 101\\n' * 20)\nos._exit(3)",
+            "cellblock: kernel stopped, kernel process exited with status 3"),
     # K21: a real seccomp kill (an x32 system call: SIGSYS), told from the wait status.
     "K21": ("import ctypes\nctypes.CDLL(None).syscall(0x40000000 | 39)",
             "cellblock: kernel stopped, killed by the seccomp policy (signal SIGSYS: a "
