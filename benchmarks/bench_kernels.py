@@ -214,7 +214,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def spawner_pid() -> int | None:
-    from cellblock.wardens import SpawnerClient
+    from cellblock.warden.client import SpawnerClient
 
     proc = SpawnerClient.instance()._proc
     return proc.pid if proc is not None and proc.poll() is None else None
@@ -339,7 +339,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results[name].update(await memory(make, n, sandboxed, 3 if q else 10))
 
     if not only or "agent-warm" in only:
-        from cellblock.wardens import warm
+        from cellblock.warden.client import warm
 
         size = 2
         policy = warm_policy(size)

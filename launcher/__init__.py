@@ -1,7 +1,7 @@
 """cellblock: a Jupyter kernel provisioner that runs every kernel inside nsjail.
 
 Host side. The provisioner (:mod:`cellblock.provisioner`) asks this process's spawner
-(:mod:`cellblock.spawner`) for one warden per kernel (:mod:`cellblock.warden`), which
+(:mod:`cellblock.warden.spawner`) for one warden per kernel (:mod:`cellblock.warden`), which
 owns the jail and runs the gate (:mod:`cellblock.gate`) between the client and the
 kernel. See docs/ for the threat model and the policy reference.
 """

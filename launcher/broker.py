@@ -40,18 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 from cellblock_kernel import datasets as wire
 
-from .datasets import Dataset, parse_selection, select_datasets
+from .datasets import Dataset
 from .errors import HostUnsupported, PolicyError
-from .roview import move_mount_to, openat2_beneath, private_mount_namespace, readonly_view
+from .jailcmd import RUN_BROKER
+from .roview import openat2_beneath, readonly_view
 
 if TYPE_CHECKING:
-    from .policy import Policy
+    pass
 
-__all__ = ["Broker", "BrokerLimits", "DatasetSetup", "Grant", "control_request",
-           "find_kernel", "operator_request", "setup_datasets"]
+__all__ = ["CONTROL_SOCKET", "Broker", "BrokerLimits", "Grant"]
 
 CONTROL_SOCKET = "control.sock"
-BROKER_SUBDIR = "broker"
+BROKER_SUBDIR = RUN_BROKER  # the run dir's broker/, bound read-only in the jail
 _PEERCRED = struct.Struct("3i")
 _CONTROL_OPS = {"grant", "revoke", "grants"}
 AUDIT_CAP = 100  # refusals of one kind audited one by one; the rest are counted
@@ -471,152 +471,5 @@ class Broker:
         conn.sock.close()
 
 
-@dataclass
-class DatasetSetup:
-    """What the warden needs for one launch: the broker (prepared, not started), the
-    directory datasets for nsjail's command line, and (as root) the read-only views
-    to attach in nsjail's own mount namespace before it execs."""
-
-    broker: Broker
-    granted: tuple[str, ...]
-    data_mounts: tuple[tuple[str, Path], ...] = ()
-    staged: list[tuple[int, str]] = field(default_factory=list)
-
-    def attach_in_child(self) -> None:
-        """Between fork and exec of nsjail: a private mount namespace with each view
-        attached at its staging dir. The mounts die with nsjail; the host never sees
-        them (its staging dirs stay empty)."""
-        if self.staged:
-            private_mount_namespace()
-            for fd, target in self.staged:
-                move_mount_to(fd, target)
-
-    def close_staged(self) -> None:
-        for fd, _ in self.staged:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.staged.clear()
-
-
-def _submounts(path: str) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            point = line.split(" ")[4].encode().decode("unicode_escape")
-            if point.startswith(prefix):
-                found.append(point)
-    return found
-
-
-def setup_datasets(*, run_path: Path, policy: Policy, profile_name: str,
-                   requested: str | None, jail_uid: int, audit: Audit) -> DatasetSetup:
-    """Pin the launch's datasets, bind the broker's sockets, and plan the /data mounts.
-
-    ``requested`` is the provisioner's final selection (comma-separated, possibly
-    empty: none), or None for the profile's ``default_datasets``; it is checked against
-    the profile again here. Raises PolicyError or HostUnsupported naming the dataset.
-    """
-    profile = policy.profile(profile_name)
-    if requested is not None and not parse_selection(requested):
-        granted: tuple[str, ...] = ()
-    else:
-        granted = select_datasets(policy, profile_name, requested)
-    dirs = [n for n in granted if os.path.isdir(policy.datasets[n].path)]
-    broker = Broker(run_path=run_path, datasets=dict(policy.datasets),
-                    allowed=tuple(profile.datasets), jail_uid=jail_uid, audit=audit)
-    setup = DatasetSetup(broker, granted)
-    try:
-        broker.prepare(granted, tuple(dirs))
-        mounts: list[tuple[str, Path]] = []
-        for name in dirs:
-            source = policy.datasets[name].path
-            if os.geteuid() == 0:
-                target = run_path / "mnt" / name
-                target.mkdir(mode=0o711, parents=True)
-                os.chmod(target.parent, 0o711)  # noqa: S103 - the jail uid traverses it
-                setup.staged.append((readonly_view(source), str(target)))
-                mounts.append((name, target))
-            else:
-                inner = _submounts(source)
-                if inner:
-                    raise HostUnsupported(
-                        f"dataset {name!r}: {source} contains mount points ({inner[0]}); "
-                        "without root cellblock cannot make them read-only. Grant the "
-                        "inner directories as datasets of their own, or run as root")
-                mounts.append((name, Path(source)))
-        setup.data_mounts = tuple(mounts)
-    except BaseException:
-        setup.close_staged()
-        broker.close()
-        raise
-    audit("broker.start", granted=list(granted), mounted=dirs)
-    return setup
-
-
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"v": 1, "ok": False, "error": code, "message": message}
-
-
-def control_request(run_path: Path, op: str, dataset: str | None = None,
-                    timeout: float = 15.0) -> dict[str, Any]:
-    """Send one control request to a running kernel's broker (``cellblock grant``)."""
-    req: dict[str, Any] = {"v": 1, "op": op}
-    if dataset is not None:
-        req["dataset"] = dataset
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(run_path / CONTROL_SOCKET))
-        sock.sendall(wire.encode_frame(req, 4096))
-        header = _recv_exact(sock, wire.HEADER.size)
-        body = _recv_exact(sock, wire.decode_frame_length(header, wire.MAX_REPLY_BYTES))
-    return wire.parse_reply(body)
-
-
-def find_kernel(prefix: str, base: Path | None = None) -> Path:
-    """The run dir of the running kernel whose id is ``prefix`` or starts with it (ids come
-    from each run dir's ``warden.json``: a kernel adopted from the warm pool keeps the run
-    dir it was started in)."""
-    from .rundir import RunDir, runtime_base
-
-    base = runtime_base() if base is None else base
-    if not prefix or "/" in prefix or prefix.startswith("."):
-        raise PolicyError(f"kernel {prefix!r}: give a kernel id or a unique prefix of one")
-    ids: dict[str, Path] = {}
-    for entry in sorted(base.iterdir()) if base.is_dir() else []:
-        record = RunDir(base, entry.name).read_record()
-        if record is not None and (entry / CONTROL_SOCKET).exists():
-            ids[record.kernel_id] = entry
-    matches = [k for k in ids if k == prefix] or [k for k in ids if k.startswith(prefix)]
-    if not matches:
-        raise PolicyError(f"no running kernel with id {prefix!r} under {base} (is "
-                          f"$CELLBLOCK_RUNTIME_DIR the same as the kernel's?)")
-    if len(matches) > 1:
-        raise PolicyError(f"kernel id prefix {prefix!r} is ambiguous: {', '.join(matches)}")
-    return ids[matches[0]]
-
-
-def operator_request(kernel: str, op: str, dataset: str) -> str:
-    """``cellblock grant|revoke KERNEL NAME``: the warden's answer, or PolicyError."""
-    from .rundir import RunDir
-
-    run = find_kernel(kernel)
-    record = RunDir(run.parent, run.name).read_record()
-    name = record.kernel_id if record is not None else run.name
-    try:
-        reply = control_request(run, op, dataset)
-    except (OSError, wire.WireError) as exc:
-        raise PolicyError(f"kernel {name}: cannot reach its warden: {exc}") from None
-    if not reply.get("ok"):
-        raise PolicyError(f"kernel {name}: {reply.get('message')}")
-    return f"kernel {name}: {reply.get('message')}"
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("the kernel's warden closed the control connection")
-        buf += chunk
-    return bytes(buf)

@@ -91,17 +91,14 @@ def format_command(argv: list[str]) -> str:
 
 
 def _example_command(policy: Policy, name: str) -> list[str]:
-    from .jailcmd import JailLayout, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
-    from .rundir import runtime_base
+    """The command a warden would run for a kernel of ``name`` (the profile's default
+    directory datasets aside), with KERNEL_ID for the run dir and the first jail uid."""
+    from .jailcmd import jail_command, run_dir_layout
+    from .rundir import JAIL_UID_BASE, runtime_base
 
-    profile = policy.profile(name)
-
-    run = runtime_base() / "KERNEL_ID"
-    layout = JailLayout(ipc_dir=run / "ipc", pkg_dir=run / "pkg", passwd=run / "passwd",
-                        group=run / "group", outside_uid=1073741824, outside_gid=1073741824)
-    python = resolve_python(profile)
-    return nsjail_argv(nsjail=locate_nsjail(policy.host), profile=profile, layout=layout,
-                       python=python, env_mounts=python_env_mounts(python))
+    uid = JAIL_UID_BASE if os.geteuid() == 0 else os.getuid()
+    gid = JAIL_UID_BASE if os.geteuid() == 0 else os.getgid()
+    return jail_command(policy, name, run_dir_layout(runtime_base() / "KERNEL_ID", uid, gid))
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
@@ -186,7 +183,7 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
 
 
 def _cmd_grant(args: argparse.Namespace) -> int:
-    from .broker import operator_request
+    from .grants import operator_request
 
     print(operator_request(args.kernel, args.command, args.dataset))
     return 0
@@ -200,8 +197,8 @@ def _age(seconds: float) -> str:
 
 
 def _cmd_ps(args: argparse.Namespace) -> int:
+    from .policy import human_bytes
     from .sandboxes import list_sandboxes
-    from .warden import human_bytes
 
     rows = list_sandboxes()
     if args.json:

@@ -19,7 +19,7 @@ from cellblock_kernel.datasets import BROKER_DIR, DATA_ROOT
 
 from .errors import HostUnsupported, PolicyError
 from .names import DATASET_NAME
-from .policy import HostSettings, Profile
+from .policy import HostSettings, Policy, Profile
 
 __all__ = [
     "JAIL_BROKER",
@@ -29,11 +29,13 @@ __all__ = [
     "JAIL_UID",
     "JailLayout",
     "config_path",
+    "jail_command",
     "kernel_argv",
     "locate_nsjail",
     "nsjail_argv",
     "python_env_mounts",
     "resolve_python",
+    "run_dir_layout",
 ]
 
 NSJAIL_ENV = "CELLBLOCK_NSJAIL"
@@ -201,3 +203,28 @@ def nsjail_argv(
         *kernel_argv(python),
     ]
     return argv
+
+
+#: the broker's socket dir in a run dir (:mod:`cellblock.broker` makes it)
+RUN_BROKER = "broker"
+
+
+def run_dir_layout(run: Path, outside_uid: int, outside_gid: int) -> JailLayout:
+    """The layout of the run dir ``run``: the names :class:`cellblock.rundir.RunDir` makes,
+    and the jail's host uid and gid."""
+    return JailLayout(
+        ipc_dir=run / "ipc", pkg_dir=run / "pkg", passwd=run / "passwd", group=run / "group",
+        outside_uid=outside_uid, outside_gid=outside_gid, hosts=run / "hosts",
+        broker_dir=run / RUN_BROKER,
+    )
+
+
+def jail_command(policy: Policy, profile_name: str, layout: JailLayout,
+                 data_mounts: tuple[tuple[str, Path], ...] = ()) -> list[str]:
+    """The nsjail command for a kernel of ``profile_name`` in ``layout``: what the warden
+    runs, and what ``cellblock profiles show`` prints (one function builds both)."""
+    profile = policy.profile(profile_name)
+    python = resolve_python(profile)
+    return nsjail_argv(nsjail=locate_nsjail(policy.host), profile=profile, layout=layout,
+                       python=python, env_mounts=python_env_mounts(python),
+                       data_mounts=data_mounts)

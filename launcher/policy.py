@@ -72,6 +72,15 @@ def parse_size(value: object) -> int:
     raise ValueError("expected a size such as 512MiB, 1GiB or a number of bytes")
 
 
+def human_bytes(n: int) -> str:
+    """``n`` bytes in words: ``1 GiB``, ``1.5 MiB``, ``512 B``."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 _NAME = r"^[a-z][a-z0-9_-]{0,39}$"
 

@@ -2,7 +2,7 @@
 
 A kernelspec names it in ``metadata.kernel_provisioner`` with the profile in its
 ``config`` stanza (``cellblock install`` writes these). It enforces nothing
-itself: it resolves the profile, asks this process's spawner (:mod:`cellblock.wardens`)
+itself: it resolves the profile, asks this process's spawner (:mod:`cellblock.warden.client`)
 for a warden (which owns the jail and the gate; from the warm pool when the profile keeps
 one), and hands jupyter_client the connection info of the gate's client-facing sockets,
 so every client talks to the gate and never to the kernel.
@@ -14,7 +14,7 @@ Hooks that differ from :class:`~jupyter_client.provisioning.LocalProvisioner`:
   datasets, and lets LocalProvisioner choose the client-facing ports and write the
   client's connection file;
 - ``launch_kernel``: asks the spawner for a warden and waits for it to say ``ready`` or
-  why not; ``process`` is then a :class:`~cellblock.wardens.WardenProcess`;
+  why not; ``process`` is then a :class:`~cellblock.warden.client.WardenProcess`;
 - ``send_signal`` / ``terminate`` / ``kill``: signal the warden only, never the
   process group, since a signal reaching nsjail ends the whole jail. ``kill``
   gives the warden a grace period to clean up before SIGKILL;
@@ -40,7 +40,7 @@ from .errors import JailStartError, JailStartTimeout, PolicyError, ProfileDisabl
 from .names import check_kernel_id
 from .policy import load_policy
 from .rundir import sweep_stale
-from .wardens import SpawnerClient
+from .warden.client import SpawnerClient
 
 __all__ = ["CellblockProvisioner"]
 

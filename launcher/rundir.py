@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import HostUnsupported
-from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout
+from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout, run_dir_layout
 from .names import KERNEL_ID, check_kernel_id
 
 __all__ = [
@@ -152,10 +152,7 @@ class RunDir:
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
         for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group, hosts):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        return JailLayout(
-            ipc_dir=self.ipc, pkg_dir=self.path / "pkg", passwd=passwd, group=group,
-            outside_uid=uid, outside_gid=gid, hosts=hosts,
-        )
+        return run_dir_layout(self.path, uid, gid)
 
     def write_connection_file(self, info: dict[str, object], uid: int, gid: int) -> Path:
         """The inner connection file: readable only by the jail's uid (and us). Written

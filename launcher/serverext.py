@@ -19,7 +19,7 @@ __all__ = ["load_jupyter_server_extension"]
 def _fill(log: Any) -> None:
     from .errors import CellblockError
     from .policy import load_policy
-    from .wardens import SpawnerClient
+    from .warden.client import SpawnerClient
 
     try:
         policy = load_policy()

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from cellblock.broker import Broker, BrokerLimits, control_request, find_kernel
+from cellblock.broker import Broker, BrokerLimits
 from cellblock.datasets import Dataset
 from cellblock.errors import PolicyError
+from cellblock.grants import control_request, find_kernel
 from cellblock_kernel import datasets as wire
 
 from conftest import wait_for

@@ -241,3 +241,34 @@ def test_reader_leaving_the_pipe_is_not_an_error(env: dict[str, str]) -> None:
         os.close(write_end)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+@pytest.mark.jail
+@pytest.mark.nonroot
+@pytest.mark.parametrize("profile", ["agent", "analyst"])
+async def test_profiles_show_prints_the_command_the_warden_runs(
+        profile: str, jupyter_env: dict[str, str], no_leftovers: None) -> None:
+    """Issue 18: `cellblock profiles show` and the warden build the nsjail command with one
+    function; the command of a running kernel (read from /proc) equals the one shown, with
+    the kernel's run dir and jail uid in place of KERNEL_ID and the first jail uid."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    from cellblock.rundir import JAIL_UID_BASE, RunDir, runtime_base
+
+    shown = subprocess.run([str(BIN / "cellblock"), "profiles", "show", profile, "--json"],
+                           capture_output=True, text=True, check=True, env=os.environ)
+    command = json.loads(shown.stdout)["nsjail_command"]
+    km = AsyncKernelManager(kernel_name=f"cellblock-{profile}")
+    await km.start_kernel()
+    try:
+        record = RunDir(runtime_base(), str(km.kernel_id)).read_record()
+        assert record is not None and record.nsjail_pid is not None
+        cmdline = Path(f"/proc/{record.nsjail_pid}/cmdline").read_bytes()
+        running = cmdline.decode().rstrip("\0").split("\0")
+        shown_ids = f"1000:{JAIL_UID_BASE if os.geteuid() == 0 else os.getuid()}:1"
+        expected = [arg.replace("/KERNEL_ID/", f"/{record.slot}/") for arg in command]
+        if os.geteuid() == 0:  # as root each kernel gets its own uid (and gid)
+            expected = [a.replace(shown_ids, f"1000:{record.jail_uid}:1") for a in expected]
+        assert running == expected
+    finally:
+        await km.shutdown_kernel(now=True)

@@ -129,14 +129,14 @@ def test_broker_dir_and_data_mounts_in_argv(profile: Profile) -> None:
                        data_mounts=(("weather", Path("/run/cellblock/k1/mnt/weather")),
                                     ("archive", Path("/srv/archive"))))
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bindmount_ro"]
-    assert binds[-3:] == [
+    assert binds[-4:] == [
         "/run/cellblock/k1/broker:/run/cellblock-broker",
         "/run/cellblock/k1/mnt/weather:/data/weather",
         "/srv/archive:/data/archive",
+        "/run/cellblock/k1/ipc:/run/cellblock",  # the warden's sockets: read-only too
     ]
-    # read-write binds are only the ipc dir, never a dataset or the broker dir
-    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--bindmount"] == [
-        "/run/cellblock/k1/ipc:/run/cellblock"]
+    # no read-write bind at all: not a dataset, not the broker dir, not the ipc dir
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--bindmount"] == []
 
 
 @pytest.mark.parametrize(("mount", "message"), [

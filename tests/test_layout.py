@@ -67,6 +67,7 @@ def test_the_import_check_itself(source: str, expected: list[str]) -> None:
 
 def test_errors_all_is_pinned() -> None:
     assert cellblock.errors.__all__ == [
+        "BadKernelId",
         "CellblockError",
         "HostUnsupported",
         "JailStartError",
@@ -80,6 +81,7 @@ def test_errors_all_is_pinned() -> None:
 def test_errors_tree() -> None:
     e = cellblock.errors
     for child, parents in [
+        (e.BadKernelId, (e.CellblockError, ValueError)),
         (e.PolicyError, (e.CellblockError, ValueError)),
         (e.UnknownProfile, (e.PolicyError, KeyError)),
         (e.ProfileDisabled, (e.PolicyError,)),
@@ -91,3 +93,81 @@ def test_errors_tree() -> None:
     # every name in __all__ is drawn in the module docstring's tree
     for name in e.__all__:
         assert f"{name}(" in (e.__doc__ or "")
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (never imported)."""
+    out: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) \
+                and node.test.id == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        out.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Every module of ``launcher/`` (as ``cellblock.x.y``) and the cellblock modules it
+    imports anywhere in its source, lazily inside a function too."""
+    root = Path(cellblock.__file__).resolve().parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        name = ".".join(("cellblock", *(parts[:-1] if is_pkg else parts)))
+        package = name if is_pkg else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in _runtime_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("cellblock."))
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    mod = ".".join([*base, node.module] if node.module else base)
+                else:
+                    mod = node.module or ""
+                if not mod.startswith("cellblock"):
+                    continue
+                for alias in node.names:  # "from . import life" names a module
+                    if (root / Path(*f"{mod}.{alias.name}".split(".")[1:])).with_suffix(
+                            ".py").exists():
+                        deps.add(f"{mod}.{alias.name}")
+                    else:
+                        deps.add(mod)
+        deps.discard(name)
+        graph[name] = {d for d in deps if d != "cellblock"}
+    return graph
+
+
+def test_no_import_circles() -> None:
+    """Issue 18: no module of cellblock imports, even lazily, a module that imports it
+    back through any chain (a package's __init__ counts as importing what it names)."""
+    graph = _package_imports()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep):], dep])
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_over_500_lines() -> None:
+    root = Path(cellblock.__file__).resolve().parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

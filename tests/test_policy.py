@@ -75,9 +75,11 @@ def test_parse_size_refuses(value: object, message: str) -> None:
 
 BUILTIN_LIMITS = {
     "agent": {"memory": GiB, "pids": 128, "cpus": 1.0, "tmp_size": 256 * MiB,
-              "home_size": 64 * MiB, "open_files": 1024, "file_size": 256 * MiB},
+              "home_size": 64 * MiB, "open_files": 1024, "file_size": 256 * MiB,
+              "warden_memory": GiB, "warden_cpus": 1.0},
     "analyst": {"memory": 4 * GiB, "pids": 512, "cpus": 2.0, "tmp_size": 2 * GiB,
-                "home_size": 512 * MiB, "open_files": 4096, "file_size": 2 * GiB},
+                "home_size": 512 * MiB, "open_files": 4096, "file_size": 2 * GiB,
+                "warden_memory": GiB, "warden_cpus": 1.0},
 }
 AGENT_REQUESTS = (
     "execute_request", "inspect_request", "complete_request", "is_complete_request",
@@ -182,7 +184,7 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     ("[profiles.agent.limits]\nmemmory = 1\n",
      "profiles.agent.limits.memmory: unknown key; allowed keys here: cpus, file_size, "
-     "home_size, memory, open_files, pids, tmp_size"),
+     "home_size, memory, open_files, pids, tmp_size, warden_cpus, warden_memory"),
     ("[host]\nbinary = 1\n", "host.binary: unknown key; allowed keys here: cgroup_parent, nsjail"),
     ("colour = 1\n", "colour: unknown key; allowed keys here: audit, datasets, host, profiles"),
 ])

@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 from test_lifecycle import run_cell
 
 from cellblock.rundir import RunDir
-from cellblock.wardens import SpawnerClient, warm
+from cellblock.warden.client import SpawnerClient, warm
 
 from conftest import (
     TEST_POLICY,
@@ -195,7 +195,7 @@ async def test_directory_dataset_starts_cold(datasets: Path,
 
 CLIENT = """
 import asyncio, os
-from cellblock.wardens import warm
+from cellblock.warden.client import warm
 from jupyter_client.manager import AsyncKernelManager
 async def main():
     warm("pooled", timeout=120)

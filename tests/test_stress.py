@@ -23,7 +23,7 @@ from jupyter_client.manager import AsyncKernelManager
 from test_lifecycle import run_cell
 
 from cellblock.rundir import RunDir
-from cellblock.wardens import SpawnerClient, warm
+from cellblock.warden.client import SpawnerClient, warm
 
 from conftest import REPO, TEST_POLICY, audit_events, wait_dead, wait_for
 

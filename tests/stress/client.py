@@ -155,7 +155,7 @@ class Client:
 
     async def op_warm(self, profile: str, size: int | None = None, timeout: float = 120,
                       **_: Any) -> dict[str, Any]:
-        from cellblock.wardens import warm
+        from cellblock.warden.client import warm
 
         loop = asyncio.get_running_loop()
         try:
@@ -166,7 +166,7 @@ class Client:
         return {"ok": True, "state": state}
 
     async def op_stats(self, **_: Any) -> dict[str, Any]:
-        from cellblock.wardens import SpawnerClient
+        from cellblock.warden.client import SpawnerClient
 
         proc = SpawnerClient.instance()._proc
         rss = 0

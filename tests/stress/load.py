@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(run.main())
     finally:
-        from cellblock.wardens import SpawnerClient
+        from cellblock.warden.client import SpawnerClient
 
         SpawnerClient.instance().close()
         left = settle(lambda: leftovers(env, Expected()), 60)

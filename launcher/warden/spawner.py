@@ -1,9 +1,9 @@
 """The spawner: one process per client process, which forks the wardens and keeps the
 warm pool.
 
-Who starts it: :class:`cellblock.wardens.SpawnerClient`, in the client's process (Jupyter
+Who starts it: :class:`cellblock.warden.client.SpawnerClient`, in the client's process (Jupyter
 Server, an LLM backend, nbclient), the first time that process starts a cellblock kernel.
-It runs as ``python -m cellblock.spawner --parent-pid PID --control-fd FD`` and lives as
+It runs as ``python -m cellblock.warden.spawner --parent-pid PID --control-fd FD`` and lives as
 long as that process: it watches it through a pidfd and exits when it is gone.
 
 Why it exists. A warden started from scratch spends ~170 ms importing zmq, pydantic and
@@ -20,7 +20,7 @@ The wire, on unix sockets only (nothing here listens on a path):
   message is ``b"launch"`` with one descriptor attached by SCM_RIGHTS, a fresh
   SOCK_STREAM socket for that request;
 - on that request socket the client writes one JSON line, the request
-  (:class:`cellblock.wardens.LaunchRequest` as a dict, ``op`` "launch" or "pool");
+  (:class:`cellblock.warden.request.LaunchRequest` as JSON, ``op`` "launch" or "pool");
 - for a launch, the warden writes ``{"ok": true, "pid": N}`` (or ``{"ok": false,
   "error": ...}``) on it when its kernel is ready, and the spawner writes ``{"exit": N}``
   when it has reaped the warden. If the spawner itself dies, the client sees EOF when the
@@ -40,7 +40,6 @@ mounted when the jail starts).
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import gc
 import hashlib
@@ -53,8 +52,10 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from .channel import LineBuffer, read_line, recv_fds, send_fds, write_line
+from .process import STOP_SIGNALS, set_title
 
 log = logging.getLogger("cellblock.spawner")
 
@@ -62,55 +63,16 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024  # one request line (it carries the launch e
 REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request after the descriptor
 POOL_FAILURES = 3  # pooled starts that fail in a row before a pool stops refilling
 POOL_MAX = 64  # at most this many pooled kernels per profile
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 # Environment variables that shape a jail before it has a client; a pooled kernel is only
 # adopted by a launch whose values match (the rest is applied at adoption).
 POOL_ENV = ("CELLBLOCK_POLICY", "CELLBLOCK_RUNTIME_DIR", "CELLBLOCK_CGROUP_PARENT",
             "CELLBLOCK_CGROUP_ROOT", "CELLBLOCK_NSJAIL", "XDG_RUNTIME_DIR", "HOME")
 
 
-def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-
-
-def recv_fds(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int]]:
-    """Receive one message and the descriptors attached to it (MSG_CMSG_CLOEXEC)."""
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        size, socket.CMSG_SPACE(max_fds * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
-
-
-def read_line(sock: socket.socket, limit: int, timeout: float) -> bytes:
-    """One newline-terminated line from a blocking socket, or ValueError."""
-    sock.settimeout(timeout)
-    buf = bytearray()
-    while b"\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ValueError("the peer closed the socket before a full line")
-        buf += chunk
-        if len(buf) > limit:
-            raise ValueError(f"line longer than {limit} bytes")
-    sock.settimeout(None)
-    line, _, rest = bytes(buf).partition(b"\n")
-    if rest:
-        raise ValueError("unexpected data after the request line")
-    return line
-
-
-def write_line(sock: socket.socket, payload: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-
-
 def pool_key(profile_name: str, env: dict[str, str]) -> tuple[str, Any]:
     """The pool key of a launch, and the policy it was computed from. Raises CellblockError
     for a bad policy or profile (the launch then fails the same way a cold one would)."""
-    from .policy import load_policy
+    from ..policy import load_policy
 
     policy = load_policy(env=env)
     profile = policy.profile(profile_name)
@@ -135,7 +97,7 @@ class Child:
     pool: socket.socket | None = None  #: a pooled warden's socket, until it is adopted
     key: str = ""  #: pool key, for pooled wardens
     ready: bool = False  #: pooled and ready to be adopted
-    buf: bytearray = field(default_factory=bytearray)
+    lines: LineBuffer = field(default_factory=LineBuffer)
 
 
 @dataclass
@@ -209,7 +171,7 @@ class Spawner:
     # -- launches ------------------------------------------------------------------------
 
     def _launch(self, req: dict[str, Any], sock: socket.socket) -> None:
-        from .errors import CellblockError
+        from ..errors import CellblockError
 
         pool = None
         try:
@@ -248,7 +210,7 @@ class Spawner:
 
     def _pool_request(self, req: dict[str, Any], sock: socket.socket) -> None:
         """``op: pool``: make sure the profile's pool is filling; answer with its state."""
-        from .errors import CellblockError
+        from ..errors import CellblockError
 
         try:
             key, (policy, profile) = pool_key(str(req.get("profile")), req["env"])
@@ -327,16 +289,16 @@ class Spawner:
             child.pool = None
             self._forget_member(child)
             return
-        child.buf += chunk
-        while b"\n" in child.buf:
-            line, _, rest = bytes(child.buf).partition(b"\n")
-            child.buf = bytearray(rest)
-            with contextlib.suppress(ValueError):
-                if json.loads(line).get("ok"):
-                    child.ready = True
-                    pool = self.pools.get(child.key)
-                    if pool is not None:
-                        pool.failures = 0
+        try:
+            child.lines.feed(chunk)
+        except ValueError:
+            return
+        for status in child.lines.lines():
+            if status.get("ok"):
+                child.ready = True
+                pool = self.pools.get(child.key)
+                if pool is not None:
+                    pool.failures = 0
 
     def _forget_member(self, child: Child) -> None:
         pool = self.pools.get(child.key)
@@ -427,7 +389,7 @@ class Spawner:
 def _poolable(policy: Any, req: dict[str, Any]) -> bool:
     """A launch may adopt a pooled kernel unless it asks for a directory dataset (those
     are mounted when the jail starts)."""
-    from .datasets import parse_selection
+    from ..datasets import parse_selection
 
     names = parse_selection(str(req.get("datasets") or ""))
     return not any(os.path.isdir(policy.datasets[n].path) for n in names
@@ -449,19 +411,20 @@ def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
         os.set_inheritable(fd, False)
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-    from . import wardenrun
+    from . import life
 
-    return wardenrun.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)
+    return life.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)
 
 
 def _warm_up() -> None:
     """Import and build, before the first fork, what every warden needs."""
-    from . import nsjail_configs, wardenrun  # noqa: F401  (the warden, gate, budgets, broker...)
-    from .errors import CellblockError
-    from .gate import relay  # noqa: F401
-    from .jailcmd import locate_nsjail
-    from .output import build_output_rules
-    from .policy import load_policy
+    from .. import nsjail_configs  # noqa: F401
+    from ..errors import CellblockError
+    from ..gate import relay  # noqa: F401
+    from ..jailcmd import locate_nsjail
+    from ..output import build_output_rules
+    from ..policy import load_policy
+    from . import life  # noqa: F401  (the warden, gate, budgets, broker...)
 
     try:
         policy = load_policy()
@@ -476,8 +439,8 @@ def _warm_up() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cellblock.spawner``: started by the client side, not by people."""
-    parser = argparse.ArgumentParser(prog="cellblock.spawner")
+    """``python -m cellblock.warden.spawner``: started by the client side, not by people."""
+    parser = argparse.ArgumentParser(prog="cellblock.warden.spawner")
     parser.add_argument("--parent-pid", required=True, type=int)
     parser.add_argument("--control-fd", required=True, type=int)
     args = parser.parse_args(argv)
@@ -495,25 +458,6 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()  # the collector never touches (so never copies) what the wardens share
     return Spawner(control, parent).serve()
-
-
-def set_title(title: bytes) -> None:
-    """Show ``title`` as this process's command line in ``ps`` (best effort).
-
-    A forked warden would otherwise show the spawner's command line. The title is written
-    over the original argv area (as setproctitle does), so it is at most that long: the
-    client starts the spawner with room to spare (see ``cellblock.wardens``)."""
-    try:
-        fields = Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (stat 48, 49)
-        text = title[: end - start - 1]
-        with open("/proc/self/mem", "r+b", buffering=0) as mem:
-            mem.seek(start)
-            mem.write(text + b"\0" * (end - start - len(text)))
-        comm = title.split(b" ", 1)[0][:15]
-        Path("/proc/self/comm").write_bytes(comm)
-    except (OSError, ValueError, IndexError):
-        pass
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The warden: one host process per kernel that owns the jail.
 
-Forked by the spawner (:mod:`cellblock.spawner`) for each launch the provisioner asks for
-(:func:`cellblock.wardenrun.run_forked`). It
+Forked by the spawner (:mod:`cellblock.warden.spawner`) for each launch the provisioner asks
+for (:func:`cellblock.warden.life.run_forked`). It
 
 1. dies with the client: it watches the client process through a pidfd (inherited from
    the spawner), so a killed client leaves nothing, even if the spawner died first;
@@ -32,10 +32,7 @@ at adoption.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -45,19 +42,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .audit import AuditLog, audit_dir
-from .broker import DatasetSetup, setup_datasets
-from .budgets import BudgetClock, Execution, Interrupt, Kill, Stop, seconds
-from .cgroups import KernelCgroup, detect, own_cgroups
-from .datasets import parse_selection, select_datasets
-from .errors import CellblockError, HostUnsupported, JailStartError, ProfileDisabled
-from .jailcmd import JAIL_RUN, locate_nsjail, nsjail_argv, python_env_mounts, resolve_python
-from .names import check_kernel_id
-from .policy import Policy, Profile, load_policy
-from .rundir import (
+from ..audit import AuditLog, audit_dir
+from ..budgets import BudgetClock, Stop
+from ..cgroups import KernelCgroup, detect, own_cgroups
+from ..datasets import parse_selection, select_datasets
+from ..errors import HostUnsupported, JailStartError, ProfileDisabled
+from ..jailcmd import JAIL_RUN, jail_command, locate_nsjail, resolve_python
+from ..names import check_kernel_id
+from ..policy import Policy, Profile, load_policy
+from ..rundir import (
     STOP_REASON_FILE,
     RunDir,
     WardenRecord,
@@ -66,86 +61,28 @@ from .rundir import (
     runtime_base,
     sweep_stale,
 )
-from .spawner import recv_fds
-from .telemetry import Telemetry
+from ..staging import DatasetSetup, setup_datasets
+from ..telemetry import Telemetry
+from .budgeting import Bookkeeping, HeldAudit
+from .channel import LineBuffer, recv_fds
+from .jail import JailProcess, death_reason
+from .process import cap_address_space
 
 if TYPE_CHECKING:
-    from .gate.observe import Observed
+    pass
 
 log = logging.getLogger("cellblock.warden")
 
-PR_SET_PDEATHSIG = 1
 INNER_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
-STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
-OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
 # Ready means the gate's iopub subscription to the kernel is live (ipykernel's
 # iopub_welcome, sent when the kernel's iopub connects, after its shell, stdin and control).
 # An adopted pooled kernel answered a kernel_info already; its welcome is waited for this
 # long at most.
 WELCOME_WAIT = 2.0
 WELCOME_POLL = 0.05  # seconds between checks of the jail while waiting for the welcome
-STATE_SETTLE = 0.25  # seconds a busy/idle state lasts before warden.json says so
 
 
-# Loaded at import (in the spawner, before any fork): the call between fork and exec of
-# nsjail must never run the dynamic loader, since the gate's threads run by then.
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def set_pdeathsig(sig: int) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
-    if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-
-
-def cap_address_space(limit: int) -> None:
-    """Cap this warden's address space (RLIMIT_AS, soft; nsjail sets the jail's own) at the
-    profile's ``warden_memory``, the same figure as its cgroup's memory limit: resident
-    memory cannot pass the address space, so a flood that makes libzmq allocate (one
-    multipart of many big frames) fails that allocation and libzmq drops the connection,
-    instead of the cgroup's OOM killer ending the warden without a word."""
-    import resource
-
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            value = n / size
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} B"
-
-
-# What a signal that ended the kernel means here (nsjail exits with 128 + the signal).
-_SIGNAL_REASONS = {
-    signal.SIGSYS: "killed by the seccomp policy (signal SIGSYS: a forbidden system call)",
-    signal.SIGXFSZ: "file size limit {file_size} exceeded (signal SIGXFSZ)",
-    signal.SIGXCPU: "CPU time limit exceeded (signal SIGXCPU)",
-}
-
-
-class HeldAudit:
-    """The audit sink of a pooled warden, until a launch adopts it and names the kernel:
-    events are kept (at most ``limit``) and written to the kernel's log at adoption."""
-
-    def __init__(self, limit: int = 200) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.limit = limit
-
-    def write(self, event: str, *, session: str | None = None,
-              parent_msg_id: str | None = None, **fields: Any) -> None:
-        if len(self.events) < self.limit:
-            self.events.append((event, {"session": session, "parent_msg_id": parent_msg_id,
-                                        **fields}))
-
-    def close(self) -> None:
-        self.events.clear()
-
-
-class Warden:
+class Warden(Bookkeeping):
     """Owns one kernel's jail for its whole life. Not reusable across restarts:
     jupyter_client restarts a kernel by starting a new warden on the same ports. The one
     restart a warden does itself is in place, when a cell outlives its grace
@@ -168,12 +105,10 @@ class Warden:
         self.cgroup: KernelCgroup | None = None
         self.warden_cgroup: KernelCgroup | None = None  # this process's, beside the jail's
         self._home_cgroups: dict[str, Any] = {}  # where this process was before it
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.jail: JailProcess | None = None
         self.gate: Any = None
         self.kernel_sockets: Any = None  # gate.kernelside.KernelSockets, bound before the jail
         self._fault: str | None = None  # the gate saw the kernel misbehave: stop it
-        self.tail: deque[bytes] = deque()
-        self.tail_bytes = 0
         self.drops: dict[str, int] = {}
         self._stop_reason: str | None = None
         self._closed = False
@@ -197,6 +132,11 @@ class Warden:
         self._ids = (0, 0)
         self._started = time.monotonic()
         self.client_pidfd = -1  # the client process; readable once it is gone
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The nsjail process of the current jail (None before the first starts)."""
+        return self.jail.proc if self.jail is not None else None
 
     # -- start ---------------------------------------------------------------
 
@@ -222,12 +162,12 @@ class Warden:
         has ended."""
         def check() -> None:
             self._check_stopped()
-            assert self.proc is not None
+            assert self.jail is not None and self.proc is not None
             if self.proc.poll() is not None:  # it will never answer: say so at once
                 raise JailStartError(
                     f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited "
                     f"during start with status {self.proc.returncode}; its last output (the "
-                    f"kernel's own words):\n{self.output_tail()}")
+                    f"kernel's own words):\n{self.jail.output_tail()}")
 
         if not self.kernel_sockets.probe(self._started + self.profile.startup_timeout, check):
             raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
@@ -290,9 +230,8 @@ class Warden:
                 cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits)
             self.warden_cgroup.join(0)
         cap_address_space(profile.limits.warden_memory)
-        python = resolve_python(profile)
-        env_mounts = python_env_mounts(python)
-        nsjail = locate_nsjail(self.policy.host)
+        locate_nsjail(self.policy.host)  # fails now, before anything is made, if missing
+        resolve_python(profile)
         sweep_stale(self.run.path.parent)
 
         uid, gid = jail_ids()
@@ -302,7 +241,6 @@ class Warden:
             requested="" if self.pooled else self.requested_datasets, jail_uid=uid,
             audit=self._audit_write,
         )
-        layout = dataclasses.replace(layout, broker_dir=self.datasets.broker.socket_dir)
         record = WardenRecord(
             kernel_id=self.kernel_id, profile=self.profile_name, warden_pid=os.getpid(),
             jail_uid=uid, cgroup_version=cg_version,
@@ -321,8 +259,8 @@ class Warden:
         }
         self.run.write_connection_file(inner, uid, gid)
         self._inner = inner
-        from .gate import GateLimits
-        from .gate.kernelside import KernelSockets
+        from ..gate import GateLimits
+        from ..gate.kernelside import KernelSockets
 
         self.kernel_sockets = KernelSockets(self._kernel_conn(), GateLimits(), owner=(uid, gid))
         self.kernel_sockets.bind()  # before the jail: the kernel connects to them
@@ -330,10 +268,7 @@ class Warden:
             self.cgroup = KernelCgroup.create(
                 cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits
             )
-        argv = nsjail_argv(
-            nsjail=nsjail, profile=profile, layout=layout, python=python, env_mounts=env_mounts,
-            data_mounts=self.datasets.data_mounts,
-        )
+        argv = jail_command(self.policy, self.profile_name, layout, self.datasets.data_mounts)
         self._record(
             "kernel.start", profile=self.profile_name, policy_sha256=self.policy.digest(),
             nsjail_argv_sha256=hashlib.sha256("\0".join(argv).encode()).hexdigest(),
@@ -341,7 +276,7 @@ class Warden:
             budgets=profile.budgets.model_dump(mode="json"), pooled=self.pooled,
         )
         self._argv = argv
-        self._spawn(argv)
+        self.jail = JailProcess.start(argv, self.cgroup, self.datasets)
         self.datasets.close_staged()  # attached in nsjail's mount namespace now
         self.datasets.broker.start()
         record.nsjail_pid = self.proc.pid if self.proc else None
@@ -354,54 +289,10 @@ class Warden:
         self._set_state("idle")
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
 
-    def _audit_write(self, event: str, **fields: Any) -> Any:
-        """The broker's audit sink: whatever log the warden has now (held while pooled)."""
-        return self.audit.write(event, **fields)
-
-    def _spawn(self, argv: list[str]) -> None:
-        cgroup = self.cgroup
-        datasets = self.datasets
-
-        def in_child() -> None:  # runs between fork and exec: async-signal-safe work only
-            set_pdeathsig(signal.SIGTERM)  # nsjail then kills the jail and cleans up
-            if cgroup is not None:
-                cgroup.join(0)
-            if datasets is not None:
-                datasets.attach_in_child()  # read-only /data views, root only
-
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            preexec_fn=in_child,
-            close_fds=True,
-        )
-        threading.Thread(target=self._drain, args=(self.proc,), name="nsjail-output",
-                         daemon=True).start()
-
-    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
-        """Keep the last OUTPUT_TAIL bytes of the jail's own stdout/stderr; drop the rest.
-
-        A kernel writing to fd 1/2 outside a cell cannot fill the host's disk. One thread
-        per jail (a restart in place starts another), each reading only its own pipe.
-        """
-        stdout = proc.stdout
-        assert stdout is not None
-        for chunk in iter(lambda: stdout.read1(65536), b""):  # type: ignore[attr-defined]
-            self.tail.append(chunk)
-            self.tail_bytes += len(chunk)
-            while self.tail_bytes > OUTPUT_TAIL and len(self.tail) > 1:
-                self.tail_bytes -= len(self.tail.popleft())
-
-    def output_tail(self, limit: int = 2000) -> str:
-        return b"".join(self.tail).decode("utf-8", "replace")[-limit:]
-
     def _start_gate(self) -> None:
-        from .gate import Gate
-        from .gate.tracker import CLIENT_TYPES
-        from .output import build_output_rules
+        from ..gate import Gate
+        from ..gate.tracker import CLIENT_TYPES
+        from ..output import build_output_rules
 
         # every known request if the profile does not list them, stdin only where it has it
         listed = self.profile.allowed_requests
@@ -435,11 +326,12 @@ class Warden:
         deadline = time.monotonic() + self.profile.startup_timeout
         assert self.proc is not None and self.gate is not None
         while not self.gate.wait_kernel_ready(WELCOME_POLL):
+            assert self.jail is not None
             if self.proc.poll() is not None:
                 raise JailStartError(
                     f"kernel {self.kernel_id} (profile {self.profile_name!r}) exited during "
                     f"start with status {self.proc.returncode}; its last output (the "
-                    f"kernel's own words):\n{self.output_tail()}"
+                    f"kernel's own words):\n{self.jail.output_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise JailStartError(
@@ -454,34 +346,19 @@ class Warden:
             raise JailStartError(f"kernel {self.kernel_id}: stopped during its start "
                                  f"({self._stop_reason})")
 
-    def _audit(self, event: str, fields: dict[str, Any]) -> None:
-        """Gate and output-rule events. Drops, strips, reconnects: the first 100 of each kind
-        are written one by one; after that only the count, at exit, so a kernel flooding
-        forgeries cannot flood the log. ``output.cell`` (what the policy did to one cell) is
-        always written: there is one per cell, bounded by the executions budget."""
-        if event == "output.cell":
-            self.audit.write(event, **fields)
-            return
-        key = f"{event}:{fields.get('reason', '')}"
-        self.drops[key] = self.drops.get(key, 0) + 1
-        if self.drops[key] <= 100:
-            self.audit.write(event, **{k: v for k, v in fields.items() if k != "event"})
-        if self.drops[key] <= 3:
-            log.info("kernel %s: %s %s", self.kernel_id, event, json.dumps(fields, default=str))
-
     # -- run -------------------------------------------------------------------
 
     def wait(self) -> int:
         """Block until the jail ends, a stop signal arrives or a budget stops the kernel;
         return the exit status. Budgets act here, on the warden's main thread."""
-        assert self.proc is not None
+        assert self.jail is not None and self.proc is not None
         stop = self._watch(self._signal_fd())
         if self._stop_reason == "SIGUSR1":  # cellblock kill
             text = self.run.read_text(STOP_REASON_FILE, 200)
             stop = Stop("stopped by operator" + (f": {text}" if text else ""), "operator")
         if stop is not None:
             self._set_state("stopping")
-            self._stop_jail()
+            self.jail.stop()
             self._end_executions("stopped")
             evalue = ("cellblock: kernel " if stop.budget == "operator"
                       else "cellblock: kernel stopped, ") + stop.reason
@@ -491,13 +368,16 @@ class Warden:
                          status=self.proc.returncode, **self._totals())
             return 1
         if self._stop_reason is not None:
-            self._stop_jail()
+            self.jail.stop()
             self._end_executions("stopped")
             self._record("kernel.exit", reason=f"stopped ({self._stop_reason})",
                          status=self.proc.returncode, **self._totals())
             return 0
         status = self.proc.wait()
-        reason = self.death_reason(status)
+        reason = death_reason(
+            status, limits=self.profile.limits, cgroup=self.cgroup, oom_base=self._oom_base,
+            pids_base=self._pids_base,
+            shutdown_requested=self.gate is not None and self.gate.shutdown_requested)
         self._end_executions("lost")
         self._record("kernel.exit", reason=reason or "shutdown requested", status=status,
                      **self._totals())
@@ -534,7 +414,7 @@ class Warden:
         pidfd = os.pidfd_open(self.proc.pid)
         sock = socket.socket(fileno=os.dup(pool))
         try:
-            buf = bytearray()
+            lines = LineBuffer(limit=1 << 24)
             fds: list[int] = []
             watched = [pidfd, sigfd, pool] + ([self.client_pidfd] if self.client_pidfd >= 0
                                                else [])
@@ -550,198 +430,13 @@ class Warden:
                 fds += got
                 if not data:
                     return None  # the spawner is gone: nobody can adopt this kernel now
-                buf += data
-                if b"\n" in buf and fds:
-                    return json.loads(bytes(buf).partition(b"\n")[0]), fds[0]
+                lines.feed(data)
+                if lines and fds:
+                    return next(lines.lines(), {}), fds[0]
             return None
         finally:
             sock.close()
             os.close(pidfd)
-
-    def _watch(self, sigfd: int) -> Stop | None:
-        """Run the budgets until a stop signal, a Stop, or the jail's own end (None).
-        A cell past its grace has its jail killed and restarted in place here."""
-        assert self.proc is not None
-        pidfd = os.pidfd_open(self.proc.pid)
-        wanted = ("", 0.0)  # the state to publish, and from when
-        try:
-            while self._stop_reason is None and self.proc.poll() is None:
-                if self._fault is not None:
-                    return Stop(self._fault, "connections")
-                with self._lock:
-                    clock = self.clock
-                    now = time.monotonic()
-                    actions = clock.due(now) if clock is not None else []
-                    deadline = clock.next_deadline() if clock is not None else None
-                    busy = clock is not None and clock.running() is not None
-                for action in actions:
-                    if isinstance(action, Stop):
-                        return action
-                    if isinstance(action, Interrupt):
-                        self._interrupt(action)
-                    elif isinstance(action, Kill):
-                        os.close(pidfd)
-                        pidfd = -1
-                        failed = self._restart_in_place(action)
-                        if failed is not None:
-                            return failed
-                        pidfd = os.pidfd_open(self.proc.pid)
-                if actions:
-                    continue
-                # busy/idle reach warden.json (`cellblock ps`) once they have lasted
-                # STATE_SETTLE: a file write on every cell's start and end cost a 1+1 round
-                # trip ~0.4 ms (1.24x -> 1.15x of a plain ipykernel, measured interleaved)
-                state = "busy" if busy else "idle"
-                if state != wanted[0]:
-                    wanted = (state, now + STATE_SETTLE)
-                if now >= wanted[1]:
-                    self._set_state(state)
-                elif deadline is None or wanted[1] < deadline:
-                    deadline = wanted[1]
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                watched = [pidfd, sigfd, self._wake_r]
-                if self.client_pidfd >= 0:
-                    watched.append(self.client_pidfd)
-                ready, _, _ = select.select(watched, [], [], timeout)
-                if self._client_gone(ready):
-                    break
-                for fd in (sigfd, self._wake_r):
-                    if fd in ready:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(fd, 4096)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        return None
-
-    # -- budgets -------------------------------------------------------------------
-
-    def _observe(self, seen: Observed) -> str | None:
-        """The gate's observer (runs on the gate thread): feed the clock, audit what
-        started or ended, and wake the main thread when a deadline moved."""
-        now = time.monotonic()
-        events: list[tuple[str, str, str, dict[str, Any]]] = []
-        ended: list[Execution] = []
-        verdict: str | None = None
-        with self._lock:
-            clock = self.clock
-            if clock is None:
-                return None
-            head, stopped = clock.running(), clock.stopped
-            if seen.kind == "request":
-                verdict = clock.request(seen.msg_id, seen.msg_type, seen.session, seen.content,
-                                        now)
-                if seen.msg_type == "execute_request":
-                    if verdict is None:
-                        ex = clock.queue[seen.msg_id]
-                        fields: dict[str, Any] = {"code_sha256": ex.code_sha256,
-                                                  "queued": ex.started is None}
-                        if ex.code is not None:
-                            fields["code"] = ex.code
-                        events.append(("execution.start", seen.session, seen.msg_id, fields))
-                    else:
-                        budget = "executions" if clock.stopped is None else clock.stopped.budget
-                        events.append(("execution.refused", seen.session, seen.msg_id,
-                                       {"budget": budget, "executions": clock.executions}))
-                elif seen.msg_type == "interrupt_request":
-                    events.append(("kernel.interrupt", seen.session, seen.msg_id,
-                                   {"origin": "client"}))
-            elif seen.kind == "output":
-                if not clock.output(seen.msg_id, seen.bytes_in, seen.bytes_out, now):
-                    # the crossing message: tell its cell at once, from the gate's thread
-                    verdict = "" if stopped is not None else \
-                        f"cellblock: kernel stopped, {clock.stopped.reason}"  # type: ignore[union-attr]
-            elif seen.kind == "reply" and seen.msg_type == "execute_request":
-                clock.reply(seen.msg_id, seen.content, now)  # ends at its idle, output complete
-                ended = clock.take_unclosed()
-            else:
-                clock.idle(now)
-                closed = clock.closed(seen.msg_id)
-                ended = [closed] if closed is not None else []
-            moved = clock.running() is not head or clock.stopped is not stopped
-        for event, session, msg_id, fields in events:
-            self._record(event, session=session, parent_msg_id=msg_id, **fields)
-        for ex in ended:
-            self._record_end(ex)
-        if moved:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"!")
-        return verdict
-
-    def _record_end(self, ex: Execution) -> None:
-        queued = (ex.started - ex.forwarded) if ex.started is not None else 0.0
-        self._record(
-            "execution.end", session=ex.session, parent_msg_id=ex.msg_id,
-            status=ex.status, duration_seconds=round(ex.duration, 6),
-            queued_seconds=round(queued, 6), code_sha256=ex.code_sha256,
-            output_bytes_in=ex.bytes_in, output_bytes_out=ex.bytes_out,
-            output_messages=ex.messages, limits_hit=list(ex.limits_hit),
-        )
-
-    def _end_executions(self, status: str) -> None:
-        """The kernel is going away: every execution still open ends with ``status``."""
-        with self._lock:
-            answered, cut = self.clock.killed(time.monotonic()) if self.clock is not None \
-                else ([], [])
-        for ex in answered:
-            self._record_end(ex)
-        for ex in cut:
-            ex.status = status
-            self._record_end(ex)
-
-    def _interrupt(self, action: Interrupt) -> None:
-        ex = action.execution
-        assert self.gate is not None
-        self.gate.announce("CellblockBudget", action.message, msg_id=ex.msg_id)
-        self.gate.interrupt()
-        self._record("kernel.interrupt", session=ex.session, parent_msg_id=ex.msg_id,
-                     origin="budget", budget="cell_seconds",
-                     limit_seconds=self.profile.budgets.cell_seconds)
-
-    def _restart_in_place(self, action: Kill) -> Stop | None:
-        """Kill the jail of a cell past its grace and start a new one on the same run dir,
-        behind the same gate (the client's sockets never close), with a fresh kernel key."""
-        assert self.gate is not None and self.proc is not None
-        ex = action.execution
-        self._set_state("restarting")
-        self._stop_jail()
-        status = self.proc.returncode
-        if self.cgroup is not None:
-            self.cgroup.kill_all()
-        self._end_executions("killed")
-        self.restarts += 1
-        try:
-            key = secrets.token_hex(32)
-            # The gate holds client requests from the rekey on: it must come before the
-            # announcement that ends the killed cell, or a request sent right after it
-            # would go, signed with the old key, to a kernel that drops it.
-            if not self.gate.rekey(key):
-                raise JailStartError("the gate did not take the new kernel key")
-            self.gate.announce("CellblockBudget", action.message, replies=True)
-            # Nothing the old jail wrote survives: its /tmp and $HOME were its own tmpfs,
-            # and the ipc dir, the broker dir and the package are the warden's, read-only
-            # in the jail. Only the key changes; the sockets stay bound for the new kernel.
-            self._inner = {**self._inner, "key": key}
-            self.run.write_connection_file(self._inner, *self._ids)
-            if self.cgroup is not None:
-                self._oom_base = self.cgroup.oom_kills()
-                self._pids_base = self.cgroup.pids_max_hits()
-            self._spawn(self._argv)
-            if self.record is not None:
-                self.record.nsjail_pid = self.proc.pid
-            self._wait_for_kernel()
-            self.gate.resume()  # the requests that came in meanwhile go to the new kernel
-        except (CellblockError, OSError) as exc:
-            return Stop(f"restart after the {seconds(self.profile.budgets.grace_seconds)} "
-                        f"grace failed: {exc}", "grace_seconds")
-        self._record("kernel.restart", session=ex.session, parent_msg_id=ex.msg_id,
-                     reason=action.message, budget="grace_seconds", status=status,
-                     restarts=self.restarts)
-        with self._lock:
-            if self.clock is not None:
-                self.clock.idle(time.monotonic())
-        self._set_state("idle")
-        return None
 
     def _set_state(self, state: str) -> None:
         """Publish the kernel's state in warden.json (read by `cellblock ps`)."""
@@ -752,59 +447,8 @@ class Warden:
         with contextlib.suppress(OSError):
             self.run.write_record(record)
 
-    def _totals(self) -> dict[str, Any]:
-        with self._lock:
-            clock = self.clock
-            return {
-                "executions": clock.executions if clock else 0,
-                "output_bytes": clock.output_total if clock else 0,
-                "restarts": self.restarts,
-                "lifetime_seconds": round(time.monotonic() - clock.born, 3) if clock else 0.0,
-            }
-
-    def _record(self, event: str, *, session: str | None = None,
-                parent_msg_id: str | None = None, **fields: Any) -> None:
-        """One audit event, and its span when OpenTelemetry is on."""
-        written = self.audit.write(event, session=session, parent_msg_id=parent_msg_id,
-                                   **fields)
-        if self.telemetry is not None:
-            self.telemetry.record(written)
-
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_reason = signal.Signals(signum).name
-
-    def death_reason(self, status: int) -> str | None:
-        """Why the jail ended, in words for the user; None for a requested shutdown.
-
-        Only host facts decide: the cgroup's OOM and pids counters, whether the gate
-        forwarded a shutdown_request, and nsjail's exit status (128 + the signal that
-        ended the kernel). Nothing the kernel printed: a hostile kernel can write
-        "seccomp violation" and exit 3."""
-        lim = self.profile.limits
-        if self.cgroup is not None and self.cgroup.oom_kills() > self._oom_base:
-            return f"memory limit {human_bytes(lim.memory)} exceeded"
-        if self.gate is not None and self.gate.shutdown_requested and status == 0:
-            return None
-        if self.cgroup is not None and self.cgroup.pids_max_hits() > self._pids_base:
-            return f"process limit {lim.pids} reached (pids), then the kernel exited " \
-                   f"with status {status}"
-        if status > 128:
-            with contextlib.suppress(ValueError):
-                sig = signal.Signals(status - 128)
-                return _SIGNAL_REASONS.get(sig, "killed by signal {name}").format(
-                    name=sig.name, file_size=human_bytes(lim.file_size))
-        return f"kernel process exited with status {status}"
-
-    def _stop_jail(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()  # SIGTERM: nsjail kills the jail and cleans up
-            try:
-                self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     # -- cleanup ---------------------------------------------------------------
 
@@ -813,8 +457,8 @@ class Warden:
         if self._closed:
             return
         self._closed = True
-        if self.proc is not None and self.proc.poll() is None:
-            self._stop_jail()
+        if self.jail is not None:
+            self.jail.stop()
         if self.gate is not None:
             with contextlib.suppress(Exception):
                 self.gate.close()

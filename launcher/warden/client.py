@@ -2,8 +2,8 @@
 each warden as a ``Popen``-like handle.
 
 Who calls this: :class:`cellblock.provisioner.CellblockProvisioner` (``launch_kernel``) and
-:func:`cellblock.pool.warm`. One :class:`SpawnerClient` per client process (per pid: a
-forked client gets its own); it starts ``python -m cellblock.spawner`` on first use, and
+:func:`cellblock.warden.client.warm`. One :class:`SpawnerClient` per client process (per pid: a
+forked client gets its own); it starts ``python -m cellblock.warden.spawner`` on first use, and
 again if that process died. Kernels started by a spawner that died keep running: their
 wardens watch the client process, not the spawner.
 
@@ -30,7 +30,8 @@ import threading
 import time
 from typing import Any
 
-from .spawner import POOL_FAILURES, send_fds
+from .channel import LineBuffer, send_fds
+from .spawner import POOL_FAILURES
 
 __all__ = ["SpawnerClient", "WardenProcess", "warm"]
 
@@ -46,7 +47,7 @@ class WardenProcess:
         self._sock = sock
         self.pid = pid
         self.returncode: int | None = None
-        self._buf = bytearray(pending)
+        self._lines = LineBuffer(pending)
         try:
             self._pidfd = os.pidfd_open(pid)
         except OSError:  # already gone (and reaped): its exit line is on the socket
@@ -57,7 +58,7 @@ class WardenProcess:
         exit line or EOF."""
         if self.returncode is not None:
             return
-        if b"\n" not in self._buf:
+        if not self._lines:
             if not _readable(self._sock, timeout):
                 return
             try:
@@ -69,15 +70,13 @@ class WardenProcess:
             if not chunk:
                 self._finish(UNKNOWN_EXIT)
                 return
-            self._buf += chunk
-        while b"\n" in self._buf:
-            line, _, rest = bytes(self._buf).partition(b"\n")
-            self._buf = bytearray(rest)
-            with contextlib.suppress(ValueError, AttributeError):
-                code = json.loads(line).get("exit")
-                if isinstance(code, int):
-                    self._finish(code)
-                    return
+            with contextlib.suppress(ValueError):
+                self._lines.feed(chunk)
+        for status in self._lines.lines():
+            code = status.get("exit")
+            if isinstance(code, int):
+                self._finish(code)
+                return
 
     def _finish(self, code: int) -> None:
         self.returncode = code
@@ -158,7 +157,7 @@ class SpawnerClient:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "cellblock.spawner", "--parent-pid",
+                    [sys.executable, "-m", "cellblock.warden.spawner", "--parent-pid",
                      str(os.getpid()), "--control-fd", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                     stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else subprocess.DEVNULL,
@@ -298,7 +297,7 @@ def warm(profile: str, *, size: int | None = None, timeout: float = 60.0,
 
     An LLM backend calls this once at boot so that its first kernel start is warm too;
     without it the pool fills after the profile's first start."""
-    from .errors import CellblockError, JailStartError
+    from ..errors import CellblockError, JailStartError
 
     client = SpawnerClient.instance()
     req: dict[str, Any] = {"profile": profile, "env": dict(os.environ if env is None else env),

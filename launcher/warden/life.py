@@ -1,8 +1,8 @@
 """The life of one warden process, from the spawner's ``fork()`` to its exit.
 
-Called by :mod:`cellblock.spawner` in the forked child (:func:`run_forked`); never by
+Called by :mod:`cellblock.warden.spawner` in the forked child (:func:`run_forked`); never by
 people. It caps the process (address space, no core file), names it in ``ps``, catches
-the stop signals, runs the :class:`~cellblock.warden.Warden` (cold, or pooled and then
+the stop signals, runs the :class:`~cellblock.warden.warden.Warden` (cold, or pooled and then
 adopted), reports ready or the error on the launch's socket, and always cleans up.
 """
 
@@ -16,9 +16,9 @@ import resource
 import signal
 from typing import Any
 
-from .errors import CellblockError
-from .policy import Policy
-from .spawner import STOP_SIGNALS, set_title
+from ..errors import CellblockError
+from ..policy import Policy
+from .process import STOP_SIGNALS, set_title
 from .warden import Warden
 
 __all__ = ["WARDEN_ADDRESS_SPACE", "run_forked"]
@@ -55,7 +55,7 @@ def _start_error(exc: Exception) -> str:
 
 def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool,
                policy: Policy | None = None) -> int:
-    """The warden's life, in a process the spawner forked (:mod:`cellblock.spawner`).
+    """The warden's life, in a process the spawner forked (:mod:`cellblock.warden.spawner`).
 
     ``req`` is the launch request (kernel id, profile, the client's connection info, the
     datasets); ``channel`` is the launch's socket (a cold launch), or the socket to the
