@@ -85,6 +85,18 @@ def parse_selection(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def check_grants(policy: Policy, profile_name: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` (a launch's final selection) if the profile allows every one of them now;
+    else :class:`PolicyError` naming the dataset, the profile and what it allows."""
+    profile = policy.profile(profile_name)
+    allowed = ", ".join(profile.datasets) or "none"
+    for name in names:
+        if name not in profile.datasets or name not in policy.datasets:
+            raise PolicyError(f"dataset {name!r} is not allowed by profile {profile_name!r}; "
+                              f"it allows: {allowed}")
+    return names
+
+
 def select_datasets(policy: Policy, profile_name: str, requested: str | None) -> tuple[str, ...]:
     """The datasets one launch is granted.
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .datasets import Dataset, check_profiles
-from .errors import PolicyError, UnknownProfile
+from .errors import PolicyError, ProfileDisabled, UnknownProfile
 
 __all__ = [
     "AuditSettings",
@@ -230,6 +230,17 @@ class Policy(_Model):
         except KeyError:
             known = ", ".join(sorted(self.profiles)) or "(none)"
             raise UnknownProfile(f"unknown profile {name!r}; known profiles: {known}") from None
+
+    def startable(self, name: str) -> Profile:
+        """Profile ``name`` if a kernel may start on it now: the one answer the provisioner,
+        the Sandbox and the warden give. Raises :class:`UnknownProfile` (naming the known
+        ones) or :class:`ProfileDisabled`."""
+        profile = self.profile(name)
+        if not profile.enabled:
+            raise ProfileDisabled(
+                f"cellblock profile {name!r} is disabled by the operator (enabled = false in "
+                f"[profiles.{name}] of {' + '.join(self.sources)}); no new kernel starts on it")
+        return profile
 
     def digest(self) -> str:
         """sha256 of the resolved policy, for the audit log and `profiles show`."""

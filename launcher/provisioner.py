@@ -36,11 +36,12 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Float, Unicode
 
 from .datasets import DATASETS_ENV, select_datasets
-from .errors import JailStartError, JailStartTimeout, PolicyError, ProfileDisabled
+from .errors import JailStartError, JailStartTimeout, PolicyError
 from .names import check_kernel_id
 from .policy import load_policy
 from .rundir import sweep_stale
 from .warden.client import SpawnerClient
+from .warden.request import LaunchRequest
 
 __all__ = ["CellblockProvisioner"]
 
@@ -77,13 +78,7 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         connection file, then replaces the command with the warden's."""
         check_kernel_id(str(self.kernel_id))  # it becomes a run dir, cgroup and file name
         policy = load_policy()
-        profile = policy.profile(self.profile)  # UnknownProfile names the known ones
-        if not profile.enabled:
-            raise ProfileDisabled(
-                f"cellblock profile {self.profile!r} is disabled by the operator (enabled = "
-                f"false in [profiles.{self.profile}] of {' + '.join(policy.sources)}); no new "
-                "kernel starts on it"
-            )
+        profile = policy.startable(self.profile)  # UnknownProfile, ProfileDisabled
         # CELLBLOCK_DATASETS from the kernel's env (jupyter_client and Jupyter Server pass
         # `env`): refused here, before anything starts, if the profile does not allow it.
         # The warden gets the selection in its launch request; the jail's env never has it.
@@ -111,12 +106,11 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
         """Called by KernelManager after pre_launch. Asks the spawner for a warden and waits
         until it reports ready; raises JailStartError with the warden's reason otherwise."""
         env = kwargs.get("env")
-        request = {
-            "op": "launch", "kernel_id": str(self.kernel_id), "profile": self.profile,
-            "client_conn": _jsonable(self.connection_info),
-            "datasets": ",".join(self._granted),
-            "env": dict(os.environ if env is None else env),
-        }
+        request = LaunchRequest(
+            kernel_id=str(self.kernel_id), profile=self.profile,
+            client_conn=_jsonable(self.connection_info), datasets=self._granted,
+            env={str(k): str(v) for k, v in (os.environ if env is None else env).items()},
+        )
         process, status = await SpawnerClient.instance().launch(request,
                                                                 self._startup_timeout)
         if process is None:

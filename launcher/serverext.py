@@ -20,6 +20,7 @@ def _fill(log: Any) -> None:
     from .errors import CellblockError
     from .policy import load_policy
     from .warden.client import SpawnerClient
+    from .warden.request import LaunchRequest
 
     try:
         policy = load_policy()
@@ -29,7 +30,7 @@ def _fill(log: Any) -> None:
     client = SpawnerClient.instance()
     for name, profile in sorted(policy.profiles.items()):
         if profile.warm_pool > 0 and profile.enabled:
-            state = client.pool({"profile": name, "env": dict(os.environ)})
+            state = client.pool(LaunchRequest(op="pool", profile=name, env=dict(os.environ)))
             log.info("cellblock: warm pool of %r: %s", name, state)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .broker import Audit, Broker
-from .datasets import parse_selection, select_datasets
+from .datasets import check_grants
 from .errors import HostUnsupported
 from .roview import move_mount_to, private_mount_namespace, readonly_view
 
@@ -65,18 +65,15 @@ def _submounts(path: str) -> list[str]:
 
 
 def setup_datasets(*, run_path: Path, policy: Policy, profile_name: str,
-                   requested: str | None, jail_uid: int, audit: Audit) -> DatasetSetup:
+                   requested: tuple[str, ...], jail_uid: int, audit: Audit) -> DatasetSetup:
     """Pin the launch's datasets, bind the broker's sockets, and plan the /data mounts.
 
-    ``requested`` is the provisioner's final selection (comma-separated, possibly
-    empty: none), or None for the profile's ``default_datasets``; it is checked against
-    the profile again here. Raises PolicyError or HostUnsupported naming the dataset.
+    ``requested`` is the launch's final selection (the provisioner applied the profile's
+    ``default_datasets``); it is checked against the profile again here (the policy may
+    have changed). Raises PolicyError or HostUnsupported naming the dataset.
     """
     profile = policy.profile(profile_name)
-    if requested is not None and not parse_selection(requested):
-        granted: tuple[str, ...] = ()
-    else:
-        granted = select_datasets(policy, profile_name, requested)
+    granted = check_grants(policy, profile_name, requested)
     dirs = [n for n in granted if os.path.isdir(policy.datasets[n].path)]
     broker = Broker(run_path=run_path, datasets=dict(policy.datasets),
                     allowed=tuple(profile.datasets), jail_uid=jail_uid, audit=audit)

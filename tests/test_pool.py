@@ -25,6 +25,7 @@ from test_lifecycle import run_cell
 
 from cellblock.rundir import RunDir
 from cellblock.warden.client import SpawnerClient, warm
+from cellblock.warden.request import LaunchRequest
 
 from conftest import (
     TEST_POLICY,
@@ -39,7 +40,8 @@ pytestmark = [pytest.mark.jail, pytest.mark.nonroot, pytest.mark.usefixtures("no
 
 
 def pool_state(profile: str = "pooled") -> dict[str, Any]:
-    return SpawnerClient.instance().pool({"profile": profile, "env": dict(os.environ)})
+    return SpawnerClient.instance().pool(
+        LaunchRequest(op="pool", profile=profile, env=dict(os.environ)))
 
 
 @pytest.fixture

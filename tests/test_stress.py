@@ -24,6 +24,7 @@ from test_lifecycle import run_cell
 
 from cellblock.rundir import RunDir
 from cellblock.warden.client import SpawnerClient, warm
+from cellblock.warden.request import LaunchRequest
 
 from conftest import REPO, TEST_POLICY, audit_events, wait_dead, wait_for
 
@@ -133,10 +134,10 @@ async def test_requests_right_after_the_spawner_was_killed(jupyter_env: dict[str
     from start_kernel, a pool query from warm()). Now a new spawner answers it."""
     client = SpawnerClient.instance()
     for _ in range(3):
-        assert client.pool({"profile": "agent", "env": dict(os.environ)})["ok"]
+        assert client.pool(LaunchRequest(op="pool", profile="agent", env=dict(os.environ)))["ok"]
         assert client._proc is not None
         os.kill(client._proc.pid, signal.SIGKILL)  # still dying as the next request goes
-        state = client.pool({"profile": "agent", "env": dict(os.environ)})
+        state = client.pool(LaunchRequest(op="pool", profile="agent", env=dict(os.environ)))
         assert state["ok"], state
         os.kill(client._proc.pid, signal.SIGKILL)
         km = AsyncKernelManager(kernel_name="cellblock-agent")
@@ -311,7 +312,8 @@ async def test_pooled_kernel_dying_while_probed(jupyter_env: dict[str, str], tmp
     client = SpawnerClient.instance()
     try:
         for _ in range(5):  # until the kernel is caught before it answered
-            assert client.pool({"profile": "pooled", "env": dict(os.environ)})["ok"]
+            assert client.pool(
+                LaunchRequest(op="pool", profile="pooled", env=dict(os.environ)))["ok"]
             found = wait_for(lambda: _pool_slot_in_probe(base), timeout=60, interval=0.001)
             assert found, "no pooled kernel bound its sockets"
             run, kernel = found

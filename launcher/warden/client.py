@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from .channel import LineBuffer, send_fds
+from .request import LaunchRequest
 from .spawner import POOL_FAILURES
 
 __all__ = ["SpawnerClient", "WardenProcess", "warm"]
@@ -168,7 +169,7 @@ class SpawnerClient:
             self._control = ours
             return ours
 
-    def request(self, req: dict[str, Any]) -> socket.socket:
+    def request(self, req: LaunchRequest) -> socket.socket:
         """Send one request; return its socket (the spawner or the warden answers on it)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -186,14 +187,14 @@ class SpawnerClient:
                             self._proc.wait()
         finally:
             theirs.close()
-        payload = json.dumps(req).encode() + b"\n"
+        payload = req.line()
         if len(payload) > 65536:  # more than a socket buffer holds: do not block the caller
             threading.Thread(target=_send_all, args=(mine, payload), daemon=True).start()
         else:
             _send_all(mine, payload)  # a spawner gone by now shows as EOF in _ask
         return mine
 
-    def _ask(self, req: dict[str, Any], timeout: float) -> tuple[socket.socket,
+    def _ask(self, req: LaunchRequest, timeout: float) -> tuple[socket.socket,
                                                                   dict[str, Any] | None, bytes]:
         """Send ``req``; return its socket, its first status line and what followed. A
         spawner that dies with the request unanswered (SIGKILLed just before, so that it
@@ -220,7 +221,7 @@ class SpawnerClient:
             return False
         return True
 
-    async def launch(self, req: dict[str, Any], timeout: float) -> tuple[WardenProcess | None,
+    async def launch(self, req: LaunchRequest, timeout: float) -> tuple[WardenProcess | None,
                                                                          dict[str, Any]]:
         """Ask for a warden; wait for its first status line. Returns the handle (None if
         the warden never reported) and the status (``{"ok": bool, ...}``)."""
@@ -233,9 +234,9 @@ class SpawnerClient:
             return None, status or {"ok": False}
         return WardenProcess(sock, int(status["pid"]), rest), status
 
-    def pool(self, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    def pool(self, req: LaunchRequest, timeout: float = 30.0) -> dict[str, Any]:
         """Ask about (and fill) a warm pool: ``{"ok", "size", "ready", "starting", ...}``."""
-        sock, status, _ = self._ask({**req, "op": "pool"}, timeout)
+        sock, status, _ = self._ask(req.model_copy(update={"op": "pool"}), timeout)
         sock.close()
         return status or {"ok": False, "error": "no answer"}
 
@@ -300,14 +301,13 @@ def warm(profile: str, *, size: int | None = None, timeout: float = 60.0,
     from ..errors import CellblockError, JailStartError
 
     client = SpawnerClient.instance()
-    req: dict[str, Any] = {"profile": profile, "env": dict(os.environ if env is None else env),
-                           "reset_failures": True}
-    if size is not None:
-        req["size"] = size
+    req = LaunchRequest(op="pool", profile=profile, size=size, reset_failures=True,
+                        env={str(k): str(v) for k, v in (os.environ if env is None
+                                                         else env).items()})
     deadline = time.monotonic() + timeout
     while True:
         state = client.pool(req, timeout=max(1.0, deadline - time.monotonic()))
-        req.pop("reset_failures", None)
+        req = req.model_copy(update={"reset_failures": False})
         if not state.get("ok"):
             raise CellblockError(f"warm pool of profile {profile!r}: {state.get('error')}")
         if state["failures"] >= POOL_FAILURES:

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import CellblockError
 from ..policy import Policy
 from .process import STOP_SIGNALS, set_title
+from .request import LaunchRequest
 from .warden import Warden
 
 __all__ = ["WARDEN_ADDRESS_SPACE", "run_forked"]
@@ -53,7 +54,7 @@ def _start_error(exc: Exception) -> str:
     return message
 
 
-def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: bool,
+def run_forked(req: LaunchRequest, channel: int, client_pidfd: int, *, pooled: bool,
                policy: Policy | None = None) -> int:
     """The warden's life, in a process the spawner forked (:mod:`cellblock.warden.spawner`).
 
@@ -71,12 +72,12 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
     handler = logging.getLogger().handlers[:1]
     for h in handler:
         h.setFormatter(logging.Formatter("[cellblock warden %(asctime)s] %(message)s"))
-    set_title(f"cellblock-warden {req['kernel_id']}".encode())
+    set_title(f"cellblock-warden {req.kernel_id}".encode())
     warden: Warden | None = None
     status: int | None = None if pooled else channel
     try:
-        warden = Warden(str(req["kernel_id"]), str(req["profile"]), req.get("client_conn"),
-                        datasets=req.get("datasets"), pooled=pooled, policy=policy)
+        warden = Warden(req.kernel_id, req.profile, req.client_conn, datasets=req.datasets,
+                        pooled=pooled, policy=policy)
         warden.client_pidfd = client_pidfd
         warden._signal_fd()  # a stop signal during the start ends it cleanly
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
@@ -89,8 +90,9 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
             if handed is None:
                 return 0
             req, status = handed
-            set_title(f"cellblock-warden {req['kernel_id']}".encode())
-            warden.adopt(str(req["kernel_id"]), req["client_conn"], req.get("datasets"))
+            set_title(f"cellblock-warden {req.kernel_id}".encode())
+            assert req.client_conn is not None
+            warden.adopt(req.kernel_id, req.client_conn, req.datasets)
     except Exception as exc:  # every failure is reported and cleaned up
         message = _start_error(exc)
         if warden is not None:
@@ -100,7 +102,7 @@ def run_forked(req: dict[str, Any], channel: int, client_pidfd: int, *, pooled: 
                 {"ok": False, "error": message, "type": type(exc).__name__})
         retired = pooled and status is None and warden is not None and warden._stop_reason
         (log.info if retired else log.error)("kernel %s failed to start: %s",
-                                             req.get("kernel_id"), message)
+                                             req.kernel_id, message)
         return 2
     finally:
         if warden is not None and (warden.clock is None):

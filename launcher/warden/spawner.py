@@ -56,6 +56,7 @@ from typing import Any
 
 from .channel import LineBuffer, read_line, recv_fds, send_fds, write_line
 from .process import STOP_SIGNALS, set_title
+from .request import LaunchRequest
 
 log = logging.getLogger("cellblock.spawner")
 
@@ -154,14 +155,10 @@ class Spawner:
 
     def _on_request(self, sock: socket.socket) -> None:
         try:
-            req = json.loads(read_line(sock, MAX_REQUEST_BYTES, REQUEST_TIMEOUT))
-            if not isinstance(req, dict) or not isinstance(req.get("env"), dict):
-                raise ValueError("not a request object")
-            if req.get("op") == "pool":
+            req = LaunchRequest.parse(read_line(sock, MAX_REQUEST_BYTES, REQUEST_TIMEOUT))
+            if req.op == "pool":
                 self._pool_request(req, sock)
                 return
-            if req.get("op") != "launch":
-                raise ValueError(f"unknown op {req.get('op')!r}")
         except (OSError, ValueError) as exc:
             write_line(sock, {"ok": False, "error": f"bad request to the spawner: {exc}"})
             sock.close()
@@ -170,16 +167,16 @@ class Spawner:
 
     # -- launches ------------------------------------------------------------------------
 
-    def _launch(self, req: dict[str, Any], sock: socket.socket) -> None:
+    def _launch(self, req: LaunchRequest, sock: socket.socket) -> None:
         from ..errors import CellblockError
 
         pool = None
         try:
-            key, (policy, profile) = pool_key(str(req.get("profile")), req["env"])
+            key, (policy, profile) = pool_key(req.profile, req.env)
         except CellblockError:
             key, profile = "", None  # the cold warden reports the error in words
         if profile is not None and profile.warm_pool > 0 and profile.enabled:
-            pool = self._pool(key, str(req["profile"]), profile.warm_pool, req["env"], policy)
+            pool = self._pool(key, req.profile, profile.warm_pool, req.env, policy)
             member = next((c for c in pool.members if c.ready), None)
             if member is not None and _poolable(policy, req):
                 pool.members.remove(member)
@@ -194,11 +191,11 @@ class Spawner:
         if pool is not None:
             self._refill(key)
 
-    def _adopt(self, member: Child, req: dict[str, Any], sock: socket.socket) -> bool:
+    def _adopt(self, member: Child, req: LaunchRequest, sock: socket.socket) -> bool:
         """Hand a pooled warden this request and its socket. False if it is gone."""
         assert member.pool is not None
         try:
-            send_fds(member.pool, json.dumps(req).encode() + b"\n", [sock.fileno()])
+            send_fds(member.pool, req.line(), [sock.fileno()])
         except OSError:
             return False
         self.sel.unregister(member.pool)
@@ -208,21 +205,21 @@ class Spawner:
         member.key = ""
         return True
 
-    def _pool_request(self, req: dict[str, Any], sock: socket.socket) -> None:
+    def _pool_request(self, req: LaunchRequest, sock: socket.socket) -> None:
         """``op: pool``: make sure the profile's pool is filling; answer with its state."""
         from ..errors import CellblockError
 
         try:
-            key, (policy, profile) = pool_key(str(req.get("profile")), req["env"])
+            key, (policy, profile) = pool_key(req.profile, req.env)
         except CellblockError as exc:
             write_line(sock, {"ok": False, "error": str(exc)})
             sock.close()
             return
-        size = int(req["size"]) if req.get("size") is not None else profile.warm_pool
+        size = req.size if req.size is not None else profile.warm_pool
         size = max(0, min(size, POOL_MAX))
-        pool = self._pool(key, str(req["profile"]), size, req["env"], policy)
+        pool = self._pool(key, req.profile, size, req.env, policy)
         pool.size = size
-        if req.get("reset_failures"):
+        if req.reset_failures:
             pool.failures = 0
         self._refill(key)
         write_line(sock, {"ok": True, "key": key, "size": pool.size,
@@ -250,8 +247,8 @@ class Spawner:
         while len(pool.members) > pool.size:
             self._retire(pool.members.pop())
         while len(pool.members) < pool.size and pool.failures < POOL_FAILURES:
-            req = {"op": "launch", "profile": pool.profile, "env": pool.env,
-                   "kernel_id": f"pool-{uuid.uuid4().hex[:12]}", "pooled": True}
+            req = LaunchRequest(profile=pool.profile, env=pool.env, pooled=True,
+                                kernel_id=f"pool-{uuid.uuid4().hex[:12]}")
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             child = self._fork(req, pool=b, also_close=a, policy=pool.policy)
             b.close()
@@ -314,7 +311,7 @@ class Spawner:
 
     # -- children --------------------------------------------------------------------------
 
-    def _fork(self, req: dict[str, Any], *, status: socket.socket | None = None,
+    def _fork(self, req: LaunchRequest, *, status: socket.socket | None = None,
               pool: socket.socket | None = None,
               also_close: socket.socket | None = None, policy: Any = None) -> Child | None:
         """Fork a warden for ``req`` (``policy``: the request's policy, already loaded here
@@ -344,7 +341,7 @@ class Spawner:
             finally:
                 os._exit(code)
         pidfd = os.pidfd_open(pid)
-        child = Child(pid=pid, pidfd=pidfd, profile=str(req.get("profile")))
+        child = Child(pid=pid, pidfd=pidfd, profile=req.profile)
         self.children[pidfd] = child
         self.sel.register(pidfd, selectors.EVENT_READ, self._on_exit)
         return child
@@ -386,17 +383,15 @@ class Spawner:
                 child.status.close()  # the client learns from EOF when the warden exits
 
 
-def _poolable(policy: Any, req: dict[str, Any]) -> bool:
+def _poolable(policy: Any, req: LaunchRequest) -> bool:
     """A launch may adopt a pooled kernel unless it asks for a directory dataset (those
     are mounted when the jail starts)."""
-    from ..datasets import parse_selection
-
-    names = parse_selection(str(req.get("datasets") or ""))
+    names = req.datasets
     return not any(os.path.isdir(policy.datasets[n].path) for n in names
                    if n in policy.datasets)
 
 
-def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
+def _become_warden(req: LaunchRequest, channel: int, client_pidfd: int, *,
                    pooled: bool, policy: Any) -> int:
     """In the forked child: shed the spawner's state, then run the warden."""
     os.setsid()  # its own session: a signal to the spawner's group never reaches it
@@ -410,7 +405,7 @@ def _become_warden(req: dict[str, Any], channel: int, client_pidfd: int, *,
     for fd in (channel, client_pidfd):
         os.set_inheritable(fd, False)
     os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+    os.environ.update(req.env)
     from . import life
 
     return life.run_forked(req, channel, client_pidfd, pooled=pooled, policy=policy)

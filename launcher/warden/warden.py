@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 from ..audit import AuditLog, audit_dir
 from ..budgets import BudgetClock, Stop
 from ..cgroups import KernelCgroup, detect, own_cgroups
-from ..datasets import parse_selection, select_datasets
-from ..errors import HostUnsupported, JailStartError, ProfileDisabled
+from ..datasets import check_grants
+from ..errors import HostUnsupported, JailStartError
 from ..jailcmd import JAIL_RUN, jail_command, locate_nsjail, resolve_python
 from ..names import check_kernel_id
 from ..policy import Policy, Profile, load_policy
@@ -67,6 +67,7 @@ from .budgeting import Bookkeeping, HeldAudit
 from .channel import LineBuffer, recv_fds
 from .jail import JailProcess, death_reason
 from .process import cap_address_space
+from .request import LaunchRequest
 
 if TYPE_CHECKING:
     pass
@@ -93,7 +94,7 @@ class Warden(Bookkeeping):
     the kernel id too."""
 
     def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any] | None,
-                 datasets: str | None = None, *, pooled: bool = False,
+                 datasets: tuple[str, ...] = (), *, pooled: bool = False,
                  policy: Policy | None = None) -> None:
         self.kernel_id = kernel_id
         self.slot = kernel_id
@@ -115,7 +116,7 @@ class Warden(Bookkeeping):
         self.pooled = pooled
         self.audit: AuditLog | HeldAudit = (
             HeldAudit() if pooled else AuditLog(audit_dir(self.policy.audit.dir), kernel_id))
-        self.requested_datasets = datasets  # None: the profile's default_datasets
+        self.requested_datasets = datasets  # the launch's final selection
         self.datasets: DatasetSetup | None = None
         self.telemetry = None if pooled else Telemetry.from_env(kernel_id, profile_name)
         self.clock: BudgetClock | None = None  # made when the kernel is ready
@@ -173,7 +174,8 @@ class Warden(Bookkeeping):
             raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
                                  "within the profile's startup_timeout")
 
-    def adopt(self, kernel_id: str, client_conn: dict[str, Any], datasets: str | None) -> None:
+    def adopt(self, kernel_id: str, client_conn: dict[str, Any],
+              datasets: tuple[str, ...]) -> None:
         """A launch takes this pooled kernel: from now on it is ``kernel_id``, it speaks to
         the client with the client's key, and it has the launch's file datasets (a launch
         with directory datasets is never sent here). Raises CellblockError."""
@@ -192,8 +194,7 @@ class Warden(Bookkeeping):
         self.record.client_ports = {k: int(v) for k, v in client_conn.items()
                                     if k.endswith("_port")}
         self.run.write_record(self.record)
-        granted = select_datasets(self.policy, self.profile_name, datasets) \
-            if datasets is None or parse_selection(datasets) else ()
+        granted = check_grants(self.policy, self.profile_name, datasets)
         for name in granted:
             self.datasets.broker.grant(name)
         if granted:
@@ -207,12 +208,7 @@ class Warden(Bookkeeping):
         return {**self._inner, "ip": str(self.run.ipc / "k")}
 
     def _prepare_jail(self) -> None:
-        profile = self.profile
-        if not profile.enabled:
-            raise ProfileDisabled(
-                f"profile {self.profile_name!r} is disabled by the operator (enabled = false "
-                f"in [profiles.{self.profile_name}]); no new kernel starts on it"
-            )
+        profile = self.policy.startable(self.profile_name)
         cg_version = None
         if profile.cgroups == "required":
             found = detect()
@@ -238,7 +234,7 @@ class Warden(Bookkeeping):
         layout = self.run.create(uid, gid)
         self.datasets = setup_datasets(
             run_path=self.run.path, policy=self.policy, profile_name=self.profile_name,
-            requested="" if self.pooled else self.requested_datasets, jail_uid=uid,
+            requested=() if self.pooled else self.requested_datasets, jail_uid=uid,
             audit=self._audit_write,
         )
         record = WardenRecord(
@@ -405,7 +401,7 @@ class Warden(Bookkeeping):
             return True
         return False
 
-    def wait_for_adoption(self, pool: int) -> tuple[dict[str, Any], int] | None:
+    def wait_for_adoption(self, pool: int) -> tuple[LaunchRequest, int] | None:
         """Pooled: block until the spawner hands over a launch (its request and socket),
         or return None when this kernel should go (its jail ended, a stop signal, the
         client or the spawner is gone)."""
@@ -432,7 +428,7 @@ class Warden(Bookkeeping):
                     return None  # the spawner is gone: nobody can adopt this kernel now
                 lines.feed(data)
                 if lines and fds:
-                    return next(lines.lines(), {}), fds[0]
+                    return LaunchRequest.model_validate(next(lines.lines(), {})), fds[0]
             return None
         finally:
             sock.close()
