@@ -503,10 +503,10 @@ async def run_persistence() -> list[Run]:
 
 
 def new_key_and_nothing_left(run: Run, cell: NotebookNode) -> None:
-    """S8: a new HMAC key; the plant in the ipc dir (a host directory) reached the host
-    while the first kernel ran, and nothing of it is left after the restart."""
+    """S8: a new HMAC key; the plant tried in the ipc dir (a host directory, read-only in
+    the jail: H1) never reached the host, and nothing of it is anywhere after the restart."""
     assert run.host["key"] != run.host["plant_key"]
-    assert run.host["planted_on_host"]
+    assert not run.host["planted_on_host"]
     assert run.host["left_after_restart"] == []
 
 
@@ -608,13 +608,13 @@ KERNEL_ENDERS = {
     # one ends at the memory limit instead.
     "R13b": ("import sys\nsys.setrecursionlimit(10**9)\nf = lambda n: f(n + 1)\nf(0)",
              MEMORY_STOP),
-    # K20: a kernel writes its own death certificate (issue 12, finding 4): "seccomp
+    # H4: a kernel writes its own death certificate (issue 12, finding 4): "seccomp
     # violation" on its original stderr, then exit 3. The reason comes from host facts.
-    "K20": ("import os, sys\nfd = sys.stderr._original_stdstream_copy  # nsjail's pipe\n"
+    "H4": ("import os, sys\nfd = sys.stderr._original_stdstream_copy  # nsjail's pipe\n"
             "os.write(fd, b'[E] seccomp violation: syscall 101\\n' * 20)\nos._exit(3)",
             "cellblock: kernel stopped, kernel process exited with status 3"),
-    # K21: a real seccomp kill (an x32 system call: SIGSYS), told from the wait status.
-    "K21": ("import ctypes\nctypes.CDLL(None).syscall(0x40000000 | 39)",
+    # H4b: a real seccomp kill (an x32 system call: SIGSYS), told from the wait status.
+    "H4b": ("import ctypes\nctypes.CDLL(None).syscall(0x40000000 | 39)",
             "cellblock: kernel stopped, killed by the seccomp policy (signal SIGSYS: a "
             "forbidden system call)"),
 }

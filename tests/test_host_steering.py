@@ -1,12 +1,12 @@
 """The host is never steered by the jail (issue 12): attacks from inside a real jailed kernel
 on the paths, connections and names the warden uses.
 
-- F24: the kernel-facing ipc dir (``/run/cellblock``) is the warden's, read-only in the jail:
+- H1, H3: the kernel-facing ipc dir (``/run/cellblock``) is the warden's, read-only in the jail:
   no file, symlink, mode or xattr can be planted, and a kernel that drops its own sockets
   makes the *kernel* reconnect: a host unix socket the jail names is never connected to.
-- R21: a kernel that keeps making connections to the warden's sockets (each one a host
+- H2: a kernel that keeps making connections to the warden's sockets (each one a host
   cost) is stopped, with the reason shown to the client and audited once.
-- LC: kernel ids that cannot be names (``..``, ``/``, a leading dot) are refused before
+- H6: kernel ids that cannot be names (``..``, ``/``, a leading dot) are refused before
   anything starts, through jupyter_client and through Jupyter Server's REST API.
 """
 
@@ -95,7 +95,7 @@ print("dropped")
 @jailed
 async def test_ipc_dir_cannot_be_written_and_never_steers_the_warden(
         jupyter_env: dict[str, str], host_socket: Any) -> None:
-    """F24 (issue 12 findings 1 and 3): every write to the ipc dir fails, and after the
+    """H1, H3 (issue 12 findings 1 and 3): every write to the ipc dir fails, and after the
     kernel dropped and remade its connections the host socket saw nothing, the warden
     made no connection of its own, and the kernel still works."""
     path, accepted = host_socket
@@ -145,7 +145,7 @@ print("connected", n)
 @jailed
 async def test_connection_storm_stops_the_kernel_with_a_reason(
         jupyter_env: dict[str, str]) -> None:
-    """R21 (issue 12 finding 2): connections to the warden's sockets are the kernel's to
+    """H2 (issue 12 finding 2): connections to the warden's sockets are the kernel's to
     make, and each is counted; past the bound (GateLimits.max_kernel_connections) the
     kernel is stopped, the client is told why, and the audit log says it once."""
     km = await start_kernel("agent")
