@@ -107,13 +107,12 @@ def tokens(text: str) -> Iterator[tuple[Any, ...]]:
             if text.startswith(">", pos + 4) or text.startswith("->", pos + 4):
                 pos = pos + 5 if text[pos + 4] == ">" else pos + 6  # <!--> and <!--->
             else:
-                end = _COMMENT_END.search(text, pos + 4)
-                pos = n if end is None else end.end()
+                close = _COMMENT_END.search(text, pos + 4)
+                pos = n if close is None else close.end()
         elif text.startswith("<![CDATA[", pos):
-            end = text.find("]]>", pos + 9)
-            stop = n if end < 0 else end
-            yield ("cdata", text[pos + 9:stop])
-            pos = n if end < 0 else end + 3
+            stop = text.find("]]>", pos + 9)
+            yield ("cdata", text[pos + 9:n if stop < 0 else stop])
+            pos = n if stop < 0 else stop + 3
         elif nxt in ("!", "?"):
             pos = _past(text, ">", pos + 2)
         else:
@@ -126,26 +125,32 @@ def _past(text: str, what: str, start: int) -> int:
     return len(text) if end < 0 else end + len(what)
 
 
+def _run(pattern: re.Pattern[str], text: str, pos: int) -> str:
+    """The run `pattern` (one character class, possibly empty) matches at `pos`."""
+    m = pattern.match(text, pos)
+    return "" if m is None else m.group()
+
+
 def _start_tag(text: str, lt: int) -> tuple[int, str, list[tuple[str, str | None]], bool] | None:
     """A start (or end) tag whose ``<`` is at `lt`: (position after it, name, attributes,
     self-closing), or None when the input ends inside it."""
-    m = _NAME.match(text, lt + 1)
-    name, pos, n = m.group(), m.end(), len(text)
+    name = _run(_NAME, text, lt + 1)
+    pos, n = lt + 1 + len(name), len(text)
     attrs: list[tuple[str, str | None]] = []
     while True:
         skipped = pos
-        pos = _SKIP.match(text, pos).end()
+        pos += len(_run(_SKIP, text, pos))
         if pos >= n:
             return None
         if text[pos] == ">":
             return pos + 1, name, attrs, pos > skipped and text[pos - 1] == "/"
-        m = _ATTR_NAME.match(text, pos)
-        attr, pos = m.group(), m.end()
-        pos = _SPACE.match(text, pos).end()
+        attr = _run(_ATTR_NAME, text, pos)
+        pos += len(attr)
+        pos += len(_run(_SPACE, text, pos))
         if not text.startswith("=", pos):
             attrs.append((attr, None))
             continue
-        pos = _SPACE.match(text, pos + 1).end()
+        pos += 1 + len(_run(_SPACE, text, pos + 1))
         quote = text[pos:pos + 1]
         if quote in ('"', "'"):
             end = text.find(quote, pos + 1)
@@ -154,6 +159,6 @@ def _start_tag(text: str, lt: int) -> tuple[int, str, list[tuple[str, str | None
             attrs.append((attr, unescape_attr(text[pos + 1:end])))
             pos = end + 1
         else:
-            m = _UNQUOTED.match(text, pos)
-            attrs.append((attr, unescape_attr(m.group())))
-            pos = m.end()
+            value = _run(_UNQUOTED, text, pos)
+            attrs.append((attr, unescape_attr(value)))
+            pos += len(value)

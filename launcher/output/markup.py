@@ -131,19 +131,20 @@ class _Rebuild:
             return
         parts = [name]
         for attr, value in attrs:
-            kept = self._attr(attr.lower(), value)
-            if kept is None or not _NAME.match(attr):
+            lowered = attr.lower()
+            if lowered.startswith("on") or lowered in _DROP_ATTRS:
+                self.removed += 1
                 continue
-            parts.append(attr if kept is True else f'{attr}="{html.escape(kept)}"')
+            if not _NAME.match(attr):
+                continue
+            if value is None:
+                parts.append(attr)
+            elif (kept := self._attr(lowered, value)) is not None:
+                parts.append(f'{attr}="{html.escape(kept)}"')
         self.out.append("<" + " ".join(parts) + (" />" if empty else ">"))
 
-    def _attr(self, name: str, value: str | None) -> str | bool | None:
-        """The value to write (True: the attribute without a value, None: drop it)."""
-        if value is None:
-            return True
-        if name.startswith("on") or name in _DROP_ATTRS:
-            self.removed += 1
-            return None
+    def _attr(self, name: str, value: str) -> str | None:
+        """The value to write, or None to drop the attribute."""
         image = name in IMAGE_ATTRS
         if name in URL_ATTRS or name in _LIST_ATTRS:
             sep = _LIST_ATTRS.get(name)
