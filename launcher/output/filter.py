@@ -29,6 +29,7 @@ from ..gate.rules import WITHHOLD
 from ..gate.wire import load_object
 from ..policy import OutputPolicy
 from ..redact.normalise import normalise
+from .markup import markdown_parser
 from .report import CellReport, label
 from .rich import filter_bundle
 from .streams import CellStreams
@@ -378,6 +379,10 @@ def _dump(obj: Any) -> bytes:
 
 def build_output_rules(policy: OutputPolicy, audit: Audit | None = None,
                        env: Mapping[str, str] | None = None) -> tuple[OutputFilter]:
-    """The gate's rules for one kernel of a profile."""
+    """The gate's rules for one kernel of a profile. With ``neutralize_urls`` the markdown
+    parser is built here too (30-150 ms the first time), while the kernel boots or in the
+    spawner's warm-up, not on the first markdown output."""
+    if policy.neutralize_urls:
+        markdown_parser()
     return (OutputFilter(policy, build_redactor(policy, env), audit),)
 

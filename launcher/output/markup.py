@@ -189,7 +189,8 @@ def neutralize_html(text: str) -> tuple[str, int]:
 
 
 @functools.cache
-def _markdown() -> Any:
+def markdown_parser() -> Any:
+    """The CommonMark parser (markdown-it-py), built once per process."""
     from markdown_it import MarkdownIt
 
     return MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
@@ -201,7 +202,7 @@ def neutralize_markdown(text: str) -> tuple[str, int]:
     text, count = neutralize_urls(text)
     if not any(c in text for c in ":/\\&%<"):
         return text, count  # nothing can name another host: no scheme, slash, entity, tag
-    left = neutralize_html(_markdown().render(text))[1] + decoded_hits(text)
+    left = neutralize_html(markdown_parser().render(text))[1] + decoded_hits(text)
     if not left:
         return text, count
     fence = "`" * max(3, 1 + max((len(run) for run in _BACKTICKS.findall(text)), default=0))
