@@ -23,6 +23,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -41,6 +43,24 @@ TOKEN = uuid.uuid4().hex
 TIMEOUT_MS = 120_000  # kernels start on a busy 2-core machine; every wait is on a condition
 # No news or update checks: a popup over the notebook, and a request to the internet.
 NO_NEWS = {"fetchNews": "false", "checkForUpdates": False}
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def run_cell(page: Any, code: str) -> Any:
+    """Type ``code`` into the notebook's last cell, run it, return that cell (by index:
+    running the last cell adds a new one below, which `.last` would then mean)."""
+    from playwright.sync_api import expect
+
+    cells = page.locator(".jp-Notebook .jp-CodeCell")
+    cell = cells.nth(cells.count() - 1)
+    expect(cell.locator(".cm-content")).to_have_text("")  # the fresh cell, not the last run
+    cell.locator(".cm-content").click()
+    page.keyboard.insert_text(code)
+    page.locator('[data-command="notebook:run-cell-and-select-next"]').click()
+    return cell
 
 
 @pytest.fixture
@@ -68,27 +88,13 @@ def lab(tmp_path: Path, no_leftovers: None) -> Iterator[tuple[str, Path]]:
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/install)")
 def test_analyst_in_jupyterlab(lab: tuple[str, Path]) -> None:
-    from playwright.sync_api import Locator, Page, expect, sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):
+    for old in ARTIFACTS.glob("0*.png"):
         old.unlink()
     expect.set_options(timeout=TIMEOUT_MS)
     url, log = lab
-
-    def shot(page: Page, name: str) -> None:
-        page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-    def run_cell(page: Page, code: str) -> Locator:
-        """Type ``code`` into the notebook's last cell, run it, return that cell (by index:
-        running the last cell adds a new one below, which `.last` would then mean)."""
-        cells = page.locator(".jp-Notebook .jp-CodeCell")
-        cell = cells.nth(cells.count() - 1)
-        expect(cell.locator(".cm-content")).to_have_text("")  # the fresh cell, not the last run
-        cell.locator(".cm-content").click()
-        page.keyboard.insert_text(code)
-        page.locator('[data-command="notebook:run-cell-and-select-next"]').click()
-        return cell
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -157,6 +163,81 @@ def test_analyst_in_jupyterlab(lab: tuple[str, Path]) -> None:
             shot(page, "08-restarted")
         except Exception as e:
             shot(page, "failure")
+            raise AssertionError(f"{e}\n--- {log.name} (end) ---\n{log.read_text()[-4000:]}"
+                                 ) from e
+        finally:
+            browser.close()
+
+
+#: Markdown an agent-profile kernel displays, each naming `HOST` in a form the regular
+#: expression that neutralised URLs before issue 13 let through, and JupyterLab fetches
+#: (the page is http://127.0.0.1, so ``https:HOST/x`` goes to ``https://HOST/x``).
+HOSTILE_MARKDOWN = [
+    "![a](https&#58;//{host}/a.png)",
+    "![b](https:{host}/b.png)",
+    "![c](/\\\\{host}/c.png)",
+    '<img src="ht&#9;tps://{host}/d.png">',
+    '<img src="x.png" srcset="https:{host}/e.png 2x">',
+    "<span style=\"background-image:url('https:{host}/f.png')\">styled</span>",
+    "[r]: https:{host}/g.png\n\n![g][r]",
+    '<img src="\\\\\\\\{host}\\\\h.png">',
+]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/install)")
+def test_agent_markdown_fetches_nothing_remote(lab: tuple[str, Path]) -> None:
+    """Issue 13, finding 6, where it matters: hostile markdown from a `cellblock-agent` kernel
+    rendered by JupyterLab in Chromium. Every request the page makes while it renders them
+    is recorded; none may leave 127.0.0.1. A local image in the same output is requested
+    (so the recorder sees what the outputs fetch), and the rendered text is checked too."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    expect.set_options(timeout=TIMEOUT_MS)
+    url, log = lab
+    host = "exfil.invalid"  # never resolves: a request to it is recorded, then fails
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(f"{url}/lab?token={TOKEN}")
+            agent = page.locator('.jp-LauncherCard[data-category="Notebook"]').filter(
+                has_text="Python (cellblock: labagent, tests)")
+            agent.click()
+            expect(page.locator(".jp-KernelName")).to_have_text(
+                "Python (cellblock: labagent, tests)")
+            status = page.locator(".jp-Notebook-ExecutionIndicator")
+            expect(status).to_have_attribute("data-status", "idle")
+
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            shown = [md.format(host=host) for md in HOSTILE_MARKDOWN]
+            code = ("from IPython.display import Markdown, display\n"
+                    f"for md in {shown!r}:\n    display(Markdown(md))\n"
+                    "display(Markdown('![local](local-probe.png)'))")
+            cell = run_cell(page, code)
+            outputs = cell.locator(".jp-OutputArea-output")
+            expect(outputs).to_have_count(len(shown) + 1)
+            expect(cell.locator(".jp-InputPrompt")).to_have_text("[1]:")
+            # Rendered, and every image has finished (loaded or failed): then no request
+            # is still to come from them.
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-OutputArea-output img')]"
+                ".every(img => img.complete)")
+            page.wait_for_load_state("networkidle")
+            shot(page, "10-agent-markdown")
+            expect(outputs.last.locator("img")).to_have_count(1)
+            assert any("local-probe.png" in u for u in requests), requests
+            remote = [u for u in requests if urlsplit(u).scheme in ("http", "https", "ws", "wss")
+                      and urlsplit(u).hostname != "127.0.0.1"]
+            assert remote == [], remote
+            sources = page.eval_on_selector_all(
+                ".jp-OutputArea-output img", "imgs => imgs.map(i => i.currentSrc || i.src)")
+            assert not [s for s in sources if host in s], sources
+        except Exception as e:
+            shot(page, "failure-agent-markdown")
             raise AssertionError(f"{e}\n--- {log.name} (end) ---\n{log.read_text()[-4000:]}"
                                  ) from e
         finally:

@@ -317,7 +317,7 @@ async def test_stdin(kernel: tuple[AsyncKernelManager, Any]) -> None:
     msg_id = kc.execute("name = input('who? ')\nprint('hello', name)", allow_stdin=True)
     req = await kc.get_stdin_msg(timeout=30)
     assert req["msg_type"] == "input_request"
-    assert req["content"]["prompt"] == "who? "
+    assert req["content"]["prompt"] == "[sandboxed code asks] who? "  # PROMPT_MARK
     kc.input("cellblock")
     text = ""
     while True:

@@ -6,7 +6,8 @@ a head+tail cap), dict keys included, in content and in metadata: stream,
 display_data, update_display_data, execute_result (every MIME type), error (ename,
 evalue, every traceback line), execute_input, execute_reply (payload,
 user_expressions), inspect_reply, complete_reply, history_reply, is_complete_reply,
-kernel_info_reply, input_request, comm messages. ``status`` (already validated by
+kernel_info_reply, input_request (whose prompt is then marked as the sandbox's),
+comm messages. ``status`` (already validated by
 the relay) is the one message passed without parsing. Stream text has a per-cell
 budget and a carry-over window (:mod:`.streams`); MIME bundles have their own
 limits (:mod:`.rich`).
@@ -28,17 +29,20 @@ from ..gate.rules import WITHHOLD
 from ..gate.wire import load_object
 from ..policy import OutputPolicy
 from ..redact.normalise import normalise
+from .markup import markdown_parser
 from .report import CellReport, label
 from .rich import filter_bundle
 from .streams import CellStreams
 from .text import cap_text
 
-__all__ = ["OutputFilter", "build_output_rules", "build_redactor"]
+__all__ = ["PROMPT_MARK", "OutputFilter", "build_output_rules", "build_redactor"]
 
 _BUNDLE_TYPES = {"display_data", "update_display_data", "execute_result", "inspect_reply"}
 _COMM_TYPES = {"comm_open", "comm_msg", "comm_close"}
 Audit = Callable[[str, dict[str, Any]], None]
 CARRY_LATENCY = 0.2  # seconds held-back stream text may wait for the rest of a match
+#: What every ``input_request`` prompt starts with (docs/output.md, docs/policy.md).
+PROMPT_MARK = "[sandboxed code asks] "
 #: Cells whose report waits for its flush, at most; past this the oldest is written early (a
 #: request the relay stopped tracking, never flushed, costs no more than this).
 MAX_OPEN_REPORTS = 1024
@@ -114,6 +118,8 @@ class OutputFilter:
             content = self._walk(content, "kernel_info")
         else:
             content = self._walk(content, msg_type)
+            if msg_type == "input_request":
+                content = self._mark_prompt(content)
         metadata_out = metadata_bytes
         if metadata_bytes not in (b"{}", b""):
             before = self._changed
@@ -269,6 +275,16 @@ class OutputFilter:
                 out.append((k, self._walk(v, "key")))
         return out
 
+    def _mark_prompt(self, content: Any) -> Any:
+        """An ``input()`` prompt, redacted, starts with `PROMPT_MARK`: a person is asked by
+        code in the sandbox, not by Jupyter or cellblock (THREATS P12). A prompt that is not
+        a string becomes the marker alone."""
+        prompt = content.get("prompt") if isinstance(content, dict) else None
+        content = dict(content) if isinstance(content, dict) else {}
+        content["prompt"] = PROMPT_MARK + (prompt if isinstance(prompt, str) else "")
+        self._changed = True
+        return content
+
     def _bundle(self, data: Any) -> Any:
         out, changed = filter_bundle(data, self.policy, self._clean, self._walk, self._current())
         if changed:
@@ -363,6 +379,10 @@ def _dump(obj: Any) -> bytes:
 
 def build_output_rules(policy: OutputPolicy, audit: Audit | None = None,
                        env: Mapping[str, str] | None = None) -> tuple[OutputFilter]:
-    """The gate's rules for one kernel of a profile."""
+    """The gate's rules for one kernel of a profile. With ``neutralize_urls`` the markdown
+    parser is built here too (30-150 ms the first time), while the kernel boots or in the
+    spawner's warm-up, not on the first markdown output."""
+    if policy.neutralize_urls:
+        markdown_parser()
     return (OutputFilter(policy, build_redactor(policy, env), audit),)
 

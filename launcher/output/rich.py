@@ -9,39 +9,29 @@ allowlist are dropped, and a bundle left empty says so in ``text/plain``.
 With no network, an agent reading the output is the only way out of the jail, and
 an image URL in markdown or HTML is fetched by whatever renders it, with data in
 its query string (THREATS N16). LLM-facing profiles replace every remote URL in
-markdown, HTML and SVG. The pattern has no nested quantifiers (linear time) and runs
-only on text already capped by the profile's ``max_text``.
+markdown, HTML and SVG, found by parsing them (:mod:`.markup`, by the rule in
+:mod:`.urls`), on text already capped by the profile's ``max_text``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from ..policy import OutputPolicy
+from .markup import neutralize_html, neutralize_markdown
 from .report import CellReport, label
+from .urls import REMOVED_URL, neutralize_urls
 
-__all__ = ["REMOVED_URL", "filter_bundle", "neutralize_urls"]
+__all__ = ["REMOVED_URL", "filter_bundle", "neutralize", "neutralize_urls"]
 
-REMOVED_URL = "#cellblock-remote-url-removed"
-_URL = re.compile(
-    r"(?i)(?:\b(?:https?|ftps?|wss?|gopher|file)\s*:\s*/\s*/|(?<=[\"'(=\s])//(?=[\w.-]))"
-    r"[^\s\"'<>()\[\]{}`]*"
-)
 _URL_MIME = {"text/markdown", "text/html", "image/svg+xml"}
 
 
-def neutralize_urls(text: str) -> tuple[str, int]:
-    """Replace remote URLs; return the text and how many were replaced."""
-    count = 0
-
-    def sub(_m: re.Match[str]) -> str:
-        nonlocal count
-        count += 1
-        return REMOVED_URL
-
-    return _URL.sub(sub, text), count
+def neutralize(mime: str, text: str) -> tuple[str, int]:
+    """`text` of MIME type `mime` (markdown, HTML or SVG) without remote references, and how
+    many were removed."""
+    return neutralize_markdown(text) if mime == "text/markdown" else neutralize_html(text)
 
 
 def filter_bundle(
@@ -80,12 +70,17 @@ def filter_bundle(
                 continue
             out[mime_clean] = value  # opaque; not decoded (R20), OCR is out of scope
             continue
+        if policy.neutralize_urls and mime in _URL_MIME and not isinstance(value, str):
+            withheld.append(f"{shown} (not a string: its URLs cannot be checked)")
+            report.mime_withheld(mime_clean)
+            continue
         if isinstance(value, str):
             text = clean(value, shown)
             if policy.neutralize_urls and mime in _URL_MIME:
-                text, n = neutralize_urls(text)
+                before = text
+                text, n = neutralize(mime, text)
+                changed = changed or text != before  # HTML is rebuilt: new bytes, maybe no URL
                 if n:
-                    changed = True
                     report.urls(n)
                     report.note(f"{n} remote URL(s) removed from {mime}")
             out[mime_clean] = text

@@ -53,7 +53,7 @@ from cellblock.redact import (
     vcs,
 )
 from cellblock.redact.normalise import normalise, scan_bytes
-from cellblock.redact.rule import Rule
+from cellblock.redact.rule import Rule, check
 from cellblock.redact.scanner import (
     BEGIN,
     END,
@@ -167,28 +167,6 @@ def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scan
     return main, Scanner(rules, [], cacheable=False)
 
 
-def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
-    """The secret's span for one candidate of `rule`, or None if the candidate fails."""
-    if end - start > rule.max_len:
-        if rule.clip_end:
-            start = end - rule.max_len
-        else:
-            end = start + rule.max_len
-    if rule.secret is not None:
-        candidate = text[start:end]
-        if isinstance(rule.secret, re.Pattern):
-            match = rule.secret.match(candidate)
-            span = match.span("v") if match else None
-        else:
-            span = rule.secret(candidate)
-        if span is None:
-            return None
-        start, end = start + span[0], start + span[1]
-    if rule.validate is not None and not rule.validate(text[start:end]):
-        return None
-    return start, end
-
-
 class Redactor:
     """Finds and replaces secrets (and, if asked, personal data) in text a kernel sends.
 
@@ -226,11 +204,26 @@ class Redactor:
         return normalise(text)
 
     def redact(self, text: str) -> RedactResult:
-        """Normalise `text`, then replace each finding with ``[REDACTED:<rule>]``."""
-        text = normalise(text)
-        if not text:
-            return RedactResult(text, [])
-        return self._replace(text, self._find(text))
+        """Replace each finding with ``[REDACTED:<rule>]`` in `text` as it is (what the bytes
+        say: a secret a terminal would hide or half hide behind ``\b``, ``\r`` or an OSC
+        title) and then in it normalised (what a terminal shows); return the normalised text.
+        Findings of the first scan have offsets in `text`, of the second in the result."""
+        first = self._seen(text)
+        if not first.text:
+            return first
+        result = self._replace(first.text, self._find(first.text))
+        return RedactResult(result.text, first.findings + result.findings) if first.findings \
+            else result
+
+    def _seen(self, text: str) -> RedactResult:
+        """`text` normalised, after its own findings were replaced when normalising changes
+        it (one scan of the original, only then)."""
+        shown = normalise(text)
+        if shown is text or shown == text or len(text) < self._scanner.min_len:
+            return RedactResult(shown, [])
+        raw = self._replace(text, self._find(text))
+        return RedactResult(normalise(raw.text), raw.findings) if raw.findings else \
+            RedactResult(shown, [])
 
     def _replace(self, text: str, spans: list[tuple[int, int, str]]) -> RedactResult:
         if not spans:
@@ -261,17 +254,18 @@ class Redactor:
     def survey(self, texts: list[str]) -> tuple[bool, bool]:
         """(``clean``, ``normalised``): ``clean`` when `redact` would find nothing in any of
         `texts`, as one scan of them all can tell (no candidate at all, nor in the decoded
-        view of percent or ``\\u`` escapes; False does not mean a finding), and
-        ``normalised`` when each is already normalised. The output filter calls this once per
-        message instead of `redact` once per string: a clean message is sent as it is, or
-        (if the profile sends normalised text) each string normalised, never scanned again.
+        view of percent or ``\\u`` escapes, in the texts as they are nor normalised; False
+        does not mean a finding), and ``normalised`` when each is already normalised. The
+        output filter calls this once per message instead of `redact` once per string: a
+        clean message is sent as it is, or (if the profile sends normalised text) each string
+        normalised, never scanned again.
 
         The texts are scanned joined by line feeds: a line feed is a boundary for every pattern
         (not a word character, not base64, not a URL character), so a hit in any one of them
         is a hit in the joined text. When they need normalising, they are joined by ESC LF and
         normalised together, which gives the same as normalising each (`JOIN_FOR_NORMALISE`).
         """
-        text = "\n".join(texts)
+        text = original = "\n".join(texts)
         if _may_change(texts, text):
             same = False  # normalising removes each of ESC, CR, BS: the text changes
             text = normalise(JOIN_FOR_NORMALISE.join(texts))
@@ -279,16 +273,21 @@ class Redactor:
             folded = normalise(text)
             same = folded is text
             text = folded
+        # What the bytes say too: a secret normalising hides (`redact` scans both).
+        return self._quiet(text) and (same or self._quiet(original)), same
+
+    def _quiet(self, text: str) -> bool:
+        """True when one scan of `text` (and of its escapes' decoded views) finds nothing."""
         if len(text) < self._scanner.min_len:
-            return True, same
+            return True
         data = scan_bytes(text)
         escapes = self._scanner.quiet(data, _ESCAPE_KINDS)
         if escapes is None:
-            return False, same
+            return False
         if not escapes or self._decoded is None:
-            return True, same
+            return True
         return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
-                                  UESCAPE_ANY in escapes), same
+                                  UESCAPE_ANY in escapes)
 
     def release(self, text: str, held: str = "") -> tuple[RedactResult, str]:
         """Normalise `text`, append it to `held` (what the last call kept back, normalised
@@ -300,18 +299,22 @@ class Redactor:
         rest is what a stream keeps back for the next piece; one scan of `text` serves both
         (findings in the released part see the text after them, as they will when it comes).
         """
-        text = held + normalise(text)
+        seen = self._seen(text)  # the piece's own hidden findings, replaced
+        text = held + seen.text
         if not text:  # an empty message, or one normalising removed entirely
-            return RedactResult("", []), ""
+            return RedactResult("", seen.findings), ""
         cut = self._hold_from(text)
         if cut <= 0:
-            return RedactResult("", []), text
+            return RedactResult("", seen.findings), text
         spans = self._find(text)
         for start, end, _rule in spans:
             if start < cut < end:
                 cut = start
                 break
-        return self._replace(text[:cut], [s for s in spans if s[1] <= cut]), text[cut:]
+        result = self._replace(text[:cut], [s for s in spans if s[1] <= cut])
+        if seen.findings:
+            result = RedactResult(result.text, seen.findings + result.findings)
+        return result, text[cut:]
 
     def _hold_from(self, text: str) -> int:
         """Where the part of `text` that a later piece could still complete into a finding
@@ -429,14 +432,14 @@ def _detect(
     for pid, per_start in longest.items():
         rule = rules[kinds[pid][1]]
         for start, end in per_start.items():
-            span = _check(rule, text, start, end)
+            span = check(rule, text, start, end)
             if span is not None and span[1] > span[0]:
                 found.append((span[0], span[1], rule.id))
     for pid, per_start_ends in every_end.items():
         rule = rules[kinds[pid][1]]
         for start, candidate_ends in per_start_ends.items():
             for end in sorted(candidate_ends, reverse=True):
-                span = _check(rule, text, start, end)
+                span = check(rule, text, start, end)
                 if span is not None:
                     found.append((span[0], span[1], rule.id))
                     break

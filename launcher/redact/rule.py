@@ -61,3 +61,25 @@ class Block:
     begin: str
     end: str
     max_len: int
+
+
+def check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The secret's span for one candidate of `rule`, or None if the candidate fails."""
+    if end - start > rule.max_len:
+        if rule.clip_end:
+            start = end - rule.max_len
+        else:
+            end = start + rule.max_len
+    if rule.secret is not None:
+        candidate = text[start:end]
+        if isinstance(rule.secret, re.Pattern):
+            match = rule.secret.match(candidate)
+            span = match.span("v") if match else None
+        else:
+            span = rule.secret(candidate)
+        if span is None:
+            return None
+        start, end = start + span[0], start + span[1]
+    if rule.validate is not None and not rule.validate(text[start:end]):
+        return None
+    return start, end
