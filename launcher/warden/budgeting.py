@@ -207,8 +207,11 @@ class Bookkeeping:
             elif seen.kind == "output":
                 if not clock.output(seen.msg_id, seen.bytes_in, seen.bytes_out, now):
                     # the crossing message: tell its cell at once, from the gate's thread
-                    verdict = "" if stopped is not None else \
-                        f"cellblock: kernel stopped, {clock.stopped.reason}"  # type: ignore[union-attr]
+                    # output() refused it: the clock is stopped (by this message if
+                    # it was not before, which only the crossing message tells its cell)
+                    now_stopped = clock.stopped
+                    verdict = "" if stopped is not None or now_stopped is None else \
+                        f"cellblock: kernel stopped, {now_stopped.reason}"
             elif seen.kind == "reply" and seen.msg_type == "execute_request":
                 clock.reply(seen.msg_id, seen.content, now)  # ends at its idle, output complete
                 ended = clock.take_unclosed()

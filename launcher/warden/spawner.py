@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -413,7 +414,7 @@ def _become_warden(req: LaunchRequest, channel: int, client_pidfd: int, *,
 
 def _warm_up() -> None:
     """Import and build, before the first fork, what every warden needs."""
-    from .. import nsjail_configs  # noqa: F401
+    importlib.import_module("cellblock.nsjail_configs")  # data only: a package-dir mapping
     from ..errors import CellblockError
     from ..gate import relay  # noqa: F401
     from ..jailcmd import locate_nsjail

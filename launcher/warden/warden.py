@@ -144,9 +144,11 @@ class Warden(Bookkeeping):
     def start(self) -> None:
         """Cold launch: set up everything, start the jail and the gate, return when the
         kernel is up. Raises CellblockError."""
+        if self.client_conn is None:  # a cold launch's request always carries it
+            raise JailStartError(f"kernel {self.kernel_id}: a launch without the client's "
+                                 "connection info")
         self._prepare_jail()
-        assert self.client_conn is not None
-        self._start_gate()  # builds the output rules while the kernel boots
+        self._start_gate(self.client_conn)  # builds the output rules while the kernel boots
         self._wait_for_kernel()
         self._ready()
 
@@ -200,7 +202,7 @@ class Warden(Bookkeeping):
         if granted:
             self._audit_write("broker.grant", granted=list(granted), origin="launch")
         self._started = time.monotonic()
-        self._start_gate()
+        self._start_gate(client_conn)
         self.gate.wait_kernel_ready(WELCOME_WAIT)  # connected and welcomed since the probe
         self._ready()
 
@@ -285,7 +287,7 @@ class Warden(Bookkeeping):
         self._set_state("idle")
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
 
-    def _start_gate(self) -> None:
+    def _start_gate(self, client_conn: dict[str, Any]) -> None:
         from ..gate import Gate
         from ..gate.tracker import CLIENT_TYPES
         from ..output import build_output_rules
@@ -297,7 +299,7 @@ class Warden(Bookkeeping):
         if self.profile.allow_stdin:
             allowed.add("input_reply")
         self.gate = Gate(
-            client=self.client_conn,
+            client=client_conn,
             kernel=self.kernel_sockets,
             limits=self.kernel_sockets.limits,
             rules=build_output_rules(self.profile.output, audit=self._audit),
