@@ -43,7 +43,9 @@ class ChunkedOutStream(OutStream):
     """ipykernel's OutStream, flushing at most :data:`STREAM_CHUNK` characters a message."""
 
     def _flush_buffers(self) -> Any:
-        for parent, data in super()._flush_buffers():
+        # ipykernel leaves OutStream._flush_buffers, IPKernelApp.init_control and
+        # Heartbeat.__init__ unannotated (hence the three no-untyped-call ignores)
+        for parent, data in super()._flush_buffers():  # type: ignore[no-untyped-call]
             if len(data) <= STREAM_CHUNK:
                 yield parent, data
                 continue
@@ -79,12 +81,13 @@ class CellblockKernelApp(IPKernelApp):
         # ipykernel connects its debugger's DEALER to the shell socket's last endpoint,
         # which would be the warden's shell socket: a second peer sharing our requests.
         # With the shell not yet connected there is none, and the debugger stays unplugged.
-        super().init_control(context)
+        super().init_control(context)  # type: ignore[no-untyped-call]
         self.shell_socket.connect(self._shell_endpoint)
 
     def init_heartbeat(self) -> None:
         hb_ctx: zmq.Context[Any] = zmq.Context()
-        self.heartbeat = ConnectingHeartbeat(hb_ctx, (self.transport, self.ip, self.hb_port))
+        self.heartbeat = ConnectingHeartbeat(  # type: ignore[no-untyped-call]
+            hb_ctx, (self.transport, self.ip, self.hb_port))
         self.heartbeat.start()
 
     def write_connection_file(self, **kwargs: Any) -> None:

@@ -121,6 +121,7 @@ def encode_frame(obj: dict[str, Any], limit: int = MAX_REPLY_BYTES) -> bytes:
 
 def decode_frame_length(header: bytes, limit: int) -> int:
     """The body length a 4-byte header announces; WireError when over ``limit`` or 0."""
+    length: int
     (length,) = HEADER.unpack(header)
     if length == 0 or length > limit:
         raise WireError(TOO_LARGE, f"a frame must hold 1 to {limit} bytes, not {length}")

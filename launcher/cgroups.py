@@ -48,11 +48,11 @@ def detect(root: Path = CGROUP_ROOT) -> CgroupDetection:
         if not missing:
             return CgroupDetection("v2")
         return CgroupDetection(None, f"cgroup v2 at {root} lacks controllers: {sorted(missing)}")
-    missing = [c for c in V1_CONTROLLERS if not (root / c / "cgroup.procs").is_file()]
-    if not missing:
+    absent = [c for c in V1_CONTROLLERS if not (root / c / "cgroup.procs").is_file()]
+    if not absent:
         return CgroupDetection("v1")
     return CgroupDetection(
-        None, f"no cgroup v2 at {root} and no cgroup v1 controllers for {missing}"
+        None, f"no cgroup v2 at {root} and no cgroup v1 controllers for {absent}"
     )
 
 

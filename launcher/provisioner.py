@@ -32,7 +32,8 @@ import signal
 import time
 from typing import Any
 
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Unicode
 
 from .datasets import DATASETS_ENV, select_datasets
@@ -55,7 +56,7 @@ def _jsonable(info: Any) -> dict[str, Any]:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in dict(info).items()}
 
 
-class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
+class CellblockProvisioner(LocalProvisioner):
     """Starts each kernel inside nsjail behind a per-kernel warden and gate."""
 
     profile = Unicode(
@@ -102,7 +103,7 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
                          "--profile", self.profile]
         return kwargs
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Called by KernelManager after pre_launch. Asks the spawner for a warden and waits
         until it reports ready; raises JailStartError with the warden's reason otherwise."""
         env = kwargs.get("env")
@@ -128,11 +129,13 @@ class CellblockProvisioner(LocalProvisioner):  # type: ignore[misc]
                 f"cellblock kernel {self.kernel_id} (profile {self.profile!r}) failed to "
                 f"start: {status.get('error')}"
             )
-        self.process = process
+        # LocalProvisioner annotates .process as a Popen; it only uses what WardenProcess
+        # has (poll, wait, send_signal, kill, terminate, pid, the std streams).
+        self.process = process  # type: ignore[assignment]
         self.pid = process.pid
         self.pgid = None  # never signal a group: the warden has its own session
         self.cwd = kwargs.get("cwd", os.getcwd())
-        return self.connection_info  # type: ignore[no-any-return]
+        return self.connection_info
 
     async def send_signal(self, signum: int) -> None:
         """Signal the warden only. SIGINT is refused: interrupts are messages, and a

@@ -29,7 +29,15 @@ from ..errors import CellblockError, JailStartError
 from .jail import JailProcess
 
 if TYPE_CHECKING:
+    from ..audit import AuditLog
+    from ..budgets import BudgetClock
+    from ..cgroups import KernelCgroup
     from ..gate.observe import Observed
+    from ..gate.relay import Gate
+    from ..policy import Profile
+    from ..rundir import RunDir, WardenRecord
+    from ..staging import DatasetSetup
+    from ..telemetry import Telemetry
 
 __all__ = ["Bookkeeping", "HeldAudit"]
 
@@ -59,19 +67,19 @@ class Bookkeeping:
     """Audit, budgets and their actions for one kernel (see the module docstring)."""
 
     # Declared for the type checker; the Warden sets them.
-    audit: Any
-    telemetry: Any
-    clock: Any
-    gate: Any
-    jail: Any
-    cgroup: Any
-    profile: Any
-    record: Any
-    run: Any
+    audit: AuditLog | HeldAudit
+    telemetry: Telemetry | None
+    clock: BudgetClock | None
+    gate: Gate | None
+    jail: JailProcess | None
+    cgroup: KernelCgroup | None
+    profile: Profile
+    record: WardenRecord | None
+    run: RunDir
     kernel_id: str
     drops: dict[str, int]
     restarts: int
-    datasets: Any
+    datasets: DatasetSetup | None
     client_pidfd: int
     _lock: threading.Lock
     _wake_r: int
@@ -207,8 +215,11 @@ class Bookkeeping:
             elif seen.kind == "output":
                 if not clock.output(seen.msg_id, seen.bytes_in, seen.bytes_out, now):
                     # the crossing message: tell its cell at once, from the gate's thread
-                    verdict = "" if stopped is not None else \
-                        f"cellblock: kernel stopped, {clock.stopped.reason}"  # type: ignore[union-attr]
+                    # output() refused it: the clock is stopped (by this message if
+                    # it was not before, which only the crossing message tells its cell)
+                    now_stopped = clock.stopped
+                    verdict = "" if stopped is not None or now_stopped is None else \
+                        f"cellblock: kernel stopped, {now_stopped.reason}"
             elif seen.kind == "reply" and seen.msg_type == "execute_request":
                 clock.reply(seen.msg_id, seen.content, now)  # ends at its idle, output complete
                 ended = clock.take_unclosed()
@@ -316,6 +327,6 @@ class Bookkeeping:
         """One audit event, and its span when OpenTelemetry is on."""
         written = self.audit.write(event, session=session, parent_msg_id=parent_msg_id,
                                    **fields)
-        if self.telemetry is not None:
+        if self.telemetry is not None and written is not None:  # None: held (pooled)
             self.telemetry.record(written)
 

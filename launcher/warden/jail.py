@@ -12,11 +12,14 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..cgroups import KernelCgroup
 from ..policy import Limits, human_bytes
 from .process import set_pdeathsig
+
+if TYPE_CHECKING:
+    from ..staging import DatasetSetup
 
 __all__ = ["OUTPUT_TAIL", "STOP_GRACE", "JailProcess", "death_reason"]
 
@@ -43,7 +46,8 @@ class JailProcess:
         threading.Thread(target=self._drain, name="nsjail-output", daemon=True).start()
 
     @classmethod
-    def start(cls, argv: list[str], cgroup: KernelCgroup | None, datasets: Any) -> JailProcess:
+    def start(cls, argv: list[str], cgroup: KernelCgroup | None,
+              datasets: DatasetSetup | None) -> JailProcess:
         def in_child() -> None:  # runs between fork and exec: async-signal-safe work only
             set_pdeathsig(signal.SIGTERM)  # nsjail then kills the jail and cleans up
             if cgroup is not None:

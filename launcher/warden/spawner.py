@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -52,11 +53,14 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .channel import LineBuffer, read_line, recv_fds, send_fds, write_line
 from .process import STOP_SIGNALS, set_title
 from .request import LaunchRequest
+
+if TYPE_CHECKING:
+    from ..policy import Policy
 
 log = logging.getLogger("cellblock.spawner")
 
@@ -108,7 +112,7 @@ class Pool:
     profile: str
     size: int
     env: dict[str, str]
-    policy: Any  #: the policy the key was computed from (handed to the forked wardens)
+    policy: Policy  #: the policy the key was computed from (handed to the forked wardens)
     failures: int = 0
     members: list[Child] = field(default_factory=list)
 
@@ -229,7 +233,7 @@ class Spawner:
         sock.close()
 
     def _pool(self, key: str, profile: str, size: int, env: dict[str, str],
-              policy: Any) -> Pool:
+              policy: Policy) -> Pool:
         """The pool for ``key``; pools of the same profile with another key are drained
         (the policy or the environment changed: their kernels would not match)."""
         for other in [k for k, p in self.pools.items() if p.profile == profile and k != key]:
@@ -312,8 +316,8 @@ class Spawner:
     # -- children --------------------------------------------------------------------------
 
     def _fork(self, req: LaunchRequest, *, status: socket.socket | None = None,
-              pool: socket.socket | None = None,
-              also_close: socket.socket | None = None, policy: Any = None) -> Child | None:
+              pool: socket.socket | None = None, also_close: socket.socket | None = None,
+              policy: Policy | None = None) -> Child | None:
         """Fork a warden for ``req`` (``policy``: the request's policy, already loaded here
         and shared with the child, or None to let the warden load it)."""
         channel = status if status is not None else pool
@@ -383,7 +387,7 @@ class Spawner:
                 child.status.close()  # the client learns from EOF when the warden exits
 
 
-def _poolable(policy: Any, req: LaunchRequest) -> bool:
+def _poolable(policy: Policy, req: LaunchRequest) -> bool:
     """A launch may adopt a pooled kernel unless it asks for a directory dataset (those
     are mounted when the jail starts)."""
     names = req.datasets
@@ -392,7 +396,7 @@ def _poolable(policy: Any, req: LaunchRequest) -> bool:
 
 
 def _become_warden(req: LaunchRequest, channel: int, client_pidfd: int, *,
-                   pooled: bool, policy: Any) -> int:
+                   pooled: bool, policy: Policy | None) -> int:
     """In the forked child: shed the spawner's state, then run the warden."""
     os.setsid()  # its own session: a signal to the spawner's group never reaches it
     for sig in (*STOP_SIGNALS, signal.SIGCHLD):  # SIGPIPE stays ignored, as in any Python
@@ -413,7 +417,7 @@ def _become_warden(req: LaunchRequest, channel: int, client_pidfd: int, *,
 
 def _warm_up() -> None:
     """Import and build, before the first fork, what every warden needs."""
-    from .. import nsjail_configs  # noqa: F401
+    importlib.import_module("cellblock.nsjail_configs")  # data only: a package-dir mapping
     from ..errors import CellblockError
     from ..gate import relay  # noqa: F401
     from ..jailcmd import locate_nsjail

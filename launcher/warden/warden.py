@@ -70,7 +70,8 @@ from .process import cap_address_space
 from .request import LaunchRequest
 
 if TYPE_CHECKING:
-    pass
+    from ..gate.kernelside import KernelSockets
+    from ..gate.relay import Gate
 
 log = logging.getLogger("cellblock.warden")
 
@@ -107,8 +108,8 @@ class Warden(Bookkeeping):
         self.warden_cgroup: KernelCgroup | None = None  # this process's, beside the jail's
         self._home_cgroups: dict[str, Any] = {}  # where this process was before it
         self.jail: JailProcess | None = None
-        self.gate: Any = None
-        self.kernel_sockets: Any = None  # gate.kernelside.KernelSockets, bound before the jail
+        self.gate: Gate | None = None
+        self.kernel_sockets: KernelSockets | None = None  # bound before the jail
         self._fault: str | None = None  # the gate saw the kernel misbehave: stop it
         self.drops: dict[str, int] = {}
         self._stop_reason: str | None = None
@@ -144,9 +145,11 @@ class Warden(Bookkeeping):
     def start(self) -> None:
         """Cold launch: set up everything, start the jail and the gate, return when the
         kernel is up. Raises CellblockError."""
+        if self.client_conn is None:  # a cold launch's request always carries it
+            raise JailStartError(f"kernel {self.kernel_id}: a launch without the client's "
+                                 "connection info")
         self._prepare_jail()
-        assert self.client_conn is not None
-        self._start_gate()  # builds the output rules while the kernel boots
+        self._start_gate(self.client_conn)  # builds the output rules while the kernel boots
         self._wait_for_kernel()
         self._ready()
 
@@ -170,7 +173,8 @@ class Warden(Bookkeeping):
                     f"during start with status {self.proc.returncode}; its last output (the "
                     f"kernel's own words):\n{self.jail.output_tail()}")
 
-        if not self.kernel_sockets.probe(self._started + self.profile.startup_timeout, check):
+        sockets = self._bound_sockets()
+        if not sockets.probe(self._started + self.profile.startup_timeout, check):
             raise JailStartError(f"kernel {self.kernel_id} did not answer kernel_info "
                                  "within the profile's startup_timeout")
 
@@ -200,8 +204,8 @@ class Warden(Bookkeeping):
         if granted:
             self._audit_write("broker.grant", granted=list(granted), origin="launch")
         self._started = time.monotonic()
-        self._start_gate()
-        self.gate.wait_kernel_ready(WELCOME_WAIT)  # connected and welcomed since the probe
+        gate = self._start_gate(client_conn)
+        gate.wait_kernel_ready(WELCOME_WAIT)  # connected and welcomed since the probe
         self._ready()
 
     def _kernel_conn(self) -> dict[str, Any]:
@@ -285,7 +289,14 @@ class Warden(Bookkeeping):
         self._set_state("idle")
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
 
-    def _start_gate(self) -> None:
+    def _bound_sockets(self) -> KernelSockets:
+        """The kernel-facing sockets, which :meth:`_prepare_jail` binds before anything
+        uses them."""
+        if self.kernel_sockets is None:
+            raise JailStartError(f"kernel {self.kernel_id}: its sockets are not bound yet")
+        return self.kernel_sockets
+
+    def _start_gate(self, client_conn: dict[str, Any]) -> Gate:
         from ..gate import Gate
         from ..gate.tracker import CLIENT_TYPES
         from ..output import build_output_rules
@@ -296,17 +307,19 @@ class Warden(Bookkeeping):
         allowed.discard("input_reply")
         if self.profile.allow_stdin:
             allowed.add("input_reply")
-        self.gate = Gate(
-            client=self.client_conn,
-            kernel=self.kernel_sockets,
-            limits=self.kernel_sockets.limits,
+        sockets = self._bound_sockets()
+        self.gate = gate = Gate(
+            client=client_conn,
+            kernel=sockets,
+            limits=sockets.limits,
             rules=build_output_rules(self.profile.output, audit=self._audit),
             audit=self._audit,
             allowed_client_msg_types=frozenset(allowed),
             observer=self._observe,
             on_fault=self._on_gate_fault,
         )
-        self.gate.start()
+        gate.start()
+        return gate
 
     def _on_gate_fault(self, reason: str) -> None:
         """The gate's thread: the kernel misbehaved in a way that costs the host (its
