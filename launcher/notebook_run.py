@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-class PolicyKernelSpecManager(KernelSpecManager):  # type: ignore[misc]
+class PolicyKernelSpecManager(KernelSpecManager):
     """Serves ``cellblock-<profile>`` specs straight from the policy."""
 
     def get_kernel_spec(self, kernel_name_: str) -> KernelSpec:
@@ -63,7 +63,9 @@ class RunSummary:
 def read_notebook(text: str, name: str) -> nbformat.NotebookNode:
     """Parse ``text`` as a v4 notebook; a :class:`CellblockError` naming ``name`` if it is not."""
     try:
-        return nbformat.reads(text, as_version=4)
+        nb: nbformat.NotebookNode = nbformat.reads(  # type: ignore[no-untyped-call]
+            text, as_version=4)  # nbformat is unannotated
+        return nb
     except (ValueError, TypeError, KeyError, AttributeError,
             nbformat.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -89,7 +91,7 @@ def run_notebook(
     except CellExecutionError as exc:  # only when a cell is tagged raises-exception wrongly
         first_error = str(exc).splitlines()[0]
     finally:
-        nbformat.write(nb, str(output))
+        nbformat.write(nb, str(output))  # type: ignore[no-untyped-call]  # unannotated
     cells = [c for c in nb.cells if c.cell_type == "code"]
     errors = 0
     for cell in cells:

@@ -770,10 +770,10 @@ class Gate:
         for request in requests:
             self._flush(request.msg_id, request.header)
         told, self._told = self._told, {}
-        for request in requests or [None]:
-            if request is None:
-                self._publish_own("error", b"{}", content)
-            elif told.get(request.msg_id) != evalue:  # not twice the same words to one cell
+        if not requests:
+            self._publish_own("error", b"{}", content)
+        for request in requests:
+            if told.get(request.msg_id) != evalue:  # not twice the same words to one cell
                 self._publish_own("error", request.header, content)
         if replies:
             for request in requests:

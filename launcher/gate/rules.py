@@ -131,9 +131,9 @@ def _collect(rules: Sequence[OutputRule], hook: str, arg: object) -> list[tuple[
 
 def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
     """What the rules kept back for ``parent_msg_id``, as (msg_type, content bytes)."""
-    return _collect(rules, "flush", parent_msg_id)  # type: ignore[return-value]
+    return _collect(rules, "flush", parent_msg_id)
 
 
 def tick_rules(rules: Sequence[OutputRule], now: float) -> list[tuple[str, str, bytes]]:
     """What the rules release on a timer, as (parent_msg_id, msg_type, content bytes)."""
-    return _collect(rules, "tick", now)  # type: ignore[return-value]
+    return _collect(rules, "tick", now)

@@ -35,6 +35,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cellblock.redact import (
     chat,
@@ -53,7 +54,7 @@ from cellblock.redact import (
     vcs,
 )
 from cellblock.redact.normalise import normalise, scan_bytes
-from cellblock.redact.rule import Rule, check
+from cellblock.redact.rule import Block, Rule, check
 from cellblock.redact.scanner import (
     BEGIN,
     END,
@@ -141,7 +142,7 @@ def _builtin_scanners(
     """The built-in detectors' scanners (main, decoded runs), compiled once per process per
     configuration, from the on-disk cache when it has them."""
     secret_rules: list[Rule] = []
-    blocks = []
+    blocks: list[Block] = []
     if secrets:
         for module in SECRET_MODULES:
             secret_rules.extend(module.RULES)
@@ -479,7 +480,7 @@ def _merge(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
         return end - start, not rule.startswith("generic")
 
     found.sort(key=lambda f: (f[0], f[0] - f[1], f[2].startswith("generic")))
-    merged: list[list] = []
+    merged: list[list[Any]] = []  # [start, end, rule, weight], updated in place
     for start, end, rule in found:
         if merged and start < merged[-1][1]:
             current = merged[-1]

@@ -98,7 +98,7 @@ def _lead(items: Sequence[Any], caseless: bool) -> Seq:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
             low, high, sub = av
             sub = _flatten(list(sub))
-            inner = _byte_set(*sub[0], caseless) if len(sub) == 1 else None
+            inner = _byte_set(sub[0][0], sub[0][1], caseless) if len(sub) == 1 else None
             if inner is not None and low >= 1:
                 out.extend([inner] * low)
                 if high == low:
@@ -130,7 +130,7 @@ def _best(items: Sequence[Any], caseless: bool) -> list[Seq] | None:
         elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
             low, high, sub = av
             sub = _flatten(list(sub))
-            inner = _byte_set(*sub[0], caseless) if len(sub) == 1 else None
+            inner = _byte_set(sub[0][0], sub[0][1], caseless) if len(sub) == 1 else None
             if inner is not None:
                 run.extend([inner] * low)
                 if high != low:

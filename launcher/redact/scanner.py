@@ -316,7 +316,7 @@ def _cache_dir() -> Path:
 
 
 def compiled(expressions: list[bytes] | Callable[[], list[bytes]], flags: list[int],
-             ids: list[int], cacheable: bool, key: object = None) -> Any:
+             ids: list[int], cacheable: bool, key: object = None) -> hyperscan.Database:
     """A compiled block-mode database, from the on-disk cache when possible.
 
     Compiling the built-in rules takes about a second, and every kernel's warden is a new
