@@ -278,6 +278,7 @@ class Client:
             self.sockets[name] = sock
         self.raw: list[tuple[str, list[bytes]]] = []
         self.got: list[Got] = []
+        self.sent: list[tuple[str, list[bytes]]] = []  # what request() sent
 
     def close(self) -> None:
         for sock in self.sockets.values():
@@ -301,7 +302,9 @@ class Client:
                 **header: Any) -> dict[str, Any]:
         """Send a correctly signed request; return its header."""
         parts = self.parts(msg_type, content, **header)
-        self.sockets[channel].send_multipart(self.frames(parts))
+        frames = self.frames(parts)
+        self.sockets[channel].send_multipart(frames)
+        self.sent.append((channel, frames))
         return json.loads(parts[0])
 
     def recv(self, channel: str, timeout: float = WAIT) -> Got | None:
@@ -358,6 +361,22 @@ class Client:
         for channel, frames in self.raw:
             for frame in frames:
                 assert CANARY.encode() not in frame, f"the canary reached a client on {channel}"
+
+
+def is_marker(got: Got) -> bool:
+    """A marker the gate itself wrote into a cell's output (stderr, ``[cellblock: ...``)."""
+    return got.msg_type == "stream" and str(got.content.get("text", "")).startswith(
+        "[cellblock: ")
+
+
+def past_markers(client: Client, channel: str) -> tuple[Got | None, list[Got]]:
+    """The next message on ``channel`` that is not a gate marker, and the markers before it."""
+    markers: list[Got] = []
+    got = client.recv(channel)
+    while got is not None and is_marker(got):
+        markers.append(got)
+        got = client.recv(channel)
+    return got, markers
 
 
 def text_is(text: str) -> Callable[[Got], bool]:
@@ -434,8 +453,8 @@ class World:
         k = self.kernel
         deadline = time.monotonic() + WAIT
         waiting = [c for c in self.clients if id(c) not in self.synced]
-        while waiting:
-            k.say("iopub", "status", parent, {"execution_state": "busy"})
+        while waiting:  # (clear_output: the gate forwards one busy per request)
+            k.say("iopub", "clear_output", parent, {"wait": True})
             waiting = [c for c in waiting if c.recv("iopub", timeout=0.05) is None]
             assert time.monotonic() < deadline, "iopub never connected"
         marker = f"synced-{uuid.uuid4().hex}"
