@@ -261,7 +261,8 @@ class Client:
     over exactly the four frames after the signature; ``recv`` asserts that.
     """
 
-    def __init__(self, conn: dict[str, Any], identity: bytes | None = None) -> None:
+    def __init__(self, conn: dict[str, Any], identity: bytes | None = None,
+                 iopub_rcvhwm: int | None = None) -> None:
         self.key = conn["key"].encode()
         self.session = uuid.uuid4().hex
         self.identity = identity if identity is not None else self.session.encode()
@@ -271,6 +272,9 @@ class Client:
             sock = self.ctx.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
             if name == "iopub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
+                if iopub_rcvhwm is not None:  # a client that reads slowly, in libzmq too
+                    sock.setsockopt(zmq.RCVHWM, iopub_rcvhwm)
+                    sock.setsockopt(zmq.RCVBUF, 65536)
             elif name != "hb":
                 sock.setsockopt(zmq.IDENTITY, self.identity)
             sock.setsockopt(zmq.LINGER, 0)
@@ -390,7 +394,7 @@ class World:
     """A gate between a hostile kernel and raw clients, with helpers for a legit exchange."""
 
     def __init__(self, rundir: str, clients: int = 1, kernel_iopub: bool = True,
-                 **gate_kwargs: Any) -> None:
+                 iopub_rcvhwm: int | None = None, **gate_kwargs: Any) -> None:
         self.audit = Audit()
         self.kernel = Kernel(rundir, iopub=kernel_iopub)
         client_conn: dict[str, Any] = {f"{c}_port": 0 for c in (*CHANNELS, "hb")}
@@ -408,7 +412,7 @@ class World:
                 time.sleep(0.005)  # polling a condition the gate's thread sets
         self.kernel.gate_id = self.gate._identity  # ipykernel learns it from the first request
         self.conn = self.gate.client_connection_info
-        self.clients = [self.client() for _ in range(clients)]
+        self.clients = [Client(self.conn, None, iopub_rcvhwm) for _ in range(clients)]
         self._extra: list[Client] = []
         self.synced: set[int] = set()
 
