@@ -198,3 +198,51 @@ def test_what_the_gate_queues_for_a_client_is_bounded(make_world):
         in markers[0] and "dropped" in markers[0]
     assert {r for _c, r in w.audit.drops()} == {"client_queue_full"}
     w.check()
+
+
+def test_comm_messages_after_idle_only_for_comms_opened_in_a_request(make_world):
+    """Finding 5, the exception: on a profile with comms, a message of a comm opened in a
+    request (a widget a thread updates after the cell) still reaches the client after the
+    idle, with that request as parent, and is charged; an unknown or closed comm's is not."""
+    charges = Charges()
+    w = make_world(observer=charges)
+    k = w.kernel
+    parent = w.open()
+    k.say("iopub", "comm_open", parent, {"comm_id": "c1", "target_name": "jupyter.widget",
+                                         "data": {}})
+    assert w.a.recv("iopub").msg_type == "comm_open"
+    w.finish(parent)
+    before = charges.out(parent["msg_id"])
+    mark = w.audit.mark()
+    k.say("iopub", "comm_msg", {}, {"comm_id": "c1", "data": {"value": 1}})
+    k.say("iopub", "comm_msg", parent, {"comm_id": "c1", "data": {"value": 2}})
+    k.say("iopub", "comm_msg", parent, {"comm_id": CANARY, "data": {}})
+    k.say("iopub", "comm_close", {}, {"comm_id": "c1", "data": {}})
+    k.say("iopub", "comm_msg", {}, {"comm_id": "c1", "data": {"value": CANARY}})
+    got = [w.a.recv("iopub") for _ in range(3)]
+    assert [(g.msg_type, g.content.get("data")) for g in got] == [
+        ("comm_msg", {"value": 1}), ("comm_msg", {"value": 2}), ("comm_close", {})]
+    assert all(g.parts[1] == w.a.sent[0][1][2] for g in got)  # the cell's own request
+    assert sorted(r for _c, r in w.audit.wait_drops(2, mark)) == ["no_parent",
+                                                                  "unknown_parent"]
+    assert charges.out(parent["msg_id"]) > before
+    w.check()
+
+
+def test_comm_buffers_that_are_text_are_scanned(make_world):
+    """Finding 2 and 4: a comm buffer holding a secret arrives redacted; a binary buffer
+    arrives as it was; buffers on a profile without comms never arrive (test_gate_content)."""
+    from cellblock.output import build_output_rules
+    from cellblock.policy import OutputPolicy
+
+    w = make_world(rules=build_output_rules(OutputPolicy(allow_comms=True), env={}))
+    k = w.kernel
+    parent = w.open()
+    binary = bytes(range(256))
+    k.say("iopub", "comm_open", parent, {"comm_id": "c", "target_name": "t", "data": {}},
+          buffers=(f"key {SECRET} end".encode(), binary))
+    got = w.a.recv("iopub")
+    assert got.msg_type == "comm_open" and got.buffers[1] == binary
+    assert SECRET.encode() not in got.buffers[0] and b"[REDACTED" in got.buffers[0]
+    w.finish(parent)
+    w.check()

@@ -24,7 +24,11 @@ table, never by the ident frames the kernel sent; iopub topics are the msg_type.
   (an empty-parent busy or idle, a second starting) is dropped.
 - **Buffers** are not covered by the wire signature. Only ``comm_open``/``comm_msg`` on a
   profile that allows comms may carry them (capped at ``max_buffer_bytes`` in total); on
-  every other message they are stripped, with a marker in the cell's output.
+  every other message they are stripped, with a marker in the cell's output. A buffer
+  that decodes as UTF-8 passes the output rules as text (a secret in it is redacted).
+- **After its idle** nothing names a request any more, but for messages of a comm opened
+  in it (by the client, or by its cell: a widget a thread updates later) on a profile
+  that allows comms: those are forwarded with that request as parent, and charged.
 - **Every byte counts**: the observer is asked about every kernel message bound to a
   request, status, execute_input and the reply included, with the bytes of every frame
   received and forwarded (buffers included); the budget is charged with what was sent.
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Forwarding"]
 
+_COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
 _STRIPPED = "[cellblock: {size} bytes of binary buffers on a {msg_type} message were removed: " \
             "{why}]\n"
 
@@ -123,6 +128,10 @@ class Forwarding:
                 raise Dropped("kernel_queue_full", msg_type) from None
             if msg_type == "shutdown_request":
                 self._shutdown_requested = True
+            if msg_type in ("comm_open", "comm_close"):
+                request = self._table.get(msg_id)
+                if request is not None:
+                    self._track_comm(msg_type, msg.parts[3], request)
         except Dropped as dropped:
             self._drop("client", channel, dropped)
 
@@ -156,7 +165,7 @@ class Forwarding:
             if msg_type == "status":
                 self._relay_status(header, parent, parts, frames)
                 return
-            _verdict, request = self._table.bind_iopub(msg_type, parent, False)
+            request = self._bind_iopub(msg_type, parent, parts[3])
         elif channel == "stdin":
             if not self._stdin:
                 raise Dropped("stdin_not_allowed", msg_type)
@@ -171,6 +180,8 @@ class Forwarding:
             if not verdict.allowed:
                 raise Dropped("budget", msg_type)
             self._send_iopub(out, request)
+            if msg_type in _COMM_TYPES and self._comms:
+                self._track_comm(msg_type, parts[3], request)
             return
         if channel == "stdin":
             self._client[channel].send_multipart(out, zmq.NOBLOCK)
@@ -192,6 +203,36 @@ class Forwarding:
                                    len(parts[3]), len(out[-1 - len(buffers)]), reply))
         if held is not None:
             self._close(request, held)
+
+    def _bind_iopub(self: Gate, msg_type: str, parent: dict[str, Any],
+                    content: bytes) -> Request:
+        """The open request an iopub message belongs to; or, for a message of a comm opened
+        in a request of a client (by the client or by its cell) on a profile with comms, that
+        request even after its idle (a widget updated from a thread). Raises Dropped."""
+        try:
+            return self._table.bind_iopub(msg_type, parent, False)[1]
+        except Dropped:
+            if msg_type not in ("comm_msg", "comm_close") or not self._comm_requests:
+                raise
+            comm_id = load_object(content, "content").get("comm_id")
+            request = self._comm_requests.get(comm_id) if type(comm_id) is str else None
+            if request is None:
+                raise
+            return request
+
+    def _track_comm(self: Gate, msg_type: str, content: bytes, request: Request) -> None:
+        """Remember which request a comm was opened in; forget it when it closes."""
+        comm_id = load_object(content, "content").get("comm_id")
+        if type(comm_id) is not str:
+            return
+        comms = self._comm_requests
+        if msg_type == "comm_close":
+            comms.pop(comm_id, None)
+        elif msg_type == "comm_open":
+            comms.pop(comm_id, None)
+            comms[comm_id] = request
+            while len(comms) > self._limits.max_open_requests:
+                del comms[next(iter(comms))]
 
     def _relay_status(self: Gate, header: dict[str, Any], parent: dict[str, Any],
                       parts: list[bytes], frames: list[bytes]) -> None:
@@ -267,9 +308,37 @@ class Forwarding:
         if self._rules:
             content, metadata = apply_rules(
                 self._rules, channel, msg_type, header, parent, content, metadata)
+            if buffers:
+                buffers = self._scan_buffers(channel, header, parent, buffers)
         new = [schema.header(msg_type, header, self._next_id(), self._session),
                request.header, metadata, content]
         return [*idents, DELIM, self._client_signer.sign(new), *new, *buffers]
+
+    def _scan_buffers(self: Gate, channel: str, header: dict[str, Any], parent: dict[str, Any],
+                      buffers: list[bytes]) -> list[bytes]:
+        """Comm buffers that decode as text pass the output rules as a text/plain bundle: a
+        finding (or a cut) replaces the buffer by what the rules made of it."""
+        out = []
+        for buffer in buffers:
+            try:
+                text = buffer.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append(buffer)  # binary: counted and capped, not scanned
+                continue
+            bundle = json.dumps({"data": {"text/plain": text}, "metadata": {}},
+                                ensure_ascii=False).encode("utf-8", "surrogatepass")
+            try:
+                cleaned, _meta = apply_rules(self._rules, channel, "display_data", header,
+                                             parent, bundle, b"{}")
+            except Withheld:
+                raise Dropped("buffer_withheld", "comm_msg") from None
+            if cleaned is bundle:
+                out.append(buffer)
+                continue
+            data = load_object(cleaned, "content").get("data")
+            value = data.get("text/plain") if type(data) is dict else None
+            out.append(value.encode("utf-8", "replace") if type(value) is str else b"")
+        return out
 
     def _charge(self: Gate, request: Request, msg_type: str, frames: list[bytes],
                 out: list[bytes]) -> Verdict:
