@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from cellblock.gate import schema
 from cellblock.gate.observe import ALLOW, Observed, Verdict
 from cellblock.gate.rules import Withheld, apply_rules, flush_rules, tick_rules
+from cellblock.gate.state import GateState
 from cellblock.gate.tracker import BUFFER_TYPES, CLIENT_TYPES, HOLD, Request
 from cellblock.gate.wire import DELIM, Dropped, check, load_object
-
-if TYPE_CHECKING:
-    from cellblock.gate.relay import Gate
 
 __all__ = ["Forwarding"]
 
@@ -69,12 +67,12 @@ def _without_stdin(parts: list[bytes]) -> list[bytes]:
     return [parts[0], parts[1], parts[2], json.dumps(content).encode()]
 
 
-class Forwarding:
+class Forwarding(GateState):
     """Mixed into :class:`~cellblock.gate.relay.Gate`: the two directions of the relay."""
 
     # client -> kernel
 
-    def _from_client(self: Gate, channel: str, frames: list[bytes]) -> None:
+    def _from_client(self, channel: str, frames: list[bytes]) -> None:
         # The jail is restarting in place (keep it for resume()), or this channel's
         # connection broke and the kernel has not reconnected yet (keep it until it has).
         held = self._held if self._held is not None else (
@@ -137,7 +135,7 @@ class Forwarding:
 
     # kernel -> client
 
-    def _from_kernel(self: Gate, channel: str, frames: list[bytes]) -> None:
+    def _from_kernel(self, channel: str, frames: list[bytes]) -> None:
         try:
             self._relay_kernel(channel, frames)
         except Dropped as dropped:
@@ -146,7 +144,7 @@ class Forwarding:
         except Withheld:
             pass  # an output rule kept it back on purpose (carry-over, budget)
 
-    def _relay_kernel(self: Gate, channel: str, frames: list[bytes]) -> None:
+    def _relay_kernel(self, channel: str, frames: list[bytes]) -> None:
         limits = self._limits
         msg = check(frames, self._kernel_signer, limits.max_frames, limits.max_header_bytes)
         header, parent, parts = msg.header, msg.parent, msg.parts
@@ -204,7 +202,7 @@ class Forwarding:
         if held is not None:
             self._close(request, held)
 
-    def _bind_iopub(self: Gate, msg_type: str, parent: dict[str, Any],
+    def _bind_iopub(self, msg_type: str, parent: dict[str, Any],
                     content: bytes) -> Request:
         """The open request an iopub message belongs to; or, for a message of a comm opened
         in a request of a client (by the client or by its cell) on a profile with comms, that
@@ -220,7 +218,7 @@ class Forwarding:
                 raise
             return request
 
-    def _track_comm(self: Gate, msg_type: str, content: bytes, request: Request) -> None:
+    def _track_comm(self, msg_type: str, content: bytes, request: Request) -> None:
         """Remember which request a comm was opened in; forget it when it closes."""
         comm_id = load_object(content, "content").get("comm_id")
         if type(comm_id) is not str:
@@ -234,7 +232,7 @@ class Forwarding:
             while len(comms) > self._limits.max_open_requests:
                 del comms[next(iter(comms))]
 
-    def _relay_status(self: Gate, header: dict[str, Any], parent: dict[str, Any],
+    def _relay_status(self, header: dict[str, Any], parent: dict[str, Any],
                       parts: list[bytes], frames: list[bytes]) -> None:
         state = schema.status(parts[3])
         if not parent:  # the one starting of a kernel's boot; nothing else without a parent
@@ -260,7 +258,7 @@ class Forwarding:
         else:
             self._send_iopub(out)
 
-    def _close(self: Gate, request: Request, idle: list[bytes]) -> None:
+    def _close(self, request: Request, idle: list[bytes]) -> None:
         """Release a request's idle: what the rules held back first, then a marker for what
         the client could not be sent, then the idle (observed first: the cell's audit
         record exists when a client sees idle)."""
@@ -270,13 +268,13 @@ class Forwarding:
             self._observe(Observed("idle", request.msg_id, request.msg_type, request.session))
         self._send_iopub(idle)
 
-    def _frame(self: Gate, msg_type: str, header: dict[str, Any], parent: bytes,
+    def _frame(self, msg_type: str, header: dict[str, Any], parent: bytes,
                content: bytes) -> list[bytes]:
         parts = [schema.header(msg_type, header, self._next_id(), self._session), parent,
                  b"{}", content]
         return [msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts]
 
-    def _buffers(self: Gate, channel: str, msg_type: str, buffers: list[bytes],
+    def _buffers(self, channel: str, msg_type: str, buffers: list[bytes],
                  request: Request) -> list[bytes]:
         if not buffers:
             return buffers
@@ -298,7 +296,7 @@ class Forwarding:
         return []
 
     def _build(
-        self: Gate, channel: str, msg_type: str, header: dict[str, Any], parent: dict[str, Any],
+        self, channel: str, msg_type: str, header: dict[str, Any], parent: dict[str, Any],
         parts: list[bytes], buffers: list[bytes], request: Request, idents: tuple[bytes, ...],
     ) -> list[bytes]:
         """The message the client gets: header, parent, metadata and content rebuilt
@@ -314,7 +312,7 @@ class Forwarding:
                request.header, metadata, content]
         return [*idents, DELIM, self._client_signer.sign(new), *new, *buffers]
 
-    def _scan_buffers(self: Gate, channel: str, header: dict[str, Any], parent: dict[str, Any],
+    def _scan_buffers(self, channel: str, header: dict[str, Any], parent: dict[str, Any],
                       buffers: list[bytes]) -> list[bytes]:
         """Comm buffers that decode as text pass the output rules as a text/plain bundle: a
         finding (or a cut) replaces the buffer by what the rules made of it."""
@@ -340,7 +338,7 @@ class Forwarding:
             out.append(value.encode("utf-8", "replace") if type(value) is str else b"")
         return out
 
-    def _charge(self: Gate, request: Request, msg_type: str, frames: list[bytes],
+    def _charge(self, request: Request, msg_type: str, frames: list[bytes],
                 out: list[bytes]) -> Verdict:
         """Ask the observer about one message of ``request``; tell the request a refusal."""
         if self._observer is None:
@@ -354,19 +352,19 @@ class Forwarding:
 
     # what the output rules held back
 
-    def _tick(self: Gate) -> None:
+    def _tick(self) -> None:
         """Publish what output rules release on a timer, for requests still open."""
         for parent_msg_id, msg_type, content in tick_rules(self._rules, time.monotonic()):
             request = self._table.get(parent_msg_id)
             if request is not None:
                 self._publish_held(parent_msg_id, request.header, [(msg_type, content)])
 
-    def _flush(self: Gate, parent_msg_id: str, parent: bytes) -> None:
+    def _flush(self, parent_msg_id: str, parent: bytes) -> None:
         """Publish what the output rules held back for this request, before its idle."""
         if self._rules:
             self._publish_held(parent_msg_id, parent, flush_rules(self._rules, parent_msg_id))
 
-    def _publish_held(self: Gate, parent_msg_id: str, parent: bytes,
+    def _publish_held(self, parent_msg_id: str, parent: bytes,
                       items: list[tuple[str, bytes]]) -> None:
         for msg_type, content in items:
             if self._observer is not None:  # held-back output is output too

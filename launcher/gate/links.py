@@ -20,12 +20,10 @@ overflows it is flooding the gate, and ``on_fault`` stops it.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import zmq
 
-if TYPE_CHECKING:
-    from cellblock.gate.relay import Gate
+from cellblock.gate.state import GateState
 
 __all__ = ["KernelLinks", "monitor_event"]
 
@@ -45,13 +43,10 @@ def monitor_event(frames: list[bytes]) -> tuple[int, int]:
     return int.from_bytes(head[:2], "little"), int.from_bytes(head[2:6], "little")
 
 
-class KernelLinks:
+class KernelLinks(GateState):
     """Mixed into :class:`~cellblock.gate.relay.Gate`: connections, dropped bytes, faults."""
 
-    _dropped: float
-    _dropped_at: float
-
-    def _fault(self: Gate, reason: str, fields: dict[str, object], text: str) -> None:
+    def _fault(self, reason: str, fields: dict[str, object], text: str) -> None:
         """Once per jail: audit ``gate.fault`` and ask the warden to stop the kernel."""
         if self._faulted:
             return
@@ -63,7 +58,7 @@ class KernelLinks:
             except Exception:  # the warden's callback must not stop the relay
                 self.audit_errors += 1
 
-    def _spent_dropped(self: Gate, size: int) -> None:
+    def _spent_dropped(self, size: int) -> None:
         limits = self._limits
         now = time.monotonic()
         drained = (now - self._dropped_at) * limits.dropped_bytes_per_second
@@ -74,7 +69,7 @@ class KernelLinks:
                         f"it sent more than {limits.max_dropped_bytes >> 20} MiB the gate had to "
                         "drop (messages bound to no open request, malformed, or over a bound)")
 
-    def _connection_event(self: Gate, channel: str, frames: list[bytes]) -> None:
+    def _connection_event(self, channel: str, frames: list[bytes]) -> None:
         """A kernel-facing socket accepted or lost a connection (libzmq's monitor). The
         kernel reconnects by itself; the gate counts, and tells open requests what a
         broken connection lost."""
@@ -114,7 +109,7 @@ class KernelLinks:
                         f"its {channel} connection to the warden was made {count} times "
                         f"(at most {self._limits.max_kernel_connections} in a kernel's life)")
 
-    def _check_ready(self: Gate) -> None:
+    def _check_ready(self) -> None:
         if len(self._up) == len(self._monitors):
             self._kernel_connected.set()
             if self._kernel_welcomed:

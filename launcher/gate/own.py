@@ -16,18 +16,15 @@ as the client reads again.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from cellblock.gate import schema
+from cellblock.gate.state import GateState
 from cellblock.gate.tracker import NO_REPLY, Request
 from cellblock.gate.wire import DELIM, Dropped
-
-if TYPE_CHECKING:
-    from cellblock.gate.relay import Gate
 
 __all__ = ["OwnMessages"]
 
@@ -44,14 +41,12 @@ def _error(ename: str, evalue: str) -> bytes:
     ).encode("utf-8", "replace")
 
 
-class OwnMessages:
+class OwnMessages(GateState):
     """Mixed into :class:`~cellblock.gate.relay.Gate`: what it publishes in its own name."""
-
-    _backlog: deque[list[bytes]]
 
     # -- the client-facing iopub, bounded
 
-    def _send_iopub(self: Gate, out: list[bytes], request: Request | None = None) -> None:
+    def _send_iopub(self, out: list[bytes], request: Request | None = None) -> None:
         """Send ``out`` to the clients' iopub. ``request``: kernel output of that request,
         dropped (and counted on it) if the queue is full; None: the gate's own or a status,
         kept in the backlog until it fits."""
@@ -69,20 +64,20 @@ class OwnMessages:
             else:
                 self._lose(request, out)
 
-    def _keep(self: Gate, out: list[bytes]) -> None:
+    def _keep(self, out: list[bytes]) -> None:
         self._backlog.append(out)
         if len(self._backlog) > 4 * self._limits.max_open_requests:
             self._backlog.popleft()
             self._emit("gate.drop", {"direction": "gate", "channel": "iopub",
                                      "reason": "client_backlog_full"})
 
-    def _lose(self: Gate, request: Request, out: list[bytes]) -> None:
+    def _lose(self, request: Request, out: list[bytes]) -> None:
         request.lost += 1
         request.lost_bytes += sum(map(len, out))
         self._drop("kernel", "iopub", Dropped("client_queue_full", out[0].decode(
             "ascii", "replace")))
 
-    def _drain_backlog(self: Gate) -> bool:
+    def _drain_backlog(self) -> bool:
         """Send what waits in the backlog; True once it is empty."""
         backlog = self._backlog
         sock = self._client["iopub"]
@@ -94,19 +89,19 @@ class OwnMessages:
             backlog.popleft()
         return True
 
-    def _lost_marker(self: Gate, request: Request) -> None:
+    def _lost_marker(self, request: Request) -> None:
         if request.lost:
             text = _LOST.format(count=request.lost, size=request.lost_bytes,
                                 hwm=self._limits.client_iopub_hwm)
             request.lost = request.lost_bytes = 0
             self._note(request.header, text)
 
-    def _note(self: Gate, parent: bytes, text: str) -> None:
+    def _note(self, parent: bytes, text: str) -> None:
         """A marker on stderr in the output of the request whose header is ``parent``."""
         content = json.dumps({"name": "stderr", "text": text}).encode()
         self._publish_own("stream", parent, content)
 
-    def _mark_open_requests(self: Gate, text: str) -> None:
+    def _mark_open_requests(self, text: str) -> None:
         """Publish ``text`` on stderr to every open execute request."""
         for request in self._table.open_requests():
             if request.msg_type == "execute_request":
@@ -114,18 +109,18 @@ class OwnMessages:
 
     # -- headers and framing
 
-    def _next_id(self: Gate) -> str:
+    def _next_id(self) -> str:
         self._count += 1
         return f"{self._session}_{self._count}"
 
-    def _own_header(self: Gate, msg_type: str) -> bytes:
+    def _own_header(self, msg_type: str) -> bytes:
         return schema.header(msg_type, {"version": "5.3"}, self._next_id(), self._session)
 
-    def _publish_own(self: Gate, msg_type: str, parent: bytes, content: bytes) -> None:
+    def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
         parts = [self._own_header(msg_type), parent, b"{}", content]
         self._send_iopub([msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts])
 
-    def _subscription(self: Gate, frames: list[bytes]) -> None:
+    def _subscription(self, frames: list[bytes]) -> None:
         """A client subscribed on the client-facing XPUB: welcome it, as ipykernel does."""
         for frame in frames:
             if frame[:1] != b"\x01" or len(frame) > 257:
@@ -143,7 +138,7 @@ class OwnMessages:
     # -- announcements, refusals, error replies
 
     def _publish_announce(
-        self: Gate, ename: str, evalue: str, msg_id: str | None = None, replies: bool = False
+        self, ename: str, evalue: str, msg_id: str | None = None, replies: bool = False
     ) -> None:
         content = _error(ename, evalue)
         if msg_id is not None:  # one running request, kept open
@@ -157,7 +152,8 @@ class OwnMessages:
         for request in requests:
             self._flush(request.msg_id, request.header)
             self._lost_marker(request)
-        told, self._told = self._told, {}
+        told = self._told
+        self._told = {}
         if not requests:
             self._publish_own("error", b"{}", content)
         for request in requests:
@@ -170,7 +166,7 @@ class OwnMessages:
         for request in requests:
             self._publish_own("status", request.header, _IDLE)
 
-    def _tell(self: Gate, msg_id: str, parent: bytes, ename: str, evalue: str) -> None:
+    def _tell(self, msg_id: str, parent: bytes, ename: str, evalue: str) -> None:
         """Publish an ``error`` to one open request, keeping it open."""
         self._publish_own("error", parent, _error(ename, evalue))
         self._told[msg_id] = evalue
@@ -178,7 +174,7 @@ class OwnMessages:
             del self._told[next(iter(self._told))]
 
     def _refuse(
-        self: Gate, channel: str, idents: tuple[bytes, ...], parent: bytes, msg_type: str,
+        self, channel: str, idents: tuple[bytes, ...], parent: bytes, msg_type: str,
         text: str,
     ) -> None:
         """Answer a request the observer refused, as the kernel would answer a failed one:
@@ -190,7 +186,7 @@ class OwnMessages:
         self._publish_own("status", parent, _IDLE)
 
     def _reply_error(
-        self: Gate, channel: str, idents: Sequence[bytes], parent: bytes, msg_type: str,
+        self, channel: str, idents: Sequence[bytes], parent: bytes, msg_type: str,
         ename: str, evalue: str,
     ) -> None:
         reply_type = msg_type.removesuffix("_request") + "_reply"
@@ -204,7 +200,7 @@ class OwnMessages:
         out = [*idents, DELIM, self._client_signer.sign(parts), *parts]
         self._client[channel].send_multipart(out, zmq.NOBLOCK)
 
-    def _send_own_interrupt(self: Gate) -> None:
+    def _send_own_interrupt(self) -> None:
         header = self._own_header("interrupt_request")
         msg_id = json.loads(header)["msg_id"]
         self._own[msg_id] = None

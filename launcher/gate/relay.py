@@ -46,7 +46,7 @@ from cellblock.gate.observe import ALLOW, Observed, Observer, Verdict, as_verdic
 from cellblock.gate.own import OwnMessages
 from cellblock.gate.replay import ReplayWindow
 from cellblock.gate.rules import OutputRule
-from cellblock.gate.tracker import KERNEL_TYPES, KNOWN_TYPES, RequestTable
+from cellblock.gate.tracker import KERNEL_TYPES, KNOWN_TYPES, Request, RequestTable
 from cellblock.gate.wire import Dropped, Signer
 
 __all__ = ["AuditCallback", "Gate", "GateLimits", "monitor_event"]
@@ -114,7 +114,7 @@ class Gate(Forwarding, OwnMessages, KernelLinks):
         self._comms = self._allowed is None or "comm_msg" in self._allowed
         self._kernel_types = kernel_types(
             self._comms, self._allowed is None or "debug_request" in self._allowed)
-        self._comm_requests: dict[str, Any] = {}  # comm_id -> the request it was opened in
+        self._comm_requests: dict[str, Request] = {}  # comm_id -> the request it was opened in
         self._started = False  # the kernel's one empty-parent status: starting was forwarded
         self._count = 0  # msg_ids the gate gave (<session>_<n>)
         self._backlog: deque[list[bytes]] = deque()  # the gate's own, waiting for the client
