@@ -181,7 +181,8 @@ class Forwarding(GateState):
             if msg_type in _COMM_TYPES and self._comms:
                 self._track_comm(msg_type, parts[3], request)
             return
-        if channel == "stdin":
+        if channel == "stdin":  # charged; a question is never refused (the cell waits on it)
+            self._charge(request, msg_type, frames, out)
             self._client[channel].send_multipart(out, zmq.NOBLOCK)
             self._table.asked(request)
             return
@@ -367,12 +368,13 @@ class Forwarding(GateState):
     def _publish_held(self, parent_msg_id: str, parent: bytes,
                       items: list[tuple[str, bytes]]) -> None:
         for msg_type, content in items:
-            if self._observer is not None:  # held-back output is output too
+            out = self._own_frames(msg_type, parent, content)
+            if self._observer is not None:  # held-back output is output too, every byte
                 verdict = self._observe(Observed("output", parent_msg_id, msg_type, "",
-                                                 len(content), len(content)))
+                                                 len(content), sum(map(len, out))))
                 if not verdict.allowed:
                     if verdict.message:
                         self._tell(parent_msg_id, parent, "CellblockBudget", verdict.message)
                     self._drop("kernel", "iopub", Dropped("budget", msg_type))
                     continue
-            self._publish_own(msg_type, parent, content)
+            self._send_iopub(out)

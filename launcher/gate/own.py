@@ -116,9 +116,12 @@ class OwnMessages(GateState):
     def _own_header(self, msg_type: str) -> bytes:
         return schema.header(msg_type, {"version": "5.3"}, self._next_id(), self._session)
 
-    def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
+    def _own_frames(self, msg_type: str, parent: bytes, content: bytes) -> list[bytes]:
         parts = [self._own_header(msg_type), parent, b"{}", content]
-        self._send_iopub([msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts])
+        return [msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts]
+
+    def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
+        self._send_iopub(self._own_frames(msg_type, parent, content))
 
     def _subscription(self, frames: list[bytes]) -> None:
         """A client subscribed on the client-facing XPUB: welcome it, as ipykernel does."""
