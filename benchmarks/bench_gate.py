@@ -84,11 +84,11 @@ def run(messages: int, rule_set: str, rcvhwm: int, loose: bool) -> dict[str, Any
     ctx = zmq.Context()
     shell, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 0)
-    for sock, port in ((shell, 1), (pub, 2)):
-        sock.bind(f"ipc://{kconn['ip']}-{port}")
     gate = Gate(client=cconn, kernel=kconn, rules=rules(rule_set, loose),
                 limits=GateLimits(kernel_rcvhwm=rcvhwm))
     gate.start()
+    for sock, port in ((shell, 1), (pub, 2)):  # the gate binds, the kernel connects
+        sock.connect(f"ipc://{kconn['ip']}-{port}")
     conn = gate.client_connection_info
     dealer, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
     dealer.setsockopt(zmq.IDENTITY, b"client")

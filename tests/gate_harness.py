@@ -261,7 +261,8 @@ class Client:
     over exactly the four frames after the signature; ``recv`` asserts that.
     """
 
-    def __init__(self, conn: dict[str, Any], identity: bytes | None = None) -> None:
+    def __init__(self, conn: dict[str, Any], identity: bytes | None = None,
+                 iopub_rcvhwm: int | None = None) -> None:
         self.key = conn["key"].encode()
         self.session = uuid.uuid4().hex
         self.identity = identity if identity is not None else self.session.encode()
@@ -271,6 +272,9 @@ class Client:
             sock = self.ctx.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
             if name == "iopub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
+                if iopub_rcvhwm is not None:  # a client that reads slowly, in libzmq too
+                    sock.setsockopt(zmq.RCVHWM, iopub_rcvhwm)
+                    sock.setsockopt(zmq.RCVBUF, 65536)
             elif name != "hb":
                 sock.setsockopt(zmq.IDENTITY, self.identity)
             sock.setsockopt(zmq.LINGER, 0)
@@ -278,6 +282,7 @@ class Client:
             self.sockets[name] = sock
         self.raw: list[tuple[str, list[bytes]]] = []
         self.got: list[Got] = []
+        self.sent: list[tuple[str, list[bytes]]] = []  # what request() sent
 
     def close(self) -> None:
         for sock in self.sockets.values():
@@ -301,7 +306,9 @@ class Client:
                 **header: Any) -> dict[str, Any]:
         """Send a correctly signed request; return its header."""
         parts = self.parts(msg_type, content, **header)
-        self.sockets[channel].send_multipart(self.frames(parts))
+        frames = self.frames(parts)
+        self.sockets[channel].send_multipart(frames)
+        self.sent.append((channel, frames))
         return json.loads(parts[0])
 
     def recv(self, channel: str, timeout: float = WAIT) -> Got | None:
@@ -360,6 +367,22 @@ class Client:
                 assert CANARY.encode() not in frame, f"the canary reached a client on {channel}"
 
 
+def is_marker(got: Got) -> bool:
+    """A marker the gate itself wrote into a cell's output (stderr, ``[cellblock: ...``)."""
+    return got.msg_type == "stream" and str(got.content.get("text", "")).startswith(
+        "[cellblock: ")
+
+
+def past_markers(client: Client, channel: str) -> tuple[Got | None, list[Got]]:
+    """The next message on ``channel`` that is not a gate marker, and the markers before it."""
+    markers: list[Got] = []
+    got = client.recv(channel)
+    while got is not None and is_marker(got):
+        markers.append(got)
+        got = client.recv(channel)
+    return got, markers
+
+
 def text_is(text: str) -> Callable[[Got], bool]:
     return lambda g: g.msg_type == "stream" and g.content.get("text") == text
 
@@ -371,7 +394,7 @@ class World:
     """A gate between a hostile kernel and raw clients, with helpers for a legit exchange."""
 
     def __init__(self, rundir: str, clients: int = 1, kernel_iopub: bool = True,
-                 **gate_kwargs: Any) -> None:
+                 iopub_rcvhwm: int | None = None, **gate_kwargs: Any) -> None:
         self.audit = Audit()
         self.kernel = Kernel(rundir, iopub=kernel_iopub)
         client_conn: dict[str, Any] = {f"{c}_port": 0 for c in (*CHANNELS, "hb")}
@@ -389,7 +412,7 @@ class World:
                 time.sleep(0.005)  # polling a condition the gate's thread sets
         self.kernel.gate_id = self.gate._identity  # ipykernel learns it from the first request
         self.conn = self.gate.client_connection_info
-        self.clients = [self.client() for _ in range(clients)]
+        self.clients = [Client(self.conn, None, iopub_rcvhwm) for _ in range(clients)]
         self._extra: list[Client] = []
         self.synced: set[int] = set()
 
@@ -434,8 +457,8 @@ class World:
         k = self.kernel
         deadline = time.monotonic() + WAIT
         waiting = [c for c in self.clients if id(c) not in self.synced]
-        while waiting:
-            k.say("iopub", "status", parent, {"execution_state": "busy"})
+        while waiting:  # (clear_output: the gate forwards one busy per request)
+            k.say("iopub", "clear_output", parent, {"wait": True})
             waiting = [c for c in waiting if c.recv("iopub", timeout=0.05) is None]
             assert time.monotonic() < deadline, "iopub never connected"
         marker = f"synced-{uuid.uuid4().hex}"

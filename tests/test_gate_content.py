@@ -90,7 +90,7 @@ def test_p11_comms_dropped_where_the_profile_forbids_them(make_world):
     w.a.request("shell", "comm_msg", {"comm_id": "c1", "data": {}})
     w.a.request("shell", "comm_info_request", {})
     drops = w.audit.wait_drops(7, mark)
-    assert sorted(drops) == sorted([("iopub", "rule:output")] * 4
+    assert sorted(drops) == sorted([("iopub", "unexpected_msg_type")] * 4
                                    + [("shell", "msg_type_not_allowed")] * 3)
     w.finish(parent)
     w.check()
@@ -144,7 +144,7 @@ def test_p14_kernel_info_reply_as_the_agent_profile_forwards_it(make_world):
     assert SECRET not in json.dumps(got)
     assert got["banner"].startswith(f"{injection} key=[REDACTED:aws-access-key-id] b")
     assert len(got["banner"].encode()) < AGENT_OUTPUT.max_text + 200  # capped, with a marker
-    assert got["x_extra"] == {"note": injection}  # forwarded as it was: documented here
+    assert "x_extra" not in got  # not a kernel_info_reply field: the rebuild drops it
     assert got["language_info"] == content["language_info"]
     w.check()
 

@@ -16,15 +16,19 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cellblock.gate.schema import CONTENT, METADATA
 from cellblock.gate.wire import DELIM, Dropped, Signer, check, load_object
 
 from gate_harness import (
+    CANARY,
     CHANNELS,
     LEGIT,
     World,
     dumps,
     examples,
+    is_marker,
     opener,
+    past_markers,
     sign,
 )
 
@@ -181,8 +185,13 @@ def test_fuzz_relay_forwards_only_what_the_kernel_signed(fuzz_world, channel, co
     end_type, end_content = LEGIT[channel]
     w.kernel.say(channel, end_type, end, end_content)
     seen = w.a.until(channel, lambda g: g.parent.get("msg_id") == end["msg_id"])[:-1]
-    seen = [g for g in seen if not (g.msg_type == "status" and g.channel == "iopub")]
-    assert all(g.parts == frames[2:6] for g in seen), "forwarded frames the kernel never signed"
+    seen = [g for g in seen if not (g.msg_type == "status" and g.channel == "iopub")
+            and not is_marker(g)]
+    original = json.loads(frames[5])
+    for g in seen:  # rebuilt from the original (the token, no spec field, dropped)
+        assert g.msg_type == msg_type and g.parts[1] == raw_request(w, parent)
+        assert g.content == {k: v for k, v in original.items() if k != "token"}
+        assert g.header["msg_id"] != json.loads(frames[2])["msg_id"]
     assert len(seen) <= 1
     event(f"{channel}: {len(seen)} forwarded of {len(variants)}")
     for g in seen:  # comm buffers are not signed (per spec): they pass as they came
@@ -222,3 +231,76 @@ def test_fuzz_relay_forwards_only_what_the_client_signed(fuzz_world, channel, da
     assert len(got) <= 1
     event(f"{channel}: {len(got)} forwarded of {len(variants)}")
     assert w.audit.of("gate.error") == []
+
+
+def raw_request(w: World, parent: dict[str, Any]) -> bytes:
+    """The raw header bytes the client sent for the request ``parent`` (the kernel got them
+    re-signed, byte for byte)."""
+    for _channel, frames in w.a.sent:
+        if json.loads(frames[2])["msg_id"] == parent["msg_id"]:
+            return frames[2]
+    raise AssertionError("the client never sent that request")
+
+
+HEADER_KEYS = ["msg_id", "msg_type", "username", "session", "date", "version"]
+_junk = st.dictionaries(st.sampled_from(["leak", "x", "data", "name", "version", "started",
+                                         "engine", "status", "transient", "msg_id"]),
+                        st.just(CANARY) | st.integers() | st.dictionaries(
+                            st.just("leak"), st.just(CANARY), max_size=1), max_size=3)
+REBUILT = {
+    "iopub": [("stream", {"name": "stdout", "text": "t"}),
+              ("display_data", {"data": {"text/plain": "d"}, "metadata": {},
+                                "transient": {"display_id": "i"}}),
+              ("execute_result", {"data": {"text/plain": "r"}, "metadata": {},
+                                  "execution_count": 1}),
+              ("error", {"ename": "E", "evalue": "v", "traceback": ["t"]}),
+              ("comm_msg", {"comm_id": "c", "data": {}}),
+              ("clear_output", {"wait": False})],
+    "shell": [("execute_reply", {"status": "ok", "execution_count": 1, "payload": [],
+                                 "user_expressions": {}})],
+    "control": [("kernel_info_reply", {"status": "ok", "protocol_version": "5.3"})],
+}
+
+
+@settings(max_examples=examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(channel=st.sampled_from(["iopub", "shell", "control"]), data=st.data(),
+       header_extra=_junk, parent_extra=_junk, metadata=_junk, content_extra=_junk,
+       buffers=st.lists(st.sampled_from([CANARY.encode(), b"\x00\x01"]), max_size=2))
+def test_fuzz_rebuild_headers_parents_metadata_buffers(
+        fuzz_world, channel, data, header_extra, parent_extra, metadata, content_extra,
+        buffers):
+    """A validly signed kernel message with junk (a canary among it) in extra header keys, its
+    parent, the metadata frame, extra content keys and buffers: what the client gets is the
+    gate's own header (the six keys, the gate's msg_id and session), the client's request
+    header as parent byte for byte, metadata and content keys of the spec only, and buffers
+    only on a comm message. (The canary in spec fields is the output policy's business.)"""
+    w = fuzz_world
+    parent = w.open(w.a, *opener(channel))
+    msg_type, content = data.draw(st.sampled_from(REBUILT[channel]))
+    header_extra = {k: v for k, v in header_extra.items() if k not in HEADER_KEYS}
+    kernel_parent = {**parent, **{k: v for k, v in parent_extra.items()
+                                  if k not in ("msg_id", "session")}}
+    content_extra = {k: v for k, v in content_extra.items() if k not in content}
+    k = w.kernel
+    parts = [dumps({**json.loads(k.parts(msg_type, {}, {})[0]), **header_extra}),
+             dumps(kernel_parent), dumps(metadata), dumps({**content, **content_extra})]
+    topic = (msg_type.encode(),) if channel == "iopub" else ()
+    k.send(channel, [*topic, *k.frames(parts, buffers=tuple(buffers))])
+    got, _markers = past_markers(w.a, channel)
+    assert got is not None and got.msg_type == msg_type
+    assert list(got.header) == HEADER_KEYS
+    assert got.header["session"] != k.session and got.header["username"] == "kernel"
+    assert got.parts[1] == raw_request(w, parent)
+    allowed_meta = METADATA.get(msg_type, {})
+    assert set(json.loads(got.parts[2])) <= set(allowed_meta)
+    assert set(got.content) <= CONTENT[msg_type]
+    assert got.buffers == (buffers if msg_type == "comm_msg" else [])
+    for frame in (got.parts[0], got.parts[1], got.parts[2]):
+        assert CANARY.encode() not in frame
+    if channel == "iopub":
+        w.kernel.say("shell", "execute_reply", parent, {"status": "ok"})
+        w.a.recv("shell")
+    w.kernel.say("iopub", "status", parent, {"execution_state": "idle"})
+    w.a.until("iopub", lambda g: g.msg_type == "status" and g.parent == parent)
+    event(msg_type)

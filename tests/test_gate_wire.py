@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -402,7 +404,17 @@ def test_apply_rules():
 
 
 def test_public_interface():
-    assert cellblock.gate.__all__ == ["Gate", "GateLimits", "OutputRule"]
+    """What the warden and the output rules may use; nothing outside the gate imports its
+    modules (output/ used to import ``WITHHOLD`` and ``load_object`` from them)."""
+    assert cellblock.gate.__all__ == [
+        "ALLOW", "WITHHOLD", "Gate", "GateLimits", "Observed", "OutputRule", "Verdict",
+        "load_object", "refuse",
+    ]
+    output = Path(cellblock.gate.__file__).parent.parent / "output"
+    for path in output.glob("*.py"):
+        deep = re.findall(r"^\s*(?:from|import) (?:\.\.|cellblock\.)gate\.", path.read_text(),
+                          re.MULTILINE)
+        assert not deep, f"{path.name} imports a gate module, not the gate's interface"
 
 
 @pytest.mark.parametrize(

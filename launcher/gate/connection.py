@@ -35,6 +35,16 @@ class GateLimits:
     #: start, one more each time libzmq drops it (a frame over max_frame_bytes). A kernel
     #: past it is stopped: its connections are a host cost (the warden accepts each one).
     max_kernel_connections: int = 32
+    #: zmq.SNDHWM of the client-facing iopub (messages queued per subscriber, XPUB_NODROP):
+    #: past it kernel output is dropped, with a marker in its cell's output, instead of the
+    #: gate's memory growing for a client that does not read (ipykernel's own default).
+    client_iopub_hwm: int = 1000
+    #: bytes the kernel may send that the gate drops (bound to no open request, malformed,
+    #: over a bound), as a bucket that drains at ``dropped_bytes_per_second``. Honest
+    #: kernels drop little (a background thread printing after its cell ended); a kernel
+    #: past it is flooding the gate and is stopped (``on_fault``).
+    max_dropped_bytes: int = 256 * 1024 * 1024
+    dropped_bytes_per_second: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

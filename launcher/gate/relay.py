@@ -7,40 +7,21 @@ knows why the kernel died, reads :attr:`Gate.shutdown_requested` to tell a reque
 from a crash, and calls :meth:`Gate.close` on every exit path. For budgets it passes an ``observer``
 (:mod:`cellblock.gate.observe`), calls :meth:`Gate.interrupt` to send the kernel an
 ``interrupt_request`` of the gate's own, and :meth:`Gate.rekey` before it restarts the jail
-in place with a fresh kernel key. Everything else happens on the gate's one background
-thread, which owns every socket between ``start()`` and ``close()``.
+in place with a fresh kernel key. ``on_fault`` is called (once per jail, on the gate's
+thread) when the kernel costs the host too much: its connections keep coming back, or it
+sends more than ``GateLimits.max_dropped_bytes`` the gate has to drop; the warden stops it.
 
-Client -> kernel (trusted, but verified): signature checked with the client key, header
-parsed, msg_type checked against the channel's allowlist (and the profile's, if given),
-the request recorded, the four JSON frames re-signed with the kernel key and forwarded
-with the client's ROUTER identity as the one ident frame.
+This module is the gate's life: its sockets, its one background thread (which owns every
+socket between ``start()`` and ``close()``) and the poll loop. What the loop does with a
+message lives in one module per concern, mixed into :class:`Gate`:
+:mod:`cellblock.gate.forward` (the relay, both directions, kernel messages rebuilt),
+:mod:`cellblock.gate.own` (what the gate publishes in its own name, the bounded client
+iopub), :mod:`cellblock.gate.links` (kernel connections, faults) and
+:mod:`cellblock.gate.heartbeat`.
 
-Kernel -> client (hostile): layout, signature (kernel key), header and parent JSON, size,
-replay window, msg_type allowlist per channel, then binding to a request the gate forwarded
-(see :mod:`cellblock.gate.tracker`). Replies are routed by the gate's own table, never by the
-ident frames the kernel sent. An ``input_reply`` is forwarded only from the client that
-was sent an ``input_request``, once; without ``input_reply`` in the allowlist, no
-``input_request`` is forwarded at all (nobody could answer it). The original frames are
-re-signed with the client key; JSON is re-encoded only when an output rule changed the
-content. Iopub topics are replaced by the msg_type (the kernel's topic frame is unsigned).
-
-Decisions:
-
-- **Buffers** are not covered by the wire signature, so a buffer is only as trustworthy as
-  the transport. Only ``comm_open``/``comm_msg`` (widgets) use them; on every other message
-  they are stripped (audited ``gate.strip``), and comm buffers are capped in total.
-- **Empty parent**: dropped, except ``status: starting`` (what a kernel publishes at boot).
-  An empty-parent ``busy`` or ``idle`` could flip a UI's busy indicator, so it is dropped.
-- **Status** content is the one content the relay parses (it is tiny and drives P3);
-  ``execution_state`` must be busy, idle or starting.
-- **Heartbeat** is forwarded to the kernel, so liveness reflects the kernel; an echo is only
-  passed back if it matches a ping the gate forwarded (no unsolicited bytes to clients).
-- **Connections** are the kernel's to make: the gate binds and never reconnects. Every
-  accepted connection is counted per channel; past ``GateLimits.max_kernel_connections``
-  in one jail's life the gate calls ``on_fault`` once (the warden stops the kernel). A
-  connection that breaks and comes back (libzmq drops a peer that sends a frame over
-  MAXMSGSIZE) leaves a marker in the output of every open request.
-- **Audit** fields never carry content: a msg_type outside the known set is omitted.
+An ``input_reply`` is forwarded only from the client that was sent an ``input_request``,
+once; without ``input_reply`` in the allowlist, no ``input_request`` is forwarded at all
+(nobody could answer it) and execute requests go out with ``allow_stdin`` false.
 """
 
 from __future__ import annotations
@@ -49,36 +30,26 @@ import json
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import zmq
 
 from cellblock.gate.connection import GateLimits, address, signer
+from cellblock.gate.forward import Forwarding
+from cellblock.gate.heartbeat import Heartbeat
 from cellblock.gate.kernelside import KernelSockets
-from cellblock.gate.observe import Observed, Observer
+from cellblock.gate.links import KernelLinks, monitor_event
+from cellblock.gate.observe import ALLOW, Observed, Observer, Verdict, as_verdict
+from cellblock.gate.own import OwnMessages
 from cellblock.gate.replay import ReplayWindow
-from cellblock.gate.rules import OutputRule, Withheld, apply_rules, flush_rules, tick_rules
-from cellblock.gate.tracker import (
-    BUFFER_TYPES,
-    CLIENT_TYPES,
-    HOLD,
-    KERNEL_TYPES,
-    KNOWN_TYPES,
-    NO_REPLY,
-    RequestTable,
-)
-from cellblock.gate.wire import (
-    DELIM,
-    Dropped,
-    Signer,
-    check,
-    load_object,
-)
+from cellblock.gate.rules import OutputRule
+from cellblock.gate.tracker import KERNEL_TYPES, KNOWN_TYPES, Request, RequestTable
+from cellblock.gate.wire import Dropped, Signer
 
-__all__ = ["AuditCallback", "Gate", "GateLimits"]
+__all__ = ["AuditCallback", "Gate", "GateLimits", "monitor_event"]
 
 AuditCallback = Callable[[str, dict[str, Any]], None]
 
@@ -88,40 +59,21 @@ _BATCH = 256  # messages read from one socket before the poller is consulted aga
 # keep an interrupt_request waiting on control for 256 of them (seconds, when measured).
 _SLICE_S = 0.01
 _TICK_S = 0.05  # how often output rules with a tick() are asked for timed releases
-_HB_MAX_BYTES = 4096
-_RESET_MARKER = (
-    "[cellblock: the kernel's {channel} connection broke and came back; whatever it was "
-    "sending then was dropped (a message over the {limit} MiB frame limit does this)]\n"
-)
-_HB_MAX_PENDING = 256
-_EXECUTION_STATES = frozenset({"busy", "idle", "starting"})
-_NOT_OUTPUT = frozenset({"status", "execute_input"})  # not charged to an output budget
+_COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
 
 
-def monitor_event(frames: list[bytes]) -> tuple[int, int]:
-    """The event number and value (a descriptor for ACCEPTED and DISCONNECTED) of one
-    libzmq monitor message (its first frame: u16 event, u32 value). Raises ValueError for
-    anything else."""
-    if not frames or len(frames[0]) < 6:
-        raise ValueError("not a monitor message")
-    head = frames[0]
-    return int.from_bytes(head[:2], "little"), int.from_bytes(head[2:6], "little")
+def kernel_types(comms: bool, debug: bool) -> dict[str, frozenset[str]]:
+    """What each kernel-facing channel may carry for a profile: comm messages only where it
+    allows comms, ``debug_event`` only where it allows ``debug_request``."""
+    iopub = KERNEL_TYPES["iopub"]
+    if not comms:
+        iopub = iopub - _COMM_TYPES
+    if not debug:
+        iopub = iopub - {"debug_event"}
+    return {**KERNEL_TYPES, "iopub": iopub}
 
 
-def _without_stdin(parts: list[bytes]) -> list[bytes]:
-    """The four frames of an execute_request, its content's ``allow_stdin`` made false."""
-    content = load_object(parts[3], "content")
-    if content.get("allow_stdin") is False:
-        return parts
-    content["allow_stdin"] = False
-    return [parts[0], parts[1], parts[2], json.dumps(content).encode()]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-class Gate:
+class Gate(Forwarding, OwnMessages, KernelLinks):
     """One kernel's relay. See the module docstring for what it checks and why."""
 
     def __init__(
@@ -159,11 +111,20 @@ class Gate:
         # dropped, and execute_requests go out with allow_stdin false, so that input()
         # raises StdinNotImplementedError at once instead of waiting for an answer.
         self._stdin = self._allowed is None or "input_reply" in self._allowed
+        self._comms = self._allowed is None or "comm_msg" in self._allowed
+        self._kernel_types = kernel_types(
+            self._comms, self._allowed is None or "debug_request" in self._allowed)
+        self._comm_requests: dict[str, Request] = {}  # comm_id -> the request it was opened in
+        self._started = False  # the kernel's one empty-parent status: starting was forwarded
+        self._count = 0  # msg_ids the gate gave (<session>_<n>)
+        self._backlog: deque[list[bytes]] = deque()  # the gate's own, waiting for the client
+        self._dropped = 0.0  # bytes in the dropped-bytes bucket (links.py)
+        self._dropped_at = time.monotonic()
         self._table = RequestTable(self._limits.max_open_requests)
         self._replay = ReplayWindow(self._limits.replay_window)
-        self._session = uuid.uuid4().hex  # the gate's own session, for announce()
+        self._session = uuid.uuid4().hex  # the session of every message a client gets
         self._identity = self._ks.identity
-        self._hb_pending: dict[tuple[bytes, ...], int] = {}
+        self._hb = Heartbeat(self._drop)
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._client: dict[str, zmq.Socket[bytes]] = {}
@@ -211,12 +172,17 @@ class Gate:
                 self._bind(sock, name)
             # XPUB, as ipykernel's own iopub: each new subscriber gets an iopub_welcome
             # (JEP 65), so a client knows its subscription is live before it asks.
+            # Bounded (never grows): a client that does not read loses kernel output, with
+            # a marker at its cell's end; the gate's own messages wait (own.py).
             self._client["iopub"] = ctx.socket(zmq.XPUB)
             self._client["iopub"].setsockopt(zmq.XPUB_VERBOSE, 1)
+            self._client["iopub"].setsockopt(zmq.SNDHWM, self._limits.client_iopub_hwm)
+            self._client["iopub"].setsockopt(zmq.XPUB_NODROP, 1)
             self._bind(self._client["iopub"], "iopub")
             if self._owns_kernel:
                 self._ks.bind()
             self._kernel = self._ks.sockets
+            self._hb.attach(self._client["hb"], self._kernel["hb"])
             self._monitors = self._ks.monitors
             endpoint = f"inproc://cellblock-gate-{uuid.uuid4().hex}"
             self._wake_in = ctx.socket(zmq.PAIR)
@@ -338,8 +304,8 @@ class Gate:
             watch(self._kernel[name], partial(self._from_kernel, name))
         watch(self._kernel["iopub"], partial(self._from_kernel, "iopub"))
         watch(self._client["iopub"], self._subscription)
-        watch(self._client["hb"], self._hb_from_client)
-        watch(self._kernel["hb"], self._hb_from_kernel)
+        watch(self._client["hb"], self._hb.from_client)
+        watch(self._kernel["hb"], self._hb.from_kernel)
         for name, monitor in self._monitors.items():
             watch(monitor, partial(self._connection_event, name))
         keep = self._limits.max_frames + 1  # one more than allowed, so split() sees the excess
@@ -348,9 +314,11 @@ class Gate:
         next_tick = time.monotonic() + _TICK_S
         while not self._stopping:
             try:
-                ready = poller.poll(timeout)
+                ready = poller.poll(10 if self._backlog else timeout)
             except zmq.ContextTerminated:
                 return
+            if self._backlog:
+                self._drain_backlog()
             if ticking and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + _TICK_S
                 try:
@@ -388,7 +356,9 @@ class Gate:
             self._send_own_interrupt()
         elif frames[0] == b"rekey":
             self._kernel_signer = Signer(frames[1].decode())
-            self._hb_pending.clear()
+            self._hb.clear()
+            self._started = False  # a new kernel boots: one starting again
+            self._dropped = 0.0
             self._accepts.clear()  # a new jail connects anew
             self._live.clear()
             self._up.clear()
@@ -404,14 +374,14 @@ class Gate:
             for channel, message in held or ():
                 self._from_client(channel, message)
 
-    def _observe(self, observed: Observed) -> str | None:
+    def _observe(self, observed: Observed) -> Verdict:
         if self._observer is None:
-            return None
+            return ALLOW
         try:
-            return self._observer(observed)
+            return as_verdict(self._observer(observed))
         except Exception:  # an observer's failure must not stop the relay
             self.audit_errors += 1
-            return None
+            return ALLOW
 
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
         if self._audit is not None:
@@ -429,428 +399,3 @@ class Gate:
         if dropped.msg_type in KNOWN_TYPES:
             fields["msg_type"] = dropped.msg_type
         self._emit("gate.drop", fields)
-
-    def _connection_event(self, channel: str, frames: list[bytes]) -> None:
-        """A kernel-facing socket accepted or lost a connection (libzmq's monitor). The
-        kernel reconnects by itself; the gate counts, and tells open requests what a
-        broken connection lost."""
-        try:
-            event, fd = monitor_event(frames)
-        except ValueError:
-            return
-        live = self._live.setdefault(channel, set())
-        if event == zmq.EVENT_DISCONNECTED:
-            live.discard(fd)
-            if not live:  # another connection (a second socket of the kernel's) may remain
-                self._up.discard(channel)
-                self._broken.add(channel)
-            return
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            if not live:
-                return
-            self._up.add(channel)
-            self._check_ready()
-            if channel in self._broken:
-                self._broken.discard(channel)
-                self._emit("gate.reconnect", {"channel": channel, "reason": "kernel_reconnected",
-                                              "connections": self._accepts.get(channel, 0)})
-                self._mark_open_requests(_RESET_MARKER.format(
-                    channel=channel, limit=self._limits.max_frame_bytes >> 20))
-                held = [m for m in self._down_held if m[0] == channel]
-                self._down_held = [m for m in self._down_held if m[0] != channel]
-                for held_channel, message in held:
-                    self._from_client(held_channel, message)
-            return
-        if event != zmq.EVENT_ACCEPTED:
-            return
-        live.add(fd)
-        count = self._accepts[channel] = self._accepts.get(channel, 0) + 1
-        if count > self._limits.max_kernel_connections and not self._faulted:
-            self._faulted = True
-            self._emit("gate.fault", {"channel": channel, "reason": "too_many_connections",
-                                      "connections": count})
-            if self._on_fault is not None:
-                try:
-                    self._on_fault(
-                        f"its {channel} connection to the warden was made {count} times "
-                        f"(at most {self._limits.max_kernel_connections} in a kernel's life)")
-                except Exception:  # the warden's callback must not stop the relay
-                    self.audit_errors += 1
-
-    def _check_ready(self) -> None:
-        if len(self._up) == len(self._monitors):
-            self._kernel_connected.set()
-            if self._kernel_welcomed:
-                self._kernel_ready.set()
-
-    def _mark_open_requests(self, text: str) -> None:
-        """Publish ``text`` on stderr to every open execute request."""
-        content = json.dumps({"name": "stderr", "text": text}).encode()
-        for request in self._table.open_requests():
-            if request.msg_type == "execute_request":
-                self._publish_own("stream", request.header, content)
-
-    # client -> kernel
-
-    def _from_client(self, channel: str, frames: list[bytes]) -> None:
-        # The jail is restarting in place (keep it for resume()), or this channel's
-        # connection broke and the kernel has not reconnected yet (keep it until it has).
-        held = self._held if self._held is not None else (
-            self._down_held if channel in self._broken else None)
-        if held is not None:
-            limits = self._limits
-            try:  # only what verifies is kept: nobody without the key fills the warden
-                check(frames, self._client_signer, limits.max_frames, limits.max_header_bytes,
-                      False)
-                if len(held) >= limits.max_open_requests:
-                    raise Dropped("restart_queue_full")
-            except Dropped as dropped:
-                self._drop("client", channel, dropped)
-                return
-            held.append((channel, frames))
-            return
-        try:
-            limits = self._limits
-            msg = check(
-                frames, self._client_signer, limits.max_frames, limits.max_header_bytes, False
-            )
-            header = msg.header
-            msg_type = header["msg_type"]
-            if msg_type not in CLIENT_TYPES[channel] or (
-                self._allowed is not None and msg_type not in self._allowed
-            ):
-                raise Dropped("msg_type_not_allowed", msg_type)
-            idents = tuple(msg.idents)
-            msg_id = header["msg_id"]
-            if channel == "stdin":  # only from the client that was asked, once per question
-                self._table.bind_input_reply(idents)
-            if channel != "stdin" and self._observer is not None:
-                refusal = self._observe(
-                    Observed("request", msg_id, msg_type, header["session"], content=msg.parts[3])
-                )
-                if refusal is not None:
-                    self._refuse(channel, idents, msg.parts[0], msg_type, refusal)
-                    return
-            if channel != "stdin":
-                evicted = self._table.add(
-                    msg_id, channel, msg_type, header["session"], idents, msg.parts[0]
-                )
-                if evicted is not None:
-                    self._emit("gate.evict", {"channel": evicted.channel, "reason": "table_full"})
-            parts = msg.parts
-            if msg_type == "execute_request" and not self._stdin:
-                parts = _without_stdin(parts)
-            out = [idents[0], DELIM, self._kernel_signer.sign(parts), *parts, *msg.buffers]
-            try:
-                self._kernel[channel].send_multipart(out, zmq.NOBLOCK)
-            except zmq.Again:
-                self._table.discard(msg_id)
-                raise Dropped("kernel_queue_full", msg_type) from None
-            if msg_type == "shutdown_request":
-                self._shutdown_requested = True
-        except Dropped as dropped:
-            self._drop("client", channel, dropped)
-
-    # kernel -> client
-
-    def _from_kernel(self, channel: str, frames: list[bytes]) -> None:
-        try:
-            self._relay_kernel(channel, frames)
-        except Dropped as dropped:
-            self._drop("kernel", channel, dropped)
-        except Withheld:
-            pass  # an output rule kept it back on purpose (carry-over, budget)
-
-    def _relay_kernel(self, channel: str, frames: list[bytes]) -> None:
-        limits = self._limits
-        msg = check(frames, self._kernel_signer, limits.max_frames, limits.max_header_bytes)
-        header, parent, parts = msg.header, msg.parent, msg.parts
-        msg_type = header["msg_type"]
-        if self._replay.seen(header["msg_id"]):
-            raise Dropped("replay", msg_type)
-        if msg_type == "iopub_welcome" and channel == "iopub" and not parent:
-            self._kernel_welcomed = True  # our subscription to the kernel is live
-            self._check_ready()
-            return
-        if msg_type not in KERNEL_TYPES[channel]:
-            raise Dropped("unexpected_msg_type", msg_type)
-        if parent and self._own and parent["msg_id"] in self._own:
-            return  # the answer to the gate's own interrupt_request: consumed
-        buffers = msg.buffers
-        if buffers:
-            if msg_type not in BUFFER_TYPES:
-                self._emit(
-                    "gate.strip",
-                    {"channel": channel, "msg_type": msg_type, "reason": "unsigned_buffers"},
-                )
-                buffers = []
-            elif sum(map(len, buffers)) > limits.max_buffer_bytes:
-                raise Dropped("buffers_too_large", msg_type)
-        if channel == "iopub":
-            self._relay_iopub(msg_type, header, parent, parts, buffers)
-            return
-        if channel == "stdin":
-            if not self._stdin:
-                raise Dropped("stdin_not_allowed", msg_type)
-            request = self._table.bind_input_request(parent)
-        else:
-            request = self._table.bind_reply(channel, msg_type, parent)
-        out = self._resign(channel, msg_type, header, parent, parts, buffers, request.idents)
-        self._client[channel].send_multipart(out, zmq.NOBLOCK)
-        if channel == "stdin":
-            self._table.asked(request)
-        else:
-            held = self._table.replied(request)
-            if self._observer is not None:
-                observed = Observed(
-                    "reply", request.msg_id, request.msg_type, request.session,
-                    len(parts[3]), len(out[-1 - len(buffers)]), parts[3],
-                )
-                self._observe(observed)
-            if held is not None:
-                self._flush(request.msg_id, request.header)
-                self._observe_idle(request.msg_id, request.msg_type, request.session)
-                self._client["iopub"].send_multipart(held, zmq.NOBLOCK)
-
-    def _relay_iopub(
-        self,
-        msg_type: str,
-        header: dict[str, Any],
-        parent: dict[str, Any],
-        parts: list[bytes],
-        buffers: list[bytes],
-    ) -> None:
-        idle = False
-        if msg_type == "status":
-            state = load_object(parts[3], "content").get("execution_state")
-            if state not in _EXECUTION_STATES:
-                raise Dropped("bad_status", msg_type)
-            if not parent and state != "starting":
-                raise Dropped("no_parent", msg_type)
-            idle = state == "idle"
-        topic = (msg_type.encode(),)
-        if not parent and msg_type == "status":  # status: starting, at kernel boot
-            out = self._resign("iopub", msg_type, header, parent, parts, buffers, topic)
-            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
-            return
-        verdict, request = self._table.bind_iopub(msg_type, parent, idle)
-        out = self._resign("iopub", msg_type, header, parent, parts, buffers, topic)
-        if verdict == HOLD:
-            request.held_idle = out
-        else:
-            if idle:
-                self._flush(str(parent.get("msg_id", "")), parts[1])
-            elif self._observer is not None and msg_type not in _NOT_OUTPUT:
-                observed = Observed(
-                    "output", request.msg_id, msg_type, request.session,
-                    len(parts[3]), len(out[-1 - len(buffers)]),
-                )
-                refusal = self._observe(observed)
-                if refusal is not None:
-                    if refusal:
-                        self._tell(request.msg_id, request.header, "CellblockBudget", refusal)
-                    raise Dropped("budget", msg_type)
-            if idle:  # observed first: the cell's audit record exists when a client sees idle
-                self._observe_idle(request.msg_id, request.msg_type, request.session)
-            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
-
-    def _observe_idle(self, msg_id: str, msg_type: str, session: str) -> None:
-        if self._observer is not None:
-            self._observe(Observed("idle", msg_id, msg_type, session))
-
-    def _tick(self) -> None:
-        """Publish what output rules release on a timer, for requests still open."""
-        for parent_msg_id, msg_type, content in tick_rules(self._rules, time.monotonic()):
-            request = self._table.get(parent_msg_id)
-            if request is not None:
-                self._publish_held(parent_msg_id, request.header, [(msg_type, content)])
-
-    def _flush(self, parent_msg_id: str, parent: bytes) -> None:
-        """Publish what the output rules held back for this request, before its idle."""
-        if self._rules:
-            self._publish_held(parent_msg_id, parent, flush_rules(self._rules, parent_msg_id))
-
-    def _publish_held(self, parent_msg_id: str, parent: bytes,
-                      items: list[tuple[str, bytes]]) -> None:
-        if items:
-            for msg_type, content in items:
-                if self._observer is not None:  # held-back output is output too
-                    refusal = self._observe(Observed("output", parent_msg_id, msg_type, "",
-                                                     len(content), len(content)))
-                    if refusal is not None:
-                        if refusal:
-                            self._tell(parent_msg_id, parent, "CellblockBudget", refusal)
-                        self._drop("kernel", "iopub", Dropped("budget", msg_type))
-                        continue
-                self._publish_own(msg_type, parent, content)
-
-    def _resign(
-        self,
-        channel: str,
-        msg_type: str,
-        header: dict[str, Any],
-        parent: dict[str, Any],
-        parts: list[bytes],
-        buffers: list[bytes],
-        idents: Sequence[bytes],
-    ) -> list[bytes]:
-        """Apply the output rules, re-sign with the client key, and frame for the client."""
-        if self._rules:
-            content, metadata = apply_rules(
-                self._rules, channel, msg_type, header, parent, parts[3], parts[2]
-            )
-            if content is not parts[3] or metadata is not parts[2]:
-                parts = [parts[0], parts[1], metadata, content]
-        return [*idents, DELIM, self._client_signer.sign(parts), *parts, *buffers]
-
-    # iopub subscriptions
-
-    def _subscription(self, frames: list[bytes]) -> None:
-        """A client subscribed on the client-facing XPUB: welcome it, as ipykernel does."""
-        for frame in frames:
-            if frame[:1] != b"\x01" or len(frame) > 257:
-                continue
-            topic = frame[1:]
-            try:
-                subscription = topic.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            content = json.dumps({"subscription": subscription}).encode()
-            header = self._own_header("iopub_welcome")
-            parts = [header, b"{}", b"{}", content]
-            out = [topic or b"iopub_welcome", DELIM, self._client_signer.sign(parts), *parts]
-            self._client["iopub"].send_multipart(out, zmq.NOBLOCK)
-
-    # heartbeat
-
-    def _hb_from_client(self, frames: list[bytes]) -> None:
-        if len(frames) > 4 or sum(map(len, frames)) > _HB_MAX_BYTES:
-            self._drop("client", "hb", Dropped("bad_heartbeat"))
-            return
-        key = tuple(frames)
-        pending = self._hb_pending
-        pending[key] = pending.get(key, 0) + 1
-        if len(pending) > _HB_MAX_PENDING:
-            del pending[next(iter(pending))]
-        try:
-            self._kernel["hb"].send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the kernel is not there: no echo, which is the truth
-
-    def _hb_from_kernel(self, frames: list[bytes]) -> None:
-        key = tuple(frames)
-        count = self._hb_pending.get(key)
-        if count is None:
-            self._drop("kernel", "hb", Dropped("unsolicited_heartbeat"))
-            return
-        if count == 1:
-            del self._hb_pending[key]
-        else:
-            self._hb_pending[key] = count - 1
-        self._client["hb"].send_multipart(frames, zmq.NOBLOCK)
-
-    # announce
-
-    def _publish_announce(
-        self, ename: str, evalue: str, msg_id: str | None = None, replies: bool = False
-    ) -> None:
-        content = json.dumps(
-            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
-        ).encode("utf-8", "replace")
-        if msg_id is not None:  # one running request, kept open
-            request = self._table.get(msg_id)
-            if request is not None and not request.replied:
-                self._tell(request.msg_id, request.header, ename, evalue)
-            return
-        # Executing = forwarded and not yet answered. A request that has its reply but
-        # whose idle never came (published before the gate's SUB had joined) is not.
-        requests = [r for r in self._table.close_all() if not r.replied]
-        parents = [r.header for r in requests] or [b"{}"]
-        idle = b'{"execution_state": "idle"}'
-        for request in requests:
-            self._flush(request.msg_id, request.header)
-        told, self._told = self._told, {}
-        if not requests:
-            self._publish_own("error", b"{}", content)
-        for request in requests:
-            if told.get(request.msg_id) != evalue:  # not twice the same words to one cell
-                self._publish_own("error", request.header, content)
-        if replies:
-            for request in requests:
-                self._reply_error(request.channel, request.idents, request.header,
-                                  request.msg_type, ename, evalue)
-        for parent in parents:
-            if requests:
-                self._publish_own("status", parent, idle)
-
-    def _tell(self, msg_id: str, parent: bytes, ename: str, evalue: str) -> None:
-        """Publish an ``error`` to one open request, keeping it open."""
-        content = json.dumps(
-            {"ename": ename, "evalue": evalue, "traceback": [evalue]}, ensure_ascii=False
-        ).encode("utf-8", "replace")
-        self._publish_own("error", parent, content)
-        self._told[msg_id] = evalue
-        while len(self._told) > 64:
-            del self._told[next(iter(self._told))]
-
-    def _refuse(
-        self, channel: str, idents: tuple[bytes, ...], parent: bytes, msg_type: str, text: str
-    ) -> None:
-        """Answer a request the observer refused, as the kernel would answer a failed one:
-        an ``error`` on iopub, an error reply to the client, then ``status: idle``."""
-        self._emit("gate.refuse", {"channel": channel, "msg_type": msg_type, "reason": "budget"})
-        content = json.dumps(
-            {"ename": "CellblockBudget", "evalue": text, "traceback": [text]}, ensure_ascii=False
-        ).encode("utf-8", "replace")
-        self._publish_own("error", parent, content)
-        if msg_type not in NO_REPLY:
-            self._reply_error(channel, idents, parent, msg_type, "CellblockBudget", text)
-        self._publish_own("status", parent, b'{"execution_state": "idle"}')
-
-    def _reply_error(
-        self, channel: str, idents: Sequence[bytes], parent: bytes, msg_type: str,
-        ename: str, evalue: str,
-    ) -> None:
-        reply_type = msg_type.removesuffix("_request") + "_reply"
-        body: dict[str, Any] = {
-            "status": "error", "ename": ename, "evalue": evalue, "traceback": [evalue],
-        }
-        if reply_type == "execute_reply":
-            body["execution_count"] = None
-        content = json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
-        parts = [self._own_header(reply_type), parent, b"{}", content]
-        out = [*idents, DELIM, self._client_signer.sign(parts), *parts]
-        self._client[channel].send_multipart(out, zmq.NOBLOCK)
-
-    def _send_own_interrupt(self) -> None:
-        header = self._own_header("interrupt_request")
-        msg_id = json.loads(header)["msg_id"]
-        self._own[msg_id] = None
-        while len(self._own) > 64:
-            del self._own[next(iter(self._own))]
-        parts = [header, b"{}", b"{}", b"{}"]
-        out = [self._identity, DELIM, self._kernel_signer.sign(parts), *parts]
-        try:
-            self._kernel["control"].send_multipart(out, zmq.NOBLOCK)
-        except zmq.Again:
-            self._emit("gate.drop", {"direction": "gate", "channel": "control",
-                                     "reason": "kernel_queue_full",
-                                     "msg_type": "interrupt_request"})
-
-    def _own_header(self, msg_type: str) -> bytes:
-        return json.dumps(
-            {
-                "msg_id": uuid.uuid4().hex,
-                "msg_type": msg_type,
-                "username": "cellblock",
-                "session": self._session,
-                "date": _now(),
-                "version": "5.3",
-            }
-        ).encode()
-
-    def _publish_own(self, msg_type: str, parent: bytes, content: bytes) -> None:
-        header = self._own_header(msg_type)
-        parts = [header, parent, b"{}", content]
-        out = [msg_type.encode(), DELIM, self._client_signer.sign(parts), *parts]
-        self._client["iopub"].send_multipart(out, zmq.NOBLOCK)

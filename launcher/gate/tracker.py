@@ -138,6 +138,9 @@ class Request:
     reply_type: str | None
     replied: bool = False
     held_idle: list[bytes] | None = field(default=None)
+    busy: bool = False  #: its one ``status: busy`` was forwarded
+    lost: int = 0  #: its messages the gate could not queue for the client (a marker says so)
+    lost_bytes: int = 0
 
 
 class RequestTable:

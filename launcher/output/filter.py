@@ -25,8 +25,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..gate.rules import WITHHOLD
-from ..gate.wire import load_object
+from ..gate import WITHHOLD, load_object
 from ..policy import OutputPolicy
 from ..redact.normalise import normalise
 from .markup import markdown_parser
