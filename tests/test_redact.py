@@ -899,3 +899,20 @@ def test_carriage_returns_rendered_as_writes_overlaid(pieces: list[str]) -> None
 
     text = "".join(pieces)
     assert _render_carriage_returns(text) == _carriage_returns_reference(text)
+
+
+def test_every_occurrence_of_a_found_value_is_redacted(red: Redactor) -> None:
+    """Issue 14: redacted after ``token =``, the same value was left bare after ``|``."""
+    value = "Zq8vN3kP0wLx5tR2"
+    result = red.redact(f"token = {value} | {value} | {value[:10]}")
+    assert value not in result.text and result.text.count("[REDACTED:") == 2
+    assert value[:10] in result.text  # a prefix alone is not the value
+    assert red.redact(f"echo {value}", known=(value,)).text == "echo [REDACTED:repeat]"
+    assert result.secrets == (value,)
+
+
+def test_an_escaped_tab_before_a_token_is_a_boundary(red: Redactor) -> None:
+    token = "ghp_" + fake(ALNUM, 36)
+    assert red.redact(f"['\\t{token}']").text == "['\\t[REDACTED:github-pat]']"
+    assert red.redact(f"\\n{FAKE_JWT}").text == "\\n[REDACTED:jwt]"
+    assert red.redact(f"at{token}").text == f"at{token}"  # a word before: still not a token

@@ -64,7 +64,9 @@ from cellblock.redact.scanner import (
     AnyScanner,
     Joined,
     Scanner,
+    escape_skip,
 )
+from cellblock.redact.spans import merge, repeats, values
 
 #: Secret detector modules, each a declarative RULES tuple.
 SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt)
@@ -104,6 +106,10 @@ class RedactResult:
 
     text: str
     findings: list[Finding] = field(default_factory=list)
+    #: the distinct values redacted (at least `spans.MIN_REPEAT` characters): a caller that
+    #: passes them back as ``known`` has them redacted wherever they come back in its cell.
+    #: They stay in memory; never log them.
+    secrets: tuple[str, ...] = ()
 
 
 Scanners = tuple[AnyScanner, AnyScanner | None]
@@ -169,6 +175,7 @@ def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scan
 
 def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
     """The secret's span for one candidate of `rule`, or None if the candidate fails."""
+    start = escape_skip(rule.pattern, text, start)
     if end - start > rule.max_len:
         if rule.clip_end:
             start = end - rule.max_len
@@ -225,12 +232,13 @@ class Redactor:
         """Same as `cellblock.redact.normalise`."""
         return normalise(text)
 
-    def redact(self, text: str) -> RedactResult:
-        """Normalise `text`, then replace each finding with ``[REDACTED:<rule>]``."""
+    def redact(self, text: str, known: Iterable[str] = ()) -> RedactResult:
+        """Normalise `text`, then replace each finding with ``[REDACTED:<rule>]``, and every
+        other occurrence of a value found (or of a `known` one) with it."""
         text = normalise(text)
         if not text:
             return RedactResult(text, [])
-        return self._replace(text, self._find(text))
+        return self._replace(text, self._find(text, known))
 
     def _replace(self, text: str, spans: list[tuple[int, int, str]]) -> RedactResult:
         if not spans:
@@ -245,7 +253,7 @@ class Redactor:
             out.append(f"[REDACTED:{rule}]")
             pos = end
         out.append(text[pos:])
-        return RedactResult("".join(out), findings)
+        return RedactResult("".join(out), findings, tuple(values(text, spans)))
 
     def untouched(self, texts: list[str], normalised: bool = True) -> bool:
         """True when `redact` would find nothing in any of `texts`, as one scan of them all
@@ -290,7 +298,8 @@ class Redactor:
         return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
                                   UESCAPE_ANY in escapes), same
 
-    def release(self, text: str, held: str = "") -> tuple[RedactResult, str]:
+    def release(self, text: str, held: str = "",
+                known: Iterable[str] = ()) -> tuple[RedactResult, str]:
         """Normalise `text`, append it to `held` (what the last call kept back, normalised
         already: normalising it again would render a ``\r`` of `text` over the part of
         its line that was held back but not over the part already sent), redact what can
@@ -299,6 +308,9 @@ class Redactor:
         What is released is ``text[:cut]`` with ``cut`` as `scan_end_safe` chooses it, and the
         rest is what a stream keeps back for the next piece; one scan of `text` serves both
         (findings in the released part see the text after them, as they will when it comes).
+        The cut never falls between a finding and the context its rule needed to see it (the
+        ``token = `` before a generic value): the rest would no longer be a finding alone.
+        `known` values (found earlier in the cell) are redacted wherever they occur.
         """
         text = held + normalise(text)
         if not text:  # an empty message, or one normalising removed entirely
@@ -306,11 +318,11 @@ class Redactor:
         cut = self._hold_from(text)
         if cut <= 0:
             return RedactResult("", []), text
-        spans = self._find(text)
-        for start, end, _rule in spans:
+        contexts: list[tuple[int, int]] = []
+        spans = self._find(text, known, contexts)
+        for start, end in sorted(contexts + [(s, e) for s, e, _r in spans], reverse=True):
             if start < cut < end:
                 cut = start
-                break
         return self._replace(text[:cut], [s for s in spans if s[1] <= cut]), text[cut:]
 
     def _hold_from(self, text: str) -> int:
@@ -358,11 +370,15 @@ class Redactor:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _find(self, text: str) -> list[tuple[int, int, str]]:
-        if len(text) < self._scanner.min_len:
-            return []
-        found = _detect(self._scanner, self._decoded, text, scan_bytes(text))
-        return _merge(found)
+    def _find(self, text: str, known: Iterable[str] = (),
+              contexts: list[tuple[int, int]] | None = None) -> list[tuple[int, int, str]]:
+        """Merged findings; with `contexts`, (start of the rule's match, end of its finding)
+        of each is appended there."""
+        found = []
+        if len(text) >= self._scanner.min_len:
+            found = merge(_detect(self._scanner, self._decoded, text, scan_bytes(text),
+                                  contexts))
+        return repeats(text, found, known)
 
 
 def _may_change(texts: list[str], joined: str | None = None) -> bool:
@@ -391,7 +407,8 @@ def _pii_kinds() -> tuple[str, ...]:
 
 
 def _detect(
-    scanner: AnyScanner, decoded_scanner: AnyScanner | None, text: str, data: bytes
+    scanner: AnyScanner, decoded_scanner: AnyScanner | None, text: str, data: bytes,
+    contexts: list[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int, str]]:
     """Every finding (unmerged) of `scanner` in `text` (whose one-byte form is `data`)."""
     hits = scanner.scan(data)
@@ -432,6 +449,8 @@ def _detect(
             span = _check(rule, text, start, end)
             if span is not None and span[1] > span[0]:
                 found.append((span[0], span[1], rule.id))
+                if contexts is not None and start < span[0]:
+                    contexts.append((start, span[1]))
     for pid, per_start_ends in every_end.items():
         rule = rules[kinds[pid][1]]
         for start, candidate_ends in per_start_ends.items():
@@ -464,25 +483,3 @@ def _inner(scanner: AnyScanner, decoded: bytes) -> str | None:
     if not inner:
         return None
     return max(inner, key=lambda f: (f[1] - f[0], not f[2].startswith("generic")))[2]
-
-
-def _merge(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Union of overlapping spans; each named after its longest finding (a specific rule
-    before the generic one on a tie, then the earliest)."""
-    if not found:
-        return []
-
-    def weight(start: int, end: int, rule: str) -> tuple[int, bool]:
-        return end - start, not rule.startswith("generic")
-
-    found.sort(key=lambda f: (f[0], f[0] - f[1], f[2].startswith("generic")))
-    merged: list[list] = []
-    for start, end, rule in found:
-        if merged and start < merged[-1][1]:
-            current = merged[-1]
-            if weight(start, end, rule) > current[3]:
-                current[2], current[3] = rule, weight(start, end, rule)
-            current[1] = max(current[1], end)
-        else:
-            merged.append([start, end, rule, weight(start, end, rule)])
-    return [(s, e, r) for s, e, r, _w in merged]

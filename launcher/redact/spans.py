@@ -1,0 +1,69 @@
+"""Finding spans: merging overlaps, and every other occurrence of a found value (issue 14).
+
+A span is ``(start, end, rule)`` in the normalised text. `merge` unions overlapping spans;
+`repeats` adds the other places a found value appears, so a secret caught once (after
+``token =``) is not left bare a few characters later (after ``|``, in a log line that echoes it),
+and `known` values found earlier in the same cell are redacted wherever they come back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Span = tuple[int, int, str]
+
+#: A found value shorter than this is not looked for elsewhere (a short value, ``8080``,
+#: would redact ordinary text that happens to hold it).
+MIN_REPEAT = 8
+#: At most this many distinct values are looked for in one text (each costs a ``str.find``
+#: pass over the text: linear, with a constant factor this bounds).
+MAX_VALUES = 64
+REPEAT_RULE = "repeat"
+
+
+def merge(found: list[Span]) -> list[Span]:
+    """Union of overlapping spans; each named after its longest finding (a specific rule
+    before the generic one on a tie, then the earliest)."""
+    if not found:
+        return []
+
+    def weight(start: int, end: int, rule: str) -> tuple[int, bool]:
+        return end - start, not rule.startswith(("generic", REPEAT_RULE))
+
+    found.sort(key=lambda f: (f[0], f[0] - f[1], f[2].startswith("generic")))
+    merged: list[list] = []
+    for start, end, rule in found:
+        if merged and start < merged[-1][1]:
+            current = merged[-1]
+            if weight(start, end, rule) > current[3]:
+                current[2], current[3] = rule, weight(start, end, rule)
+            current[1] = max(current[1], end)
+        else:
+            merged.append([start, end, rule, weight(start, end, rule)])
+    return [(s, e, r) for s, e, r, _w in merged]
+
+
+def values(text: str, spans: Iterable[Span]) -> list[str]:
+    """The distinct found values worth looking for elsewhere (never a redaction marker)."""
+    out: dict[str, None] = {}
+    for start, end, _rule in spans:
+        if end - start >= MIN_REPEAT:
+            out.setdefault(text[start:end])
+    return list(out)[:MAX_VALUES]
+
+
+def repeats(text: str, spans: list[Span], known: Iterable[str] = ()) -> list[Span]:
+    """`spans` plus every other occurrence in `text` of a value they cover, or of a `known`
+    value (found earlier in the cell), named after the first finding of that value."""
+    names = {text[s:e]: rule for s, e, rule in spans if e - s >= MIN_REPEAT}
+    for value in known:
+        names.setdefault(value, REPEAT_RULE)
+    if not names:
+        return spans
+    extra: list[Span] = []
+    for value in list(names)[:MAX_VALUES]:
+        pos = text.find(value)
+        while pos >= 0:
+            extra.append((pos, pos + len(value), names[value]))
+            pos = text.find(value, pos + len(value))
+    return merge(spans + extra) if extra else spans
