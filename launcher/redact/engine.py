@@ -29,6 +29,7 @@ thread at a time, as the gate's event loop does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -67,6 +68,7 @@ from cellblock.redact.scanner import (
     escape_skip,
 )
 from cellblock.redact.spans import merge, repeats, values
+from cellblock.redact.values import not_placeholder
 
 #: Secret detector modules, each a declarative RULES tuple.
 SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt)
@@ -150,7 +152,7 @@ def _builtin_scanners(
     blocks = []
     if secrets:
         for module in SECRET_MODULES:
-            secret_rules.extend(module.RULES)
+            secret_rules.extend(_no_placeholder(rule) for rule in module.RULES)
         blocks.extend(keys.BLOCKS)
     pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
     decoding = bool(secret_rules or blocks)
@@ -160,6 +162,15 @@ def _builtin_scanners(
         return main, None
     main.max_len = max(main.max_len, DECODE_CAP)
     return main, Scanner(secret_rules, blocks)
+
+
+def _no_placeholder(rule: Rule) -> Rule:
+    """`rule`, its findings also checked not to be a filler or a documented example."""
+    check = rule.validate
+
+    def validate(token: str) -> bool:
+        return not_placeholder(token) and (check is None or check(token))
+    return dataclasses.replace(rule, validate=validate)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,87 +1,102 @@
-"""Generic ``password=`` / ``token:`` / ``api_key =`` assignments with a high-entropy value.
+"""Generic secrets: a secret keyword assigned a value, in the syntaxes real output holds.
 
-Like gitleaks' ``generic-api-key``: a keyword, an assignment, and a value of at least 8
-characters whose Shannon entropy is at least `MIN_ENTROPY` bits per character. Template
-variables, placeholders and plain identifiers (``token=self.pad_token``) are not findings.
-Short human passwords (``password=hunter2``) fall below the entropy bar: by design, since the
-rule has no other way to tell a secret from a word.
+Like gitleaks' ``generic-api-key``, extended to the syntaxes its sample generator writes and
+real output holds (issue 14): a key holding a keyword (``password``, ``token``, ``secret``,
+``key``, ``auth``, ``credential``...), then one of
+
+- an assignment: ``=``, ``:``, ``:=``, ``::=``, ``:::=``, ``?=``, ``+=``, ``.=`` (PHP), ``=>``
+  (Perl, PHP, logstash), ``||=``, with optional quotes, escaped quotes (``\\"``) and blanks,
+  never across a line end (INI, env, YAML, JSON, Python, C#, Java, make, log lines);
+- a declared type: ``var apiToken string = "..."`` (Go), ``val token: String = "..."``;
+- a call's next argument: ``System.setProperty("API_TOKEN", "...")``, ``put("key", "...")``;
+- an XML element: ``<apiToken>value</apiToken>``, the value on the next line or not;
+
+then a value of at least 8 characters that `values.plausible_secret` accepts (not a
+placeholder, not code, random enough), under a key `values.key_allowed` accepts (not
+``credentialsId``, ``secret_length``, ``public_key``). Also ``Authorization:`` headers (the
+credential after the scheme) and ``curl -u user:password``. Short human passwords
+(``password=hunter2``) are not random enough: by design, the rule has no other way to tell a
+secret from a word.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 
 from cellblock.redact.rule import Rule
+from cellblock.redact.urls import plausible_password
+from cellblock.redact.values import key_allowed, plausible_secret, shannon_entropy
 
-MIN_ENTROPY = 3.5
+__all__ = ["RULES", "shannon_entropy"]
 
 _KEYWORDS = (
-    r"password|passwd|pwd|secret|token|api[_.-]?key|apikey|access[_.-]?key|auth[_.-]?key"
-    r"|client[_.-]?secret|private[_.-]?key|credentials?"
+    r"passw(?:or)?d|passphrase|pwd|secret|token|key|auth|credential|creds|api|access"
+    r"|session"
 )
-_ASSIGN = r"""["']?\s*(?::=|=>|[:=])\s*["'`]?"""
-_VALUE = r"""[^\s'"`,;:<>(){}\[\]\\=&]"""
-
-_PLACEHOLDER_PARTS = (
-    "xxxx",
-    "****",
-    "...",
-    "${",
-    "{{",
-    "%(",
-    "<",
-    ">",
-    "changeme",
-    "change_me",
-    "example",
-    "placeholder",
-    "your_",
-    "your-",
-    "yourkey",
-    "redacted",
-    "dummy",
-    "sample",
-    "replace",
+_KEY = r"[A-Za-z0-9_.$-]*(?:" + _KEYWORDS + r")[A-Za-z0-9_.-]*"
+_Q = r"""(?:\\?["'`])?"""
+# (hyperscan refuses bounded repeats here, with start of match: `max_len` bounds them)
+_ASSIGN = (
+    r"(?:" + _Q + r"[ \t]*(?::{1,3}=|[?+.|]=|\|\|=|=>|=|:)[ \t]*" + _Q
+    + r"|" + _Q + r"(?:[ \t]*:[ \t]*|[ \t]+)[A-Za-z][A-Za-z0-9_.\[\]<>]*[ \t]*=[ \t]*" + _Q
+    + r"""|["'][ \t]*,[ \t]*["'])"""
 )
-_IDENTIFIER = re.compile(r"[a-z_][a-z_.]*")
-_PLACEHOLDER = re.compile("|".join(re.escape(part) for part in _PLACEHOLDER_PARTS))
+_VALUE = r"""[^\s'"`,;<>(){}\[\]\\&]"""
 
 
-def shannon_entropy(value: str) -> float:
-    """Bits per character of `value` (0.0 for the empty string)."""
-    n = len(value)
-    if not n:
-        return 0.0
-    return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
+def _assigned(pattern: re.Pattern[str]):
+    def span(candidate: str) -> tuple[int, int] | None:
+        match = pattern.match(candidate)
+        if match is None or not key_allowed(match.group("k")):
+            return None
+        return match.span("v")
+    return span
 
 
-def high_entropy_value(value: str) -> bool:
-    """The value looks like a random secret, not a placeholder or an identifier."""
-    low = value.lower()
-    if _PLACEHOLDER.search(low):
-        return False
-    if _IDENTIFIER.fullmatch(low) or low.isdigit():
-        return False
-    return shannon_entropy(value) >= MIN_ENTROPY
+_GENERIC = re.compile(r"(?i)(?P<k>" + _KEY + r")" + _ASSIGN + r"(?P<v>" + _VALUE + r"{8,})")
+_XML = r"<(?P<k>" + _KEY + r")>[ \t\r\n]*"
+_AUTH_HEADER = (
+    r"(?:proxy-)?authorization(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
+    r"(?:bearer|basic|token|digest|apikey|api-key|sso-key|key|otoken|negotiate)[ \t]+"
+)
+_CURL_USER = r"curl[^\n]*[ \t](?:-u|--user)[ \t=]*[\"']?[A-Za-z0-9_.@+-]+:"
+
+def _curl_password(value: str) -> bool:
+    """Not a placeholder, a variable, a number (``-u 1000:1000``) or a word (``user:token``)."""
+    return (plausible_password(value) and not value.isdigit() and not value.isalpha()
+            and value[0] not in "$[<{%")
 
 
 RULES: tuple[Rule, ...] = (
     Rule(
         "generic-secret",
-        r"(?:" + _KEYWORDS + r")[A-Za-z0-9_.-]*" + _ASSIGN + _VALUE + r"{8,}={0,2}",
-        300,
+        _KEY + _ASSIGN + _VALUE + r"{8,}",
+        512,
         caseless=True,
-        secret=re.compile(
-            r"(?i)(?:"
-            + _KEYWORDS
-            + r")[A-Za-z0-9_.-]*"
-            + _ASSIGN
-            + r"(?P<v>"
-            + _VALUE
-            + r"{8,}={0,2})"
-        ),
-        validate=high_entropy_value,
+        secret=_assigned(_GENERIC),
+        validate=plausible_secret,
+    ),
+    Rule(
+        "generic-secret",
+        _XML.replace("(?P<k>", "(?:") + _VALUE + r"{8,}",
+        512,
+        caseless=True,
+        secret=_assigned(re.compile(r"(?i)" + _XML + r"(?P<v>" + _VALUE + r"{8,})")),
+        validate=plausible_secret,
+    ),
+    Rule(
+        "authorization-header",
+        _AUTH_HEADER + r"[A-Za-z0-9+/=_.~-]{8,}",
+        400,
+        caseless=True,
+        secret=re.compile(r"(?i)" + _AUTH_HEADER + r"(?P<v>[A-Za-z0-9+/=_.~-]{8,})"),
+        validate=plausible_secret,
+    ),
+    Rule(
+        "curl-user-password",
+        _CURL_USER + r"[^\s'\"@]+",
+        400,
+        secret=re.compile(_CURL_USER + r"(?P<v>[^\s'\"@]{1,128})"),
+        validate=_curl_password,
     ),
 )
