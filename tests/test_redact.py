@@ -56,8 +56,9 @@ SECRETS = [
     ("gcp-service-account-key-id", '"private_key_id": "' + fake(HEX, 40) + '"'),
     ("google-oauth-client-secret", "GOCSPX-" + fake(B64URL, 28)),
     ("google-oauth-access-token", "ya29." + fake(B64URL, 120)),
-    (
-        "azure-storage-account-key",
+    ("azure-storage-account-key", "AccountKey=" + fake(ALNUM + "+/", 86) + "=="),
+    (  # a connection string with a key is redacted whole (issue 14)
+        "connection-string",
         "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey="
         + fake(ALNUM + "+/", 86)
         + "==",
@@ -640,7 +641,8 @@ def test_windowed_rules_start_where_a_full_scan_says() -> None:
     som = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     pids = sorted(scanner.windowed)
     rules = [scanner.rules[scanner.kinds[p][1]] for p in pids]
-    som.compile(expressions=[x.pattern.encode() for x in rules], ids=pids, elements=len(pids),
+    som.compile(expressions=[scanner.window_patterns[p].encode() for p in pids], ids=pids,
+                elements=len(pids),
                 flags=[hyperscan.HS_FLAG_SOM_LEFTMOST
                        | (hyperscan.HS_FLAG_CASELESS if x.caseless else 0) for x in rules])
     pieces = ["password", "pwd", " = ", "=", ":", "'", '"', "://", "app", "@", "db.x", ";",

@@ -49,6 +49,7 @@ from cellblock.redact import (
     llm,
     payment,
     pii,
+    providers,
     registry,
     urls,
     vcs,
@@ -67,11 +68,11 @@ from cellblock.redact.scanner import (
     Scanner,
     escape_skip,
 )
-from cellblock.redact.spans import merge, repeats, values
+from cellblock.redact.spans import merge, repeats, token_end, values
 from cellblock.redact.values import not_placeholder
 
 #: Secret detector modules, each a declarative RULES tuple.
-SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt)
+SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt, providers)
 #: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
 DECODE_CAP = decode.DECODE_CAP
 #: The shortest base64/hex run that is decoded.
@@ -187,11 +188,12 @@ def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scan
 def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
     """The secret's span for one candidate of `rule`, or None if the candidate fails."""
     start = escape_skip(rule.pattern, text, start)
+    cap = -1
     if end - start > rule.max_len:
         if rule.clip_end:
             start = end - rule.max_len
         else:
-            end = start + rule.max_len
+            end = cap = start + rule.max_len
     if rule.secret is not None:
         candidate = text[start:end]
         if isinstance(rule.secret, re.Pattern):
@@ -202,6 +204,8 @@ def _check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | Non
         if span is None:
             return None
         start, end = start + span[0], start + span[1]
+    if end == cap and rule.extend:  # a value longer than the candidate: all of it
+        end = token_end(text, end)
     if rule.validate is not None and not rule.validate(text[start:end]):
         return None
     return start, end

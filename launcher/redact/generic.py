@@ -37,7 +37,8 @@ _KEY = r"[A-Za-z0-9_.$-]*(?:" + _KEYWORDS + r")[A-Za-z0-9_.-]*"
 _Q = r"""(?:\\?["'`])?"""
 # (hyperscan refuses bounded repeats here, with start of match: `max_len` bounds them)
 _ASSIGN = (
-    r"(?:" + _Q + r"[ \t]*(?::{1,3}=|[?+.|]=|\|\|=|=>|=|:)[ \t]*" + _Q
+    r"(?:" + _Q + r"[ \t]*(?::{1,3}=|[?+.|]=|\|\|=|=>|=|:)[ \t]*" + _Q + r"[ \t]*"
+    + r"|" + _Q + r"[ \t]*:?=[ \t]*\r?\n[ \t]*[\"'`]"
     + r"|" + _Q + r"(?:[ \t]*:[ \t]*|[ \t]+)[A-Za-z][A-Za-z0-9_.\[\]<>]*[ \t]*=[ \t]*" + _Q
     + r"""|["'][ \t]*,[ \t]*["'])"""
 )
@@ -55,11 +56,22 @@ def _assigned(pattern: re.Pattern[str]):
 
 _GENERIC = re.compile(r"(?i)(?P<k>" + _KEY + r")" + _ASSIGN + r"(?P<v>" + _VALUE + r"{8,})")
 _XML = r"<(?P<k>" + _KEY + r")>[ \t\r\n]*"
+_XML_CONTENT = r"[^<\r\n]"
 _AUTH_HEADER = (
     r"(?:proxy-)?authorization(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
     r"(?:bearer|basic|token|digest|apikey|api-key|sso-key|key|otoken|negotiate)[ \t]+"
 )
+_WORDS = re.compile(r"[\s{}]+")
+_DOCKER_LOGIN = r"docker[ \t]+login[^\n]*[ \t](?:-p|--password)[ \t=]+[\"']?"
+_CONNECTION = (
+    r"(?:Endpoint|DefaultEndpointsProtocol|HostName|AccountName)=[^;\s'\"]+(?:;[A-Za-z]+=[^;\s'\"]*)*"
+    r";(?:Secret|AccountKey|SharedAccessKey|SharedAccessSignature|Password)=[^;\s'\"]{8,}"
+)
 _CURL_USER = r"curl[^\n]*[ \t](?:-u|--user)[ \t=]*[\"']?[A-Za-z0-9_.@+-]+:"
+
+def _holds_secret(content: str) -> bool:
+    return any(plausible_secret(word) for word in _WORDS.split(content.strip()))
+
 
 def _curl_password(value: str) -> bool:
     """Not a placeholder, a variable, a number (``-u 1000:1000``) or a word (``user:token``)."""
@@ -73,16 +85,19 @@ RULES: tuple[Rule, ...] = (
         _KEY + _ASSIGN + _VALUE + r"{8,}",
         512,
         caseless=True,
+        extend=True,
         secret=_assigned(_GENERIC),
         validate=plausible_secret,
     ),
+    # an XML element's content: redacted whole if a part of it is a secret
+    # (``<secret>{name AQAAABAAA value}</secret>``, as Jenkins stores credentials)
     Rule(
         "generic-secret",
-        _XML.replace("(?P<k>", "(?:") + _VALUE + r"{8,}",
+        _XML.replace("(?P<k>", "(?:") + _XML_CONTENT + r"{8,}",
         512,
         caseless=True,
-        secret=_assigned(re.compile(r"(?i)" + _XML + r"(?P<v>" + _VALUE + r"{8,})")),
-        validate=plausible_secret,
+        secret=_assigned(re.compile(r"(?i)" + _XML + r"(?P<v>" + _XML_CONTENT + r"{8,})")),
+        validate=_holds_secret,
     ),
     Rule(
         "authorization-header",
@@ -91,6 +106,20 @@ RULES: tuple[Rule, ...] = (
         caseless=True,
         secret=re.compile(r"(?i)" + _AUTH_HEADER + r"(?P<v>[A-Za-z0-9+/=_.~-]{8,})"),
         validate=plausible_secret,
+    ),
+    Rule(
+        "docker-login-password",
+        _DOCKER_LOGIN + r"[^\s'\"]{8,}",
+        400,
+        secret=re.compile(_DOCKER_LOGIN + r"(?P<v>[^\s'\"]{8,})"),
+        validate=_curl_password,
+    ),
+    # a connection string with a secret part is redacted whole (endpoint, name and key)
+    Rule(
+        "connection-string",
+        _CONNECTION + r"(?:;[A-Za-z]+=[^;\s'\"]*)*",
+        1024,
+        caseless=True,
     ),
     Rule(
         "curl-user-password",

@@ -45,6 +45,9 @@ class Rule:
     #: literal, say). `pattern` itself then only runs in a window around each prefilter end.
     prefilter: str | None = None
     prefilter_slack: int = 0
+    #: a finding that reaches the end of a clipped candidate goes on over the token
+    #: characters after it (spans.token_end): a generic value longer than ``max_len``.
+    extend: bool = False
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ class Scanner:
         self.kinds: list[tuple[int, int]] = []
         #: pattern id -> (characters before the reported end, characters after) to rescan
         self.windowed: dict[int, tuple[int, int]] = {}
+        #: pattern id -> the pattern scanned in the window (a rule's, or its escaped variant)
+        self.window_patterns: dict[int, str] = {}
         main: list[tuple[bytes, int]] = []
         window: list[tuple[int, bytes, int]] = []
         som = hyperscan.HS_FLAG_SOM_LEFTMOST
@@ -157,6 +159,7 @@ class Scanner:
                     main.append(((prefilter or pattern).encode(), flags))
                     window.append((pid, pattern.encode(), flags | som))
                     self.windowed[pid] = (back, slack if prefilter else 0)
+                    self.window_patterns[pid] = pattern
                 else:
                     if prefilter:
                         raise ValueError(f"rule {rule.id}: a prefilter needs a pattern that "

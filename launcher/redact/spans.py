@@ -8,6 +8,7 @@ and `known` values found earlier in the same cell are redacted wherever they com
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 Span = tuple[int, int, str]
@@ -19,6 +20,10 @@ MIN_REPEAT = 8
 #: pass over the text: linear, with a constant factor this bounds).
 MAX_VALUES = 64
 REPEAT_RULE = "repeat"
+#: How far `token_end` follows a value past its rule's candidate (the longest encoded run
+#: that is decoded, and what a stream holds back of a run of token characters: engine.py).
+TOKEN_CAP = 8192
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_.~%-]*")
 
 
 def merge(found: list[Span]) -> list[Span]:
@@ -67,3 +72,10 @@ def repeats(text: str, spans: list[Span], known: Iterable[str] = ()) -> list[Spa
             extra.append((pos, pos + len(value), names[value]))
             pos = text.find(value, pos + len(value))
     return merge(spans + extra) if extra else spans
+
+
+def token_end(text: str, end: int) -> int:
+    """Where the run of token characters that continues at `end` ends (at most `TOKEN_CAP`
+    characters on): a value longer than its rule's candidate is redacted whole."""
+    match = _TOKEN_RUN.match(text, end, min(len(text), end + TOKEN_CAP))
+    return match.end() if match else end

@@ -45,7 +45,8 @@ EXAMPLES = frozenset({
     "6fe4476ee5a1832882e326b506d14126",
 })
 #: What a made-up token is filled with: a run of one character, a counting sequence.
-_FILLER = re.compile(r"(?i)x{4}|\*{4}|0{6}|\.{3}|abcdefgh|12345678|0123456|abc123|example"
+_FILLER = re.compile(r"(?i)x{4}|\*{4}|([0-9])\1{5}|(?-i:([a-z])\2{7})|\.{3}|abcdefgh|12345678"
+                     r"|0123456|abc123|example"
                      r"|placeholder|your[_-]|<[a-z_-]+>|\$\{|\{\{")
 _DOTTED = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_]+\d*)+(?:\(\)?)?")
 _SNAKE = re.compile(r"[A-Za-z]+(?:[_-][A-Za-z]+)+|[a-z]+|[A-Z]+")
@@ -134,7 +135,10 @@ def plausible_secret(value: str) -> bool:
 def not_placeholder(token: str) -> bool:
     """`token` is not a made-up filler (``ghp_xxxx...``, ``sk_live_000...``) nor a documented
     example (checked on every finding of the built-in secret rules)."""
-    return token not in EXAMPLES and _FILLER.search(token) is None
+    if token in EXAMPLES:
+        return False
+    # a filler is in a short made-up token; a long one (a JWT) is checked by its own rule
+    return len(token) > 128 or _FILLER.search(token) is None
 
 
 def _name(value: str) -> bool:
