@@ -29,20 +29,25 @@ from cellblock.redact.values import key_allowed, plausible_secret, shannon_entro
 
 __all__ = ["RULES", "shannon_entropy"]
 
-_KEYWORDS = (
-    r"passw(?:or)?d|passphrase|pwd|secret|token|key|auth|credential|creds|api|access"
-    r"|session"
-)
+# (``api_key``, ``access_token``, ``session_token`` hold ``key`` or ``token``; ``api``,
+# ``access`` and ``session`` alone would cost the decode hints a thousand more literals)
+_KEYWORDS = r"passw(?:or)?d|passphrase|pwd|secret|token|key|auth|credential|creds"
 _KEY = r"[A-Za-z0-9_.$-]*(?:" + _KEYWORDS + r")[A-Za-z0-9_.-]*"
 _Q = r"""(?:\\?["'`])?"""
 # (hyperscan refuses bounded repeats here, with start of match: `max_len` bounds them)
 _ASSIGN = (
-    r"(?:" + _Q + r"[ \t]*(?::{1,3}=|[?+.|]=|\|\|=|=>|=|:)[ \t]*" + _Q + r"[ \t]*"
+    r"(?:" + _Q + r"[ \t]*(?::{1,3}=|[?+.|]=|\|\|=|=>|=|:|\|)[ \t]*" + _Q + r"[ \t]*"
+    + r"|" + _Q + r"[ \t]+(?:-|is|was)[ \t]+" + _Q
     + r"|" + _Q + r"[ \t]*:?=[ \t]*\r?\n[ \t]*[\"'`]"
     + r"|" + _Q + r"(?:[ \t]*:[ \t]*|[ \t]+)[A-Za-z][A-Za-z0-9_.\[\]<>]*[ \t]*=[ \t]*" + _Q
     + r"""|["'][ \t]*,[ \t]*["'])"""
 )
 _VALUE = r"""[^\s'"`,;<>(){}\[\]\\&]"""
+# a quoted value may hold any character but its quote, a blank or a backslash
+_QUOTED = r"""[ \t]*(?::{1,3}=|[?+.]=|=>|=|:)[ \t]*(?:"[^"\s\\]{8,}"|'[^'\s\\]{8,}')"""
+_GENERIC_QUOTED = re.compile(r"(?i)(?P<k>" + _KEY + r")"
+                             r"""["']?[ \t]*(?::{1,3}=|[?+.]=|=>|=|:)"""
+                             r"""[ \t]*["'](?P<v>[^"'\s\\]{8,})["']""")
 
 
 def _assigned(pattern: re.Pattern[str]):
@@ -59,7 +64,7 @@ _XML = r"<(?P<k>" + _KEY + r")>[ \t\r\n]*"
 _XML_CONTENT = r"[^<\r\n]"
 _AUTH_HEADER = (
     r"(?:proxy-)?authorization(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
-    r"(?:bearer|basic|token|digest|apikey|api-key|sso-key|key|otoken|negotiate)[ \t]+"
+    r"[A-Za-z][A-Za-z0-9_-]{1,24}[ \t]+"  # the scheme: Bearer, Basic, Token, Api-Token...
 )
 _WORDS = re.compile(r"[\s{}]+")
 _DOCKER_LOGIN = r"docker[ \t]+login[^\n]*[ \t](?:-p|--password)[ \t=]+[\"']?"
@@ -67,10 +72,20 @@ _CONNECTION = (
     r"(?:Endpoint|DefaultEndpointsProtocol|HostName|AccountName)=[^;\s'\"]+(?:;[A-Za-z]+=[^;\s'\"]*)*"
     r";(?:Secret|AccountKey|SharedAccessKey|SharedAccessSignature|Password)=[^;\s'\"]{8,}"
 )
-_CURL_USER = r"curl[^\n]*[ \t](?:-u|--user)[ \t=]*[\"']?[A-Za-z0-9_.@+-]+:"
+# curl's -u/--user, the command continued over lines ending with a backslash; the password,
+# or the user when the password is empty (an API key given as the user name: -u "key:")
+_CURL = r"curl(?:[^\n]|\\\r?\n)*[ \t](?:-u|--user)[ \t=]*[\"']?"
+_CURL_SECRET = re.compile(_CURL + r"(?P<u>[^\s'\":]{0,128}):[\"']?(?P<p>[^\s'\"]{0,128})")
 
 def _holds_secret(content: str) -> bool:
     return any(plausible_secret(word) for word in _WORDS.split(content.strip()))
+
+
+def _curl_secret(candidate: str) -> tuple[int, int] | None:
+    match = _CURL_SECRET.match(candidate)
+    if match is None:
+        return None
+    return match.span("p") if match.group("p") else match.span("u")
 
 
 def _curl_password(value: str) -> bool:
@@ -87,6 +102,14 @@ RULES: tuple[Rule, ...] = (
         caseless=True,
         extend=True,
         secret=_assigned(_GENERIC),
+        validate=plausible_secret,
+    ),
+    Rule(
+        "generic-secret",
+        _KEY + r"""["']?""" + _QUOTED,
+        512,
+        caseless=True,
+        secret=_assigned(_GENERIC_QUOTED),
         validate=plausible_secret,
     ),
     # an XML element's content: redacted whole if a part of it is a secret
@@ -118,14 +141,13 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "connection-string",
         _CONNECTION + r"(?:;[A-Za-z]+=[^;\s'\"]*)*",
-        1024,
-        caseless=True,
+        512,
     ),
     Rule(
         "curl-user-password",
-        _CURL_USER + r"[^\s'\"@]+",
+        _CURL + r"[^\s'\":]*:[\"']?[^\s'\"]*",
         400,
-        secret=re.compile(_CURL_USER + r"(?P<v>[^\s'\"@]{1,128})"),
+        secret=_curl_secret,
         validate=_curl_password,
     ),
 )
