@@ -31,7 +31,7 @@ __all__ = ["RULES", "shannon_entropy"]
 
 # (``api_key``, ``access_token``, ``session_token`` hold ``key`` or ``token``; ``api``,
 # ``access`` and ``session`` alone would cost the decode hints a thousand more literals)
-_KEYWORDS = r"passw(?:or)?d|passphrase|pwd|secret|token|key|auth|credential|creds"
+_KEYWORDS = r"pass(?:w(?:or)?d|phrase)|pwd|secret|token|key|auth|cred(?:ential|s)"
 _KEY = r"[A-Za-z0-9_.$-]*(?:" + _KEYWORDS + r")[A-Za-z0-9_.-]*"
 _Q = r"""(?:\\?["'`])?"""
 # (hyperscan refuses bounded repeats here, with start of match: `max_len` bounds them)
@@ -63,7 +63,7 @@ _GENERIC = re.compile(r"(?i)(?P<k>" + _KEY + r")" + _ASSIGN + r"(?P<v>" + _VALUE
 _XML = r"<(?P<k>" + _KEY + r")>[ \t\r\n]*"
 _XML_CONTENT = r"[^<\r\n]"
 _AUTH_HEADER = (
-    r"(?:proxy-)?authorization(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
+    r"(?:[Pp]roxy-)?(?:[Aa]uthorization|AUTHORIZATION)(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
     r"[A-Za-z][A-Za-z0-9_-]{1,24}[ \t]+"  # the scheme: Bearer, Basic, Token, Api-Token...
 )
 _WORDS = re.compile(r"[\s{}]+")
@@ -126,8 +126,7 @@ RULES: tuple[Rule, ...] = (
         "authorization-header",
         _AUTH_HEADER + r"[A-Za-z0-9+/=_.~-]{8,}",
         400,
-        caseless=True,
-        secret=re.compile(r"(?i)" + _AUTH_HEADER + r"(?P<v>[A-Za-z0-9+/=_.~-]{8,})"),
+        secret=re.compile(_AUTH_HEADER + r"(?P<v>[A-Za-z0-9+/=_.~-]{8,})"),
         validate=plausible_secret,
     ),
     Rule(
