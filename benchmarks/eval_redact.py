@@ -12,6 +12,11 @@ Scores, per case, the same for every scanner:
 - **flagged**: the scanner reports something in the case (for us: the output holds a
   ``[REDACTED:`` marker). *Recall* is flagged secret cases / secret cases; *false positives*
   flagged benign cases / benign cases.
+- **FP near**: false positives among the near-misses of gitleaks' rule tests and those
+  written here (placeholders, documented examples, ids, code); **FP th-inv**: among
+  trufflehog's "invalid pattern" cases, which are mostly a provider's token one character or
+  length off, assigned to a key (``luno key = '=XyDP7...'``), flagged by any scanner that
+  redacts random values next to a keyword.
 - **removed** (secret cases whose secret value is known, gitleaks-generated and trufflehog cases
   with a ``want`` inside the input): no run of 8 or more characters of the secret's longest
   third is left in our output; for a peer, one of its reported values covers the secret.
@@ -20,6 +25,10 @@ Scores, per case, the same for every scanner:
 ``detect-secrets scan`` does) and CredSweeper (its CLI with the ML validation on, each case
 a file) on the same cases; their results are cached next to the corpus
 (``corpus.jsonl.<peer>.json``, keyed by the corpus' sha256).
+
+``--kernel N`` prints a seeded sample of N cases (half secret, half benign) through a real
+jailed kernel of the first profile, one case a cell, and scores what the client receives beside
+the same cases through the gate's path in-process.
 
 ``--ordinary`` checks that ordinary analysis output is not changed by redaction: the notebook
 corpus of bench_redact.py without its secret cells, and pandas DataFrames of UUIDs, hashes,
@@ -153,8 +162,12 @@ def score(cases: list[dict[str, Any]], flagged: list[bool], removed: list[bool |
         by_source.setdefault(src, [0, 0])
         by_source[src][0] += 1
         by_source[src][1] += int(flagged[i])
+    near = [i for i in benign if not cases[i]["id"].startswith("trufflehog/")]
+    invalid = [i for i in benign if cases[i]["id"].startswith("trufflehog/")]
     return {
         "recall": sum(flagged[i] for i in secret) / len(secret),
+        "fp_near_miss": sum(flagged[i] for i in near) / max(1, len(near)),
+        "fp_trufflehog_invalid": sum(flagged[i] for i in invalid) / max(1, len(invalid)),
         "removed": sum(bool(removed[i]) for i in known) / max(1, len(known)),
         "false_positives": sum(flagged[i] for i in benign) / len(benign),
         "secret_cases": len(secret), "benign_cases": len(benign), "known_secret": len(known),
@@ -249,18 +262,84 @@ def ordinary(profiles: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+async def _kernel_outputs(cases: list[dict[str, Any]], profile: str) -> list[str]:
+    """What a client receives when a real jailed kernel of `profile` prints each case, one
+    case a cell (everything on iopub for that cell until its idle)."""
+    from cellblock.notebook_run import sandbox_kernel_manager
+
+    km = sandbox_kernel_manager(profile)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+        out = []
+        for case in cases:
+            msg_id = kc.execute(f"print({case['text']!r})")
+            seen = ""
+            while True:
+                msg = await kc.get_iopub_msg(timeout=60)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    seen += msg["content"]["text"]
+                elif (msg["msg_type"] == "status"
+                      and msg["content"]["execution_state"] == "idle"):
+                    break
+            out.append(seen)
+        return out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+def kernel_sample(corpus: Path, n: int, profile: str, seed: int = 14) -> dict[str, Any]:
+    """Score a seeded sample of `n` cases (half secret, half benign) through a real kernel,
+    beside the same cases through `gate_outputs` (they should agree)."""
+    import asyncio
+    import random
+
+    cases = load(corpus)
+    rng = random.Random(seed)
+    picked = (rng.sample([c for c in cases if c["label"] == "secret"], n // 2)
+              + rng.sample([c for c in cases if c["label"] == "benign"], n - n // 2))
+    kernel = asyncio.run(_kernel_outputs(picked, profile))
+    gate, _ = gate_outputs(picked, profile)
+    result = {}
+    for name, outputs in (("kernel", kernel), ("gate", gate)):
+        flagged = [MARK in o for o in outputs]
+        removed = [None if not c["secret"] or c["label"] != "secret"
+                   else (MARK in o and not leaked(c["secret"], o))
+                   for c, o in zip(picked, outputs, strict=True)]
+        result[name] = score(picked, flagged, removed)
+    result["disagree"] = sum((MARK in k) != (MARK in g) for k, g in zip(kernel, gate,
+                                                                         strict=True))
+    return result
+
+
 def _print(results: dict[str, Any]) -> None:
-    print(f"{results['cases']} cases, {results['mb']:.2f} MB")
-    print(f"{'scanner':24} {'recall':>7} {'removed':>8} {'FP':>7} {'MB/s':>8}")
+    print(f"{results['cases']} cases, {results['mb']:.2f} MB (MB/s: of these small cases, one "
+          "at a time; per-case overhead dominates)")
+    print(f"{'scanner':20} {'recall':>7} {'removed':>8} {'FP all':>7} {'FP near':>8}"
+          f" {'FP th-inv':>9} {'MB/s':>6}")
     for name, r in results.items():
         if isinstance(r, dict) and "recall" in r:
-            print(f"{name:24} {r['recall']:7.3f} {r['removed']:8.3f} {r['false_positives']:7.3f}"
-                  f" {r['mb_per_s']:8.2f}")
+            print(f"{name:20} {r['recall']:7.3f} {r['removed']:8.3f} {r['false_positives']:7.3f}"
+                  f" {r['fp_near_miss']:8.3f} {r['fp_trufflehog_invalid']:9.3f}"
+                  f" {r['mb_per_s']:6.2f}")
     for name, r in results.items():
         if isinstance(r, dict) and "by_source" in r:
             print(f"  {name}: {r['by_source']}")
     if "ordinary" in results:
         print("redactions in ordinary analysis output:", results["ordinary"])
+    if "kernel_sample" in results:
+        k = results["kernel_sample"]
+        for name in ("kernel", "gate"):
+            r = k[name]
+            print(f"sample through a real {results['kernel_profile']} kernel, {name:6}: recall "
+                  f"{r['recall']:.3f} removed {r['removed']:.3f} FP {r['false_positives']:.3f} "
+                  f"({r['secret_cases']} secret, {r['benign_cases']} benign)")
+        print(f"  cases where the kernel's output and the gate path disagree: {k['disagree']}")
 
 
 def main() -> None:
@@ -272,11 +351,17 @@ def main() -> None:
     parser.add_argument("--ordinary", action="store_true")
     parser.add_argument("--misses", type=int, default=0, help="show this many misses and FPs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--kernel", type=int, default=0, metavar="N",
+                        help="also print a seeded sample of N cases through a real jailed "
+                        "kernel of the first profile")
     args = parser.parse_args()
     profiles = tuple(args.profiles.split(","))
     results = evaluate(args.corpus, args.peers, profiles, args.misses)
     if args.ordinary:
         results["ordinary"] = ordinary(profiles)
+    if args.kernel:
+        results["kernel_profile"] = profiles[0]
+        results["kernel_sample"] = kernel_sample(args.corpus, args.kernel, profiles[0])
     _print(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
