@@ -159,3 +159,13 @@ def test_key_allowed(key: str, allowed: bool) -> None:
 ])
 def test_partial_token_at_the_end_of_held_text(text: str, start: int | None) -> None:
     assert partial_start(text) == start
+
+
+def test_the_id_beside_a_secret_goes_with_it(red: Redactor) -> None:
+    """Multi-part credentials are redacted whole: the client id next to its secret."""
+    client_id, secret = fake(HEX, 32), fake(ALNUM, 32)
+    out = red.redact(f"client_id: {client_id}\nclient_secret: {secret}\n").text
+    assert client_id not in out and secret not in out
+    assert "[REDACTED:credential-id]" in out
+    # an id alone is not a secret
+    assert red.redact(f"client_id: {client_id}\n").text == f"client_id: {client_id}\n"

@@ -68,7 +68,7 @@ from cellblock.redact.scanner import (
     Scanner,
     escape_skip,
 )
-from cellblock.redact.spans import merge, repeats, token_end, values
+from cellblock.redact.spans import merge, pairs, repeats, token_end, values
 from cellblock.redact.values import not_placeholder
 
 #: Secret detector modules, each a declarative RULES tuple.
@@ -393,7 +393,7 @@ class Redactor:
         if len(text) >= self._scanner.min_len:
             found = merge(_detect(self._scanner, self._decoded, text, scan_bytes(text),
                                   contexts))
-        return repeats(text, found, known)
+        return repeats(text, pairs(text, found), known)
 
 
 def _may_change(texts: list[str], joined: str | None = None) -> bool:

@@ -1,9 +1,12 @@
-"""Finding spans: merging overlaps, and every other occurrence of a found value (issue 14).
+"""Finding spans: merging overlaps, every other occurrence of a found value, and the id that
+goes with a found secret (issue 14).
 
 A span is ``(start, end, rule)`` in the normalised text. `merge` unions overlapping spans;
 `repeats` adds the other places a found value appears, so a secret caught once (after
 ``token =``) is not left bare a few characters later (after ``|``, in a log line that echoes it),
 and `known` values found earlier in the same cell are redacted wherever they come back.
+`pairs` adds the other half of a two-part credential next to a generic finding: the
+``client_id`` beside a ``client_secret``, the ``access_key_id`` beside its key.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ MIN_REPEAT = 8
 #: pass over the text: linear, with a constant factor this bounds).
 MAX_VALUES = 64
 REPEAT_RULE = "repeat"
+PAIR_RULE = "credential-id"
 #: How far `token_end` follows a value past its rule's candidate (the longest encoded run
 #: that is decoded, and what a stream holds back of a run of token characters: engine.py).
 TOKEN_CAP = 8192
@@ -79,3 +83,27 @@ def token_end(text: str, end: int) -> int:
     characters on): a value longer than its rule's candidate is redacted whole."""
     match = _TOKEN_RUN.match(text, end, min(len(text), end + TOKEN_CAP))
     return match.end() if match else end
+
+
+#: How far from a generic finding the id of the same credential is looked for.
+PAIR_REACH = 300
+#: An id assignment that is half of a credential with the secret next to it.
+_PAIR_ID = re.compile(
+    r"(?i)(?<![A-Za-z0-9])[A-Za-z_]{0,20}(?:client|app|application|consumer|access[_-]?key"
+    r"|api[_-]?key|secret|key)[_-]?id[\"']?[ \t]*(?::=|=>|[:=])[ \t]*[\"']?"
+    r"(?P<v>[A-Za-z0-9_.~+/-]{8,128})")
+
+
+#: Findings that are not secrets (personal data): no credential id goes with them.
+_NOT_SECRETS = frozenset({"email", "phone", "card", "iban", "ssn", REPEAT_RULE, PAIR_RULE})
+
+
+def pairs(text: str, spans: list[Span]) -> list[Span]:
+    """`spans` plus the id assigned within `PAIR_REACH` characters of each secret finding
+    (the first `MAX_VALUES` of them), named `PAIR_RULE`."""
+    extra: list[Span] = []
+    for start, end, _rule in [s for s in spans if s[2] not in _NOT_SECRETS][:MAX_VALUES]:
+        lo, hi = max(0, start - PAIR_REACH), min(len(text), end + PAIR_REACH)
+        for match in _PAIR_ID.finditer(text, lo, hi):
+            extra.append((match.start("v"), match.end("v"), PAIR_RULE))
+    return merge(spans + extra) if extra else spans
