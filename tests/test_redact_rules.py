@@ -169,3 +169,14 @@ def test_the_id_beside_a_secret_goes_with_it(red: Redactor) -> None:
     assert "[REDACTED:credential-id]" in out
     # an id alone is not a secret
     assert red.redact(f"client_id: {client_id}\n").text == f"client_id: {client_id}\n"
+
+
+@pytest.mark.parametrize("text", [
+    "-----BEGIN PRIVATE KEY-----\nanything\n-----END PRIVATE KEY-----",
+    "ABSKQmVkcm9ja0FQSUtleS1" + "EXAMPLE" * 20 + "=",
+    "ops_eyJ" + "x" * 300,
+    "curl -u <user:password> https://test.com/endpoint",
+])
+def test_made_up_long_tokens_and_empty_key_blocks_are_left_alone(red: Redactor,
+                                                                  text: str) -> None:
+    assert red.redact(text).text == text

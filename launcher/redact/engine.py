@@ -29,7 +29,6 @@ thread at a time, as the gate's event loop does.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import re
@@ -69,12 +68,14 @@ from cellblock.redact.scanner import (
     escape_skip,
 )
 from cellblock.redact.spans import merge, pairs, repeats, token_end, values
-from cellblock.redact.values import not_placeholder
+from cellblock.redact.values import no_placeholder
 
 #: Secret detector modules, each a declarative RULES tuple.
 SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt, providers)
 #: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
 DECODE_CAP = decode.DECODE_CAP
+#: A BEGIN/END pair with a shorter body is not a key (``BEGIN...\nanything\nEND``).
+MIN_BODY = 32
 #: The shortest base64/hex run that is decoded.
 MIN_RUN = decode.MIN_RUN
 _ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY})
@@ -153,7 +154,7 @@ def _builtin_scanners(
     blocks = []
     if secrets:
         for module in SECRET_MODULES:
-            secret_rules.extend(_no_placeholder(rule) for rule in module.RULES)
+            secret_rules.extend(no_placeholder(rule) for rule in module.RULES)
         blocks.extend(keys.BLOCKS)
     pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
     decoding = bool(secret_rules or blocks)
@@ -163,15 +164,6 @@ def _builtin_scanners(
         return main, None
     main.max_len = max(main.max_len, DECODE_CAP)
     return main, Scanner(secret_rules, blocks)
-
-
-def _no_placeholder(rule: Rule) -> Rule:
-    """`rule`, its findings also checked not to be a filler or a documented example."""
-    check = rule.validate
-
-    def validate(token: str) -> bool:
-        return not_placeholder(token) and (check is None or check(token))
-    return dataclasses.replace(rule, validate=validate)
 
 
 @functools.lru_cache(maxsize=16)
@@ -480,7 +472,8 @@ def _detect(
         for start, header_end in block_begins:
             j = bisect_right(block_ends, header_end)
             if j < len(block_ends) and block_ends[j] - start <= block.max_len:
-                found.append((start, block_ends[j], block.id))
+                if text.rfind("-----END", header_end, block_ends[j]) - header_end >= MIN_BODY:
+                    found.append((start, block_ends[j], block.id))  # else not a key
             else:
                 found.append((start, min(len(text), start + block.max_len), block.id))
 

@@ -91,7 +91,7 @@ def _curl_secret(candidate: str) -> tuple[int, int] | None:
 def _curl_password(value: str) -> bool:
     """Not a placeholder, a variable, a number (``-u 1000:1000``) or a word (``user:token``)."""
     return (plausible_password(value) and not value.isdigit() and not value.isalpha()
-            and value[0] not in "$[<{%")
+            and value[0] not in "$[<{%" and value[-1] not in ">]}")
 
 
 RULES: tuple[Rule, ...] = (

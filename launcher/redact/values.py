@@ -18,9 +18,12 @@ The key it is assigned to also matters (`key_allowed`): ``credentialsId``, ``sec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
+
+from cellblock.redact.rule import Rule
 
 #: Relative entropy (bits per character over log2 of the largest alphabet the length allows)
 #: a value needs. Chosen on the corpus (docs/output.md): random tokens of 8+ characters score
@@ -48,6 +51,7 @@ EXAMPLES = frozenset({
 _FILLER = re.compile(r"(?i)x{4}|\*{4}|([0-9])\1{5}|(?-i:([a-z])\2{7})|\.{3}|abcdefgh|12345678"
                      r"|0123456|abc123|example"
                      r"|placeholder|your[_-]|<[a-z_-]+>|\$\{|\{\{")
+_LONG_FILLER = re.compile(r"(?i)example|x{8}")
 _DOTTED = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_]+\d*)+(?:\(\)?)?")
 _SNAKE = re.compile(r"[A-Za-z]+(?:[_-][A-Za-z]+)+|[a-z]+|[A-Z]+")
 #: A part of a name: a word, a word and a number (``CXX11``, ``P2``, ``X509``), a number.
@@ -135,10 +139,20 @@ def plausible_secret(value: str) -> bool:
 def not_placeholder(token: str) -> bool:
     """`token` is not a made-up filler (``ghp_xxxx...``, ``sk_live_000...``) nor a documented
     example (checked on every finding of the built-in secret rules)."""
-    if token in EXAMPLES:
+    if token in EXAMPLES or _LONG_FILLER.search(token):
         return False
-    # a filler is in a short made-up token; a long one (a JWT) is checked by its own rule
+    # the other fillers are looked for in short tokens; a long one (a JWT) is random enough
+    # to hold a short run or sequence by chance
     return len(token) > 128 or _FILLER.search(token) is None
+
+
+def no_placeholder(rule: Rule) -> Rule:
+    """`rule`, its findings also checked not to be a filler or a documented example."""
+    check = rule.validate
+
+    def validate(token: str) -> bool:
+        return not_placeholder(token) and (check is None or check(token))
+    return dataclasses.replace(rule, validate=validate)
 
 
 def _name(value: str) -> bool:
