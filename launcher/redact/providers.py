@@ -46,15 +46,16 @@ def _rule(provider: str, entry: dict[str, Any]) -> Rule:
                                 bool(entry.get("mixed", False))))
 
 
-def load(path: Path = RULES_FILE) -> tuple[tuple[str, str], tuple[Rule, ...]]:
+def load(path: Path = RULES_FILE) -> tuple[tuple[tuple[str, str], ...], tuple[Rule, ...]]:
     """((provider, source) per provider, rules) from `path`."""
     data = tomllib.loads(path.read_text())
-    providers, rules = [], []
+    providers: list[tuple[str, str]] = []
+    rules: list[Rule] = []
     for provider in data.get("provider", []):
         name = provider.get("name")
         if not name or "source" not in provider:
             raise ValueError(f"{path.name}: every provider needs a name and a source: {provider}")
-        providers.append((name, provider["source"]))
+        providers.append((str(name), str(provider["source"])))
         rules.extend(_rule(name, entry) for entry in provider.get("rules", []))
     return tuple(providers), tuple(rules)
 
