@@ -45,7 +45,12 @@ _ASSIGN = (
 _VALUE = r"""[^\s'"`,;<>(){}\[\]\\&]"""
 # a quoted value may hold any character but its quote, a blank or a backslash
 _QUOTED = r"""[ \t]*(?::{1,3}=|[?+.]=|=>|=|:)[ \t]*(?:"[^"\s\\]{8,}"|'[^'\s\\]{8,}')"""
-_GENERIC_QUOTED = re.compile(r"(?i)(?P<k>" + _KEY + r")"
+# In Python, the key is one run of name characters, taken whole (possessive: no
+# backtracking over where the keyword sits in it, quadratic on a long run); `_assigned`
+# then checks it holds a keyword, as hyperscan's match did.
+_PY_KEY = r"[A-Za-z0-9_.$-]++"
+_KEYWORD = re.compile(r"(?i)" + _KEYWORDS)
+_GENERIC_QUOTED = re.compile(r"(?i)(?P<k>" + _PY_KEY + r")"
                              r"""["']?[ \t]*(?::{1,3}=|[?+.]=|=>|=|:)"""
                              r"""[ \t]*["'](?P<v>[^"'\s\\]{8,})["']""")
 
@@ -53,14 +58,18 @@ _GENERIC_QUOTED = re.compile(r"(?i)(?P<k>" + _KEY + r")"
 def _assigned(pattern: re.Pattern[str]):
     def span(candidate: str) -> tuple[int, int] | None:
         match = pattern.match(candidate)
-        if match is None or not key_allowed(match.group("k")):
+        if match is None:
+            return None
+        key = match.group("k")
+        if not _KEYWORD.search(key) or not key_allowed(key):
             return None
         return match.span("v")
     return span
 
 
-_GENERIC = re.compile(r"(?i)(?P<k>" + _KEY + r")" + _ASSIGN + r"(?P<v>" + _VALUE + r"{8,})")
+_GENERIC = re.compile(r"(?i)(?P<k>" + _PY_KEY + r")" + _ASSIGN + r"(?P<v>" + _VALUE + r"{8,})")
 _XML = r"<(?P<k>" + _KEY + r")>[ \t\r\n]*"
+_PY_XML = r"<(?P<k>" + _PY_KEY + r")>[ \t\r\n]*"
 _XML_CONTENT = r"[^<\r\n]"
 _AUTH_HEADER = (
     r"(?:[Pp]roxy-)?(?:[Aa]uthorization|AUTHORIZATION)(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
@@ -75,15 +84,19 @@ _CONNECTION = (
 # curl's -u/--user, the command continued over lines ending with a backslash; the password,
 # or the user when the password is empty (an API key given as the user name: -u "key:")
 _CURL = r"curl(?:[^\n]|\\\r?\n)*[ \t](?:-u|--user)[ \t=]*[\"']?"
-_CURL_SECRET = re.compile(_CURL + r"(?P<u>[^\s'\":]{0,128}):[\"']?(?P<p>[^\s'\"]{0,128})")
+# (the last -u of the candidate, found by a forward search: no backtracking over the line)
+_CURL_SECRET = re.compile(r"[ \t](?:-u|--user)[ \t=]*[\"']?"
+                          r"(?P<u>[^\s'\":]{0,128}):[\"']?(?P<p>[^\s'\"]{0,128})")
 
 def _holds_secret(content: str) -> bool:
     return any(plausible_secret(word) for word in _WORDS.split(content.strip()))
 
 
 def _curl_secret(candidate: str) -> tuple[int, int] | None:
-    match = _CURL_SECRET.match(candidate)
-    if match is None:
+    match = None
+    for match in _CURL_SECRET.finditer(candidate):  # noqa: B007 - the last one is wanted
+        pass
+    if match is None or not candidate.startswith("curl"):
         return None
     return match.span("p") if match.group("p") else match.span("u")
 
@@ -119,7 +132,7 @@ RULES: tuple[Rule, ...] = (
         _XML.replace("(?P<k>", "(?:") + _XML_CONTENT + r"{8,}",
         512,
         caseless=True,
-        secret=_assigned(re.compile(r"(?i)" + _XML + r"(?P<v>" + _XML_CONTENT + r"{8,})")),
+        secret=_assigned(re.compile(r"(?i)" + _PY_XML + r"(?P<v>" + _XML_CONTENT + r"{8,})")),
         validate=_holds_secret,
     ),
     Rule(

@@ -103,7 +103,9 @@ def pairs(text: str, spans: list[Span]) -> list[Span]:
     (the first `MAX_VALUES` of them), named `PAIR_RULE`."""
     extra: list[Span] = []
     for start, end, _rule in [s for s in spans if s[2] not in _NOT_SECRETS][:MAX_VALUES]:
-        lo, hi = max(0, start - PAIR_REACH), min(len(text), end + PAIR_REACH)
-        for match in _PAIR_ID.finditer(text, lo, hi):
-            extra.append((match.start("v"), match.end("v"), PAIR_RULE))
+        # before and after the finding (not inside it: a merged span can be long)
+        for lo, hi in ((max(0, start - PAIR_REACH), start),
+                       (end, min(len(text), end + PAIR_REACH))):
+            for match in _PAIR_ID.finditer(text, lo, hi):
+                extra.append((match.start("v"), match.end("v"), PAIR_RULE))
     return merge(spans + extra) if extra else spans
