@@ -395,6 +395,12 @@ PATHOLOGICAL: dict[str, str] = {
     '"\\x1b[1;"*333k (CSI parameters)': "\x1b[1;" * 333_333,
     '"ab\\b"*333k': "ab\b" * 333_333,
     '"12%|###   |\\r"*83k (a bar on one line)': "12%|###   |\r" * 83_333,
+    # issue 14's generic detector: long keys, quoted values, XML, curl, "token - value"
+    '("key"*170 + "=Aa1Bb2Cc3 ")*1.9k': ("key" * 170 + "=Aa1Bb2Cc3 ") * 1_900,
+    '("token"*90 + "=\"A1b2"*20 + "\" ")*2k': ("token" * 90 + '="' + "A1b2" * 20 + '" ') * 2_000,
+    '("<" + "key"*150 + ">" + "x"*40)*2k': ("<" + "key" * 150 + ">" + "x" * 40 + "\n") * 2_000,
+    '("curl " + "-u a:b "*70)*2k': ("curl " + "-u a:b " * 70 + "\n") * 2_000,
+    "(\"token - 'Ab1\"*30 + \"' \")*10k": ("token - '" + "Ab1" * 30 + "' ") * 10_000,
 }
 
 

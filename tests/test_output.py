@@ -650,3 +650,87 @@ def test_one_look_per_message_sends_what_string_by_string_sends(
     each = OutputFilter(policy, build_redactor(policy, env={}), audit=None, nonce=NONCE)
     each._survey = lambda obj, bundle=False: None  # type: ignore[method-assign]
     assert run(one, "error", message) == run(each, "error", message)
+
+
+# -- stream carry-over (issue 14) ---------------------------------------------------------
+
+CONFLUENT = "e5t3lrqu90d38lb5"
+
+
+def _issue14_text(trailing: int) -> str:
+    return ("filler " * 10 + "\n") * 40 + f'confluentToken="{CONFLUENT}"\n' + (
+        "z" * 60 + "\n") * trailing
+
+
+@pytest.mark.parametrize("trailing", [7, 8, 9])
+def test_where_a_stream_message_ends_never_decides(trailing: int) -> None:
+    """Issue 14's reproduction: with 8 trailing lines the release cut fell between
+    ``confluentToken="`` and the value, and the value left in clear. The held-back text now
+    starts at the keyword a finding needs, so a cut anywhere gives what one message gives."""
+    text = _issue14_text(trailing)
+    whole = stream_out(make(agent()), [text])
+    assert CONFLUENT not in whole and "[REDACTED:" in whole
+    for cut in range(1, len(text), 1 if trailing == 8 else 37):
+        assert stream_out(make(agent()), [text[:cut], text[cut:]], parent=f"c{cut}") == whole, cut
+
+
+def test_escaped_tab_before_a_token_is_not_a_word() -> None:
+    """A list or a DataFrame cell's repr writes a tab as the two characters ``\\t``: the
+    ``t`` right before the token used to defeat the word boundary of the JWT rule (and of
+    every rule that opens with one)."""
+    import base64
+
+    def b64(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    jwt = f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64({'sub': '42'})}.{'Qx7' * 14}"
+    for token in (jwt, "ghp_" + "aB3xY9" * 6, AKIA):
+        shown = repr(["\t" + token, "\n" + token])
+        seen = stream_out(make(agent()), [shown + "\n"], parent=token)
+        assert token[:12] not in seen and seen.count("[REDACTED:") == 2, seen
+
+
+def test_a_value_found_once_is_redacted_everywhere_in_the_cell() -> None:
+    """After ``token =`` a value is a finding; the same value bare after ``|``, or echoed by
+    a later message of the cell, is redacted too."""
+    value = "Zq8vN3kP0wLx5tR2"
+    f = make(agent())
+    seen = stream_out(f, [f"api_token = {value} | {value}\n", "x\n" * 300,
+                          f"retrying with {value}\n"])
+    assert value not in seen and seen.count("[REDACTED:") == 3, seen
+    # and not in the next cell
+    assert value in stream_out(f, [f"retrying with {value}\n"], parent="p2")
+
+
+@pytest.mark.parametrize("first, second, secret", [
+    (AKIA[:9], AKIA[9:] + " done\n", AKIA),
+    ('confluentToken="' + CONFLUENT[:7], CONFLUENT[7:] + '"\n', CONFLUENT),
+    ("Authorization: Bearer ", "ghp_" + "aB3xY9" * 6 + "\n", "ghp_" + "aB3xY9" * 6),
+    ("x = 'Zq8vN3kP0wLx5", "tR2Yh7'\n", "Zq8vN3kP0wLx5tR2Yh7"),
+])
+def test_halves_printed_apart_are_masked(first: str, second: str, secret: str) -> None:
+    """A held part released on the timer (its halves printed more than 200 ms apart) is
+    masked when it is a plausible partial token, and its continuation with it."""
+    import time
+
+    f = make(agent())
+    out, _ = run(f, "stream", {"name": "stdout", "text": first})
+    assert out is None
+    seen = "".join(c["text"] for _, _, c in f.tick(time.monotonic() + 1))
+    out, _ = run(f, "stream", {"name": "stdout", "text": second})
+    seen += out["text"] if out else ""
+    seen += "".join(c["text"] for _, c in f.flush("p1"))
+    assert not any(secret[i:i + 6] in seen for i in range(len(secret) - 5)), seen
+    assert "[REDACTED:" in seen
+
+
+def test_ordinary_text_released_on_the_timer_is_not_masked() -> None:
+    import time
+
+    for text in ("epoch 1 done\n", "loading", "step 12/100 ", "accuracy=0.93"):
+        f = make(agent())
+        run(f, "stream", {"name": "stdout", "text": text})
+        seen = "".join(c["text"] for _, _, c in f.tick(time.monotonic() + 1))
+        out, _ = run(f, "stream", {"name": "stdout", "text": "next\n"})
+        seen += (out["text"] if out else "") + "".join(c["text"] for _, c in f.flush("p1"))
+        assert seen == text + "next\n"

@@ -56,8 +56,9 @@ SECRETS = [
     ("gcp-service-account-key-id", '"private_key_id": "' + fake(HEX, 40) + '"'),
     ("google-oauth-client-secret", "GOCSPX-" + fake(B64URL, 28)),
     ("google-oauth-access-token", "ya29." + fake(B64URL, 120)),
-    (
-        "azure-storage-account-key",
+    ("azure-storage-account-key", "AccountKey=" + fake(ALNUM + "+/", 86) + "=="),
+    (  # a connection string with a key is redacted whole (issue 14)
+        "connection-string",
         "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey="
         + fake(ALNUM + "+/", 86)
         + "==",
@@ -640,7 +641,8 @@ def test_windowed_rules_start_where_a_full_scan_says() -> None:
     som = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     pids = sorted(scanner.windowed)
     rules = [scanner.rules[scanner.kinds[p][1]] for p in pids]
-    som.compile(expressions=[x.pattern.encode() for x in rules], ids=pids, elements=len(pids),
+    som.compile(expressions=[scanner.window_patterns[p].encode() for p in pids], ids=pids,
+                elements=len(pids),
                 flags=[hyperscan.HS_FLAG_SOM_LEFTMOST
                        | (hyperscan.HS_FLAG_CASELESS if x.caseless else 0) for x in rules])
     pieces = ["password", "pwd", " = ", "=", ":", "'", '"', "://", "app", "@", "db.x", ";",
@@ -899,3 +901,20 @@ def test_carriage_returns_rendered_as_writes_overlaid(pieces: list[str]) -> None
 
     text = "".join(pieces)
     assert _render_carriage_returns(text) == _carriage_returns_reference(text)
+
+
+def test_every_occurrence_of_a_found_value_is_redacted(red: Redactor) -> None:
+    """Issue 14: redacted after ``token =``, the same value was left bare after ``|``."""
+    value = "Zq8vN3kP0wLx5tR2"
+    result = red.redact(f"token = {value} | {value} | {value[:10]}")
+    assert value not in result.text and result.text.count("[REDACTED:") == 2
+    assert value[:10] in result.text  # a prefix alone is not the value
+    assert red.redact(f"echo {value}", known=(value,)).text == "echo [REDACTED:repeat]"
+    assert result.secrets == (value,)
+
+
+def test_an_escaped_tab_before_a_token_is_a_boundary(red: Redactor) -> None:
+    token = "ghp_" + fake(ALNUM, 36)
+    assert red.redact(f"['\\t{token}']").text == "['\\t[REDACTED:github-pat]']"
+    assert red.redact(f"\\n{FAKE_JWT}").text == "\\n[REDACTED:jwt]"
+    assert red.redact(f"at{token}").text == f"at{token}"  # a word before: still not a token

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from typing import Any
 
+from ..redact.partial import MARKER, continuation, partial_start
 from .text import marker
 
 __all__ = ["CellStreams"]
@@ -86,6 +87,12 @@ class CellStreams:
         self.findings: list[Any] = []
         #: bytes of each stream cut by the budget, set by `flush` (the filter audits them)
         self.cut: dict[str, int] = {}
+        #: values redacted so far in this cell, redacted wherever they come back (in memory
+        #: only, never logged)
+        self.known: dict[str, None] = {}
+        #: streams whose held text went out on the timer ending with a masked partial token:
+        #: the token characters their next message starts with are its continuation
+        self.masking: set[str] = set()
 
     def _clean(self, text: str) -> str:
         if self.redactor is None:
@@ -121,9 +128,17 @@ class CellStreams:
         return out
 
     def _head(self, name: str, text: str) -> str:
+        lead = ""
+        if name in self.masking:
+            self.masking.discard(name)
+            cont = continuation(text)
+            if cont:
+                lead, text = MARKER, text[cont:]
         if self.redactor is not None:
             # One scan: what can go now (redacted) and what must wait for the next piece.
-            result, rest = self.redactor.release(text, self.pending.pop(name, ""))
+            result, rest = self.redactor.release(text, self.pending.pop(name, ""),
+                                                 self.known)
+            self.known.update(dict.fromkeys(result.secrets))
             if rest:
                 self.pending[name] = rest
                 self.since.setdefault(name, time.monotonic())
@@ -133,15 +148,23 @@ class CellStreams:
             out = str(result.text)
         else:
             out = text
-        return self._budget(name, out)
+        return self._budget(name, lead + out)
+
+    def _known(self, text: str) -> str:
+        """`text` (redacted) with every value redacted earlier in the cell redacted too."""
+        for value in self.known:
+            if value in text:
+                text = text.replace(value, "[REDACTED:repeat]")
+        return text
 
     def release_due(self, now: float, latency: float) -> list[tuple[str, str]]:
         """Held-back text that has waited ``latency`` seconds, redacted, to send now.
 
         The carry-over catches a secret split across messages sent close together;
         a short ``print`` in a long-running cell must still show up promptly (THREATS
-        O3's "small latency budget"). A secret whose halves are printed further apart
-        than ``latency`` is not caught: redaction is a net, not a boundary."""
+        O3's "small latency budget"). Held text that ends with a plausible partial token
+        (redact/partial.py) goes out with that token masked, and the token characters the
+        stream's next message starts with are masked as its continuation."""
         out = []
         for name, since in list(self.since.items()):
             if now - since < latency:
@@ -149,7 +172,13 @@ class CellStreams:
             del self.since[name]
             text = self.pending.pop(name, "")
             if text and self.head_left > 0:
-                released = self._budget(name, self._clean(text))
+                # the start of a secret whose rest comes later is masked, and its rest with it
+                cut = partial_start(text) if self.redactor is not None else None
+                masked = ""
+                if cut is not None:
+                    text, masked = text[:cut], MARKER if cut < len(text) else ""
+                    self.masking.add(name)
+                released = self._budget(name, self._known(self._clean(text)) + masked)
                 if released:
                     out.append((name, released))
         return out
@@ -180,7 +209,8 @@ class CellStreams:
         out: list[tuple[str, str]] = []
         names = list(dict.fromkeys([*self.pending, *self.tails]))
         for name in names:
-            text = self._clean(self.pending.pop(name, "")) if name in self.pending else ""
+            text = (self._known(self._clean(self.pending.pop(name, "")))
+                    if name in self.pending else "")
             tail = self.tails.get(name)
             if tail is not None and tail.total_bytes:
                 kept = tail.text()
@@ -192,7 +222,7 @@ class CellStreams:
                 if cut_bytes > 0:
                     self.cut[name] = cut_bytes
                     text += marker(self.nonce, name, cut_bytes, cut_lines)
-                text += self._clean(kept)
+                text += self._known(self._clean(kept))
             if text:
                 out.append((name, text))
         self.tails.clear()

@@ -35,7 +35,6 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cellblock.redact import (
     chat,
@@ -49,6 +48,7 @@ from cellblock.redact import (
     llm,
     payment,
     pii,
+    providers,
     registry,
     urls,
     vcs,
@@ -66,11 +66,15 @@ from cellblock.redact.scanner import (
     Joined,
     Scanner,
 )
+from cellblock.redact.spans import merge, pairs, repeats, values
+from cellblock.redact.values import no_placeholder
 
 #: Secret detector modules, each a declarative RULES tuple.
-SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt)
+SECRET_MODULES = (cloud, vcs, registry, chat, payment, llm, urls, generic, jwt, providers)
 #: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
 DECODE_CAP = decode.DECODE_CAP
+#: A BEGIN/END pair with a shorter body is not a key (``BEGIN...\nanything\nEND``).
+MIN_BODY = 32
 #: The shortest base64/hex run that is decoded.
 MIN_RUN = decode.MIN_RUN
 _ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY})
@@ -105,6 +109,10 @@ class RedactResult:
 
     text: str
     findings: list[Finding] = field(default_factory=list)
+    #: the distinct values redacted (at least `spans.MIN_REPEAT` characters): a caller that
+    #: passes them back as ``known`` has them redacted wherever they come back in its cell.
+    #: They stay in memory; never log them.
+    secrets: tuple[str, ...] = ()
 
 
 Scanners = tuple[AnyScanner, AnyScanner | None]
@@ -145,7 +153,7 @@ def _builtin_scanners(
     blocks: list[Block] = []
     if secrets:
         for module in SECRET_MODULES:
-            secret_rules.extend(module.RULES)
+            secret_rules.extend(no_placeholder(rule) for rule in module.RULES)
         blocks.extend(keys.BLOCKS)
     pii_rules = [rule for kind in pii_kinds for rule in pii.RULES[kind]]
     decoding = bool(secret_rules or blocks)
@@ -204,25 +212,26 @@ class Redactor:
         """Same as `cellblock.redact.normalise`."""
         return normalise(text)
 
-    def redact(self, text: str) -> RedactResult:
-        """Replace each finding with ``[REDACTED:<rule>]`` in `text` as it is (what the bytes
-        say: a secret a terminal would hide or half hide behind ``\b``, ``\r`` or an OSC
-        title) and then in it normalised (what a terminal shows); return the normalised text.
-        Findings of the first scan have offsets in `text`, of the second in the result."""
-        first = self._seen(text)
+    def redact(self, text: str, known: Iterable[str] = ()) -> RedactResult:
+        """Replace each finding with ``[REDACTED:<rule>]`` (and every other occurrence of a
+        value found, or of a `known` one) in `text` as it is (what the bytes say: a secret a
+        terminal would hide or half hide behind ``\b``, ``\r`` or an OSC title) and then in
+        it normalised (what a terminal shows); return the normalised text. Findings of the
+        first scan have offsets in `text`, of the second in the result."""
+        first = self._seen(text, known)
         if not first.text:
             return first
-        result = self._replace(first.text, self._find(first.text))
+        result = self._replace(first.text, self._find(first.text, known))
         return RedactResult(result.text, first.findings + result.findings) if first.findings \
             else result
 
-    def _seen(self, text: str) -> RedactResult:
+    def _seen(self, text: str, known: Iterable[str] = ()) -> RedactResult:
         """`text` normalised, after its own findings were replaced when normalising changes
         it (one scan of the original, only then)."""
         shown = normalise(text)
         if shown is text or shown == text or len(text) < self._scanner.min_len:
             return RedactResult(shown, [])
-        raw = self._replace(text, self._find(text))
+        raw = self._replace(text, self._find(text, known))
         return RedactResult(normalise(raw.text), raw.findings) if raw.findings else \
             RedactResult(shown, [])
 
@@ -239,7 +248,7 @@ class Redactor:
             out.append(f"[REDACTED:{rule}]")
             pos = end
         out.append(text[pos:])
-        return RedactResult("".join(out), findings)
+        return RedactResult("".join(out), findings, tuple(values(text, spans)))
 
     def untouched(self, texts: list[str], normalised: bool = True) -> bool:
         """True when `redact` would find nothing in any of `texts`, as one scan of them all
@@ -290,7 +299,8 @@ class Redactor:
         return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
                                   UESCAPE_ANY in escapes)
 
-    def release(self, text: str, held: str = "") -> tuple[RedactResult, str]:
+    def release(self, text: str, held: str = "",
+                known: Iterable[str] = ()) -> tuple[RedactResult, str]:
         """Normalise `text`, append it to `held` (what the last call kept back, normalised
         already: normalising it again would render a ``\r`` of `text` over the part of
         its line that was held back but not over the part already sent), redact what can
@@ -299,19 +309,22 @@ class Redactor:
         What is released is ``text[:cut]`` with ``cut`` as `scan_end_safe` chooses it, and the
         rest is what a stream keeps back for the next piece; one scan of `text` serves both
         (findings in the released part see the text after them, as they will when it comes).
+        The cut never falls between a finding and the context its rule needed to see it (the
+        ``token = `` before a generic value): the rest would no longer be a finding alone.
+        `known` values (found earlier in the cell) are redacted wherever they occur.
         """
-        seen = self._seen(text)  # the piece's own hidden findings, replaced
+        seen = self._seen(text, known)  # the piece's own hidden findings, replaced
         text = held + seen.text
         if not text:  # an empty message, or one normalising removed entirely
             return RedactResult("", seen.findings), ""
         cut = self._hold_from(text)
         if cut <= 0:
             return RedactResult("", seen.findings), text
-        spans = self._find(text)
-        for start, end, _rule in spans:
+        contexts: list[tuple[int, int]] = []
+        spans = self._find(text, known, contexts)
+        for start, end in sorted(contexts + [(s, e) for s, e, _r in spans], reverse=True):
             if start < cut < end:
                 cut = start
-                break
         result = self._replace(text[:cut], [s for s in spans if s[1] <= cut])
         if seen.findings:
             result = RedactResult(result.text, seen.findings + result.findings)
@@ -362,11 +375,15 @@ class Redactor:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _find(self, text: str) -> list[tuple[int, int, str]]:
-        if len(text) < self._scanner.min_len:
-            return []
-        found = _detect(self._scanner, self._decoded, text, scan_bytes(text))
-        return _merge(found)
+    def _find(self, text: str, known: Iterable[str] = (),
+              contexts: list[tuple[int, int]] | None = None) -> list[tuple[int, int, str]]:
+        """Merged findings; with `contexts`, (start of the rule's match, end of its finding)
+        of each is appended there."""
+        found = []
+        if len(text) >= self._scanner.min_len:
+            found = merge(_detect(self._scanner, self._decoded, text, scan_bytes(text),
+                                  contexts))
+        return repeats(text, pairs(text, found), known)
 
 
 def _may_change(texts: list[str], joined: str | None = None) -> bool:
@@ -395,7 +412,8 @@ def _pii_kinds() -> tuple[str, ...]:
 
 
 def _detect(
-    scanner: AnyScanner, decoded_scanner: AnyScanner | None, text: str, data: bytes
+    scanner: AnyScanner, decoded_scanner: AnyScanner | None, text: str, data: bytes,
+    contexts: list[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int, str]]:
     """Every finding (unmerged) of `scanner` in `text` (whose one-byte form is `data`)."""
     hits = scanner.scan(data)
@@ -436,6 +454,8 @@ def _detect(
             span = check(rule, text, start, end)
             if span is not None and span[1] > span[0]:
                 found.append((span[0], span[1], rule.id))
+                if contexts is not None and start < span[0]:
+                    contexts.append((start, span[1]))
     for pid, per_start_ends in every_end.items():
         rule = rules[kinds[pid][1]]
         for start, candidate_ends in per_start_ends.items():
@@ -450,7 +470,8 @@ def _detect(
         for start, header_end in block_begins:
             j = bisect_right(block_ends, header_end)
             if j < len(block_ends) and block_ends[j] - start <= block.max_len:
-                found.append((start, block_ends[j], block.id))
+                if text.rfind("-----END", header_end, block_ends[j]) - header_end >= MIN_BODY:
+                    found.append((start, block_ends[j], block.id))  # else not a key
             else:
                 found.append((start, min(len(text), start + block.max_len), block.id))
 
@@ -468,25 +489,3 @@ def _inner(scanner: AnyScanner, decoded: bytes) -> str | None:
     if not inner:
         return None
     return max(inner, key=lambda f: (f[1] - f[0], not f[2].startswith("generic")))[2]
-
-
-def _merge(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Union of overlapping spans; each named after its longest finding (a specific rule
-    before the generic one on a tie, then the earliest)."""
-    if not found:
-        return []
-
-    def weight(start: int, end: int, rule: str) -> tuple[int, bool]:
-        return end - start, not rule.startswith("generic")
-
-    found.sort(key=lambda f: (f[0], f[0] - f[1], f[2].startswith("generic")))
-    merged: list[list[Any]] = []  # [start, end, rule, weight], updated in place
-    for start, end, rule in found:
-        if merged and start < merged[-1][1]:
-            current = merged[-1]
-            if weight(start, end, rule) > current[3]:
-                current[2], current[3] = rule, weight(start, end, rule)
-            current[1] = max(current[1], end)
-        else:
-            merged.append([start, end, rule, weight(start, end, rule)])
-    return [(s, e, r) for s, e, r, _w in merged]

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cellblock.redact.spans import token_end
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -45,6 +47,9 @@ class Rule:
     #: literal, say). `pattern` itself then only runs in a window around each prefilter end.
     prefilter: str | None = None
     prefilter_slack: int = 0
+    #: a finding that reaches the end of a clipped candidate goes on over the token
+    #: characters after it (spans.token_end): a generic value longer than ``max_len``.
+    extend: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,23 @@ class Block:
     max_len: int
 
 
+def escape_skip(pattern: str, text: str, start: int) -> int:
+    """Where a candidate of `pattern` starting at `start` really starts (after the escape
+    that `escaped_boundary` lets stand for a word boundary)."""
+    if text.startswith("\\", start) and pattern.startswith(r"\b"):
+        return start + 2
+    return start
+
+
 def check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
     """The secret's span for one candidate of `rule`, or None if the candidate fails."""
+    start = escape_skip(rule.pattern, text, start)
+    cap = -1
     if end - start > rule.max_len:
         if rule.clip_end:
             start = end - rule.max_len
         else:
-            end = start + rule.max_len
+            end = cap = start + rule.max_len
     if rule.secret is not None:
         candidate = text[start:end]
         if isinstance(rule.secret, re.Pattern):
@@ -80,6 +95,8 @@ def check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None
         if span is None:
             return None
         start, end = start + span[0], start + span[1]
+    if end == cap and rule.extend:  # a value longer than the candidate: all of it
+        end = token_end(text, end)
     if rule.validate is not None and not rule.validate(text[start:end]):
         return None
     return start, end

@@ -42,6 +42,17 @@ RULE, BEGIN, END, RUN_HINT, PERCENT_ANY, UESCAPE_ANY = range(6)
 Hit = tuple[int, int, int]
 
 
+def escaped_boundary(rule: Rule) -> str | None:
+    """A second pattern for a rule that opens with ``\\b``: the same after an escaped tab,
+    newline or carriage return (``\\t`` as two characters, as pandas' reprs and JSON write
+    them), where the word boundary fails between the ``t`` and the token. It opens with a
+    literal backslash, so it is scanned without start of match; the finding starts after the
+    escape (`escape_skip`). None for other rules, and for prefiltered ones."""
+    if rule.pattern.startswith(r"\b") and rule.prefilter is None:
+        return r"\\[nrt]" + rule.pattern[2:]
+    return None
+
+
 def context_free_start(pattern: str) -> bool:
     """True when no match of `pattern` can depend on the character before the match: it does
     not open with an assertion (``\\b``, ``^``, ``(?:^|x)``), possibly after optional parts.
@@ -118,27 +129,36 @@ class Scanner:
         self.kinds: list[tuple[int, int]] = []
         #: pattern id -> (characters before the reported end, characters after) to rescan
         self.windowed: dict[int, tuple[int, int]] = {}
+        #: pattern id -> the pattern scanned in the window (a rule's, or its escaped variant)
+        self.window_patterns: dict[int, str] = {}
         main: list[tuple[bytes, int]] = []
         window: list[tuple[int, bytes, int]] = []
         som = hyperscan.HS_FLAG_SOM_LEFTMOST
         for index, rule in enumerate(self.rules):
-            pid = len(self.kinds)
             flags = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
             back, slack = 2 * rule.max_len + 1, rule.prefilter_slack
-            # In a window, a match is found with its true start if nothing before the window
-            # can matter: the pattern opens without an assertion, or (for a prefiltered rule)
-            # no match is long enough to reach the window's first character.
-            bounded = rule.prefilter is not None and max_width(rule.pattern) + slack + 1 < back
-            if context_free_start(rule.pattern) or bounded:
-                main.append(((rule.prefilter or rule.pattern).encode(), flags))
-                window.append((pid, rule.pattern.encode(), flags | som))
-                self.windowed[pid] = (back, slack)
-            else:
-                if rule.prefilter:
-                    raise ValueError(f"rule {rule.id}: a prefilter needs a pattern that opens "
-                                     "without an assertion or is shorter than 2 * max_len")
-                main.append((rule.pattern.encode(), flags | som))
-            self.kinds.append((RULE, index))
+            for pattern in (rule.pattern, escaped_boundary(rule)):
+                if pattern is None:
+                    continue
+                pid = len(self.kinds)
+                prefilter = rule.prefilter if pattern is rule.pattern else None
+                # In a window, a match is found with its true start if nothing before the
+                # window can matter: the pattern opens without an assertion, or (for a
+                # prefiltered rule) no match is long enough to reach the window's first
+                # character.
+                bounded = prefilter is not None and max_width(pattern) + slack + 1 < back
+                if context_free_start(pattern) or bounded:
+                    main.append(((prefilter or pattern).encode(), flags))
+                    window.append((pid, pattern.encode(), flags | som))
+                    self.windowed[pid] = (back, slack if prefilter else 0)
+                    self.window_patterns[pid] = pattern
+                else:
+                    if prefilter:
+                        raise ValueError(f"rule {rule.id}: a prefilter needs a pattern that "
+                                         "opens without an assertion or is shorter than "
+                                         "2 * max_len")
+                    main.append((pattern.encode(), flags | som))
+                self.kinds.append((RULE, index))
         for index, block in enumerate(self.blocks):
             for kind, pattern in ((BEGIN, block.begin), (END, block.end)):
                 main.append((pattern.encode(), som))

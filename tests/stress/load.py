@@ -58,7 +58,7 @@ from harness import Env, Expected, leftovers, log, percentile, proc_stats, settl
 
 EXACT_ENV = "CELLBLOCK_TEST_EXACT_SECRET"  # redact_env of the canary profile
 EXACT = "opreg-" + "l0ad-v4lu3-0f-a-s3cr3t-k7x"
-AKIA = "AKIA" + "IOSFODNN7EXAMPLE"
+AKIA = "AKIA" + "QWERTYUIOPASDFGH"  # not AWS's documented example: that one is left alone
 PROFILES = ("canary", "agent", "pooled")
 MARKER = re.compile(r"\n\[cellblock [0-9a-f]+: [\d,]+ bytes(, [\d,]+ lines?)? of [^\]]* "
                     r"truncated\]\n")
