@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from cellblock.gate import GateLimits
-from cellblock.gate.tracker import CLIENT_TYPES, KERNEL_TYPES, KNOWN_TYPES
+from cellblock.gate.tracker import CLIENT_TYPES, KERNEL_TYPES, KNOWN_TYPES, NO_REPLY
 from cellblock.gate.wire import DELIM
 
 from gate_harness import (
@@ -473,21 +473,34 @@ def test_p9_replies_bound_to_the_channel_and_type_of_their_request(make_world):
 
 def test_p9_p15_client_requests_on_the_wrong_channel_or_outside_the_profile(make_world):
     """Client messages: a type on a channel that does not carry it (kernel-only types
-    included), or outside the agent profile's allowlist (debug, history, comms, stdin):
-    dropped before the kernel sees them."""
+    included) is dropped; one outside the agent profile's allowlist (debug, history, comms,
+    usage) never reaches the kernel either, but is answered, as a kernel answers what it
+    cannot serve: an error reply naming the profile (never silence: JupyterLab waits for
+    the reply of its start-up history_request). An input_reply nobody asked for is dropped."""
     w = make_world(**agent_gate())
     k = w.kernel
     every = sorted(KNOWN_TYPES | {"bogus_request"})
     mark = w.audit.mark()
-    sent = 0
+    dropped, refused = 0, []
     for channel in ROUTED:
         for msg_type in every:
             if msg_type in CLIENT_TYPES[channel] and msg_type in AGENT_REQUESTS:
                 continue
             w.a.request(channel, msg_type, {"code": CANARY})
-            sent += 1
-    drops = w.audit.wait_drops(sent, mark)
-    assert {r for _c, r in drops} == {"msg_type_not_allowed"} and len(drops) == sent
+            if msg_type in CLIENT_TYPES[channel] and channel != "stdin":
+                refused.append((channel, msg_type))
+            else:
+                dropped += 1
+    drops = w.audit.wait_drops(dropped, mark)
+    assert {r for _c, r in drops} == {"msg_type_not_allowed"} and len(drops) == dropped
+    assert [(f["channel"], f["msg_type"]) for f in w.audit.of("gate.refuse", mark)] == refused
+    for channel, msg_type in refused:
+        if msg_type in NO_REPLY:
+            continue
+        reply = w.a.recv(channel)
+        assert reply is not None and reply.msg_type == msg_type.replace("_request", "_reply")
+        assert reply.content["status"] == "error"
+        assert "is not allowed by this kernel's profile" in reply.content["evalue"]
     assert {"debug_request", "history_request", "comm_open", "comm_msg", "comm_info_request",
             "usage_request", "input_reply"} <= set(every) - AGENT_REQUESTS
     for channel in ROUTED:

@@ -95,11 +95,14 @@ class Forwarding(GateState):
             )
             header = msg.header
             msg_type = header["msg_type"]
-            if msg_type not in CLIENT_TYPES[channel] or (
-                self._allowed is not None and msg_type not in self._allowed
-            ):
+            if msg_type not in CLIENT_TYPES[channel]:  # not a request of this channel
                 raise Dropped("msg_type_not_allowed", msg_type)
             idents = tuple(msg.idents)
+            if self._allowed is not None and msg_type not in self._allowed:
+                if channel != "stdin":  # the profile's choice: answered, never silent
+                    self._refuse_not_allowed(channel, idents, msg.parts[0], msg_type)
+                    return
+                raise Dropped("msg_type_not_allowed", msg_type)
             msg_id = header["msg_id"]
             if channel == "stdin":  # only from the client that was asked, once per question
                 self._table.bind_input_reply(idents)

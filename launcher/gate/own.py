@@ -188,6 +188,27 @@ class OwnMessages(GateState):
             self._reply_error(channel, idents, parent, msg_type, "CellblockBudget", text)
         self._publish_own("status", parent, _IDLE)
 
+    def _refuse_not_allowed(self, channel: str, idents: tuple[bytes, ...], parent: bytes,
+                            msg_type: str) -> None:
+        """Answer a request the profile does not allow, as a kernel answers one it cannot
+        serve: ``busy``, an error reply, ``idle`` (an execute_request also gets the error on
+        iopub, as its cell's output). A client waiting for the reply (JupyterLab sends a
+        ``history_request`` at start) is told, instead of waiting for ever."""
+        text = (f"cellblock: {msg_type} is not allowed by this kernel's profile "
+                "(allowed_requests in the policy)")
+        self._emit("gate.refuse", {"channel": channel, "msg_type": msg_type,
+                                   "reason": "msg_type_not_allowed"})
+        if channel == "control":  # control replies are never bracketed by busy/idle
+            if msg_type not in NO_REPLY:
+                self._reply_error(channel, idents, parent, msg_type, "CellblockRefused", text)
+            return
+        self._publish_own("status", parent, schema.STATUS["busy"])
+        if msg_type == "execute_request":
+            self._publish_own("error", parent, _error("CellblockRefused", text))
+        if msg_type not in NO_REPLY:
+            self._reply_error(channel, idents, parent, msg_type, "CellblockRefused", text)
+        self._publish_own("status", parent, _IDLE)
+
     def _reply_error(
         self, channel: str, idents: Sequence[bytes], parent: bytes, msg_type: str,
         ename: str, evalue: str,

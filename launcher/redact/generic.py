@@ -22,6 +22,7 @@ secret from a word.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from cellblock.redact.rule import Rule
 from cellblock.redact.urls import plausible_password
@@ -55,7 +56,7 @@ _GENERIC_QUOTED = re.compile(r"(?i)(?P<k>" + _PY_KEY + r")"
                              r"""[ \t]*["'](?P<v>[^"'\s\\]{8,})["']""")
 
 
-def _assigned(pattern: re.Pattern[str]):
+def _assigned(pattern: re.Pattern[str]) -> Callable[[str], tuple[int, int] | None]:
     def span(candidate: str) -> tuple[int, int] | None:
         match = pattern.match(candidate)
         if match is None:

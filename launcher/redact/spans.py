@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 Span = tuple[int, int, str]
 
@@ -40,7 +41,7 @@ def merge(found: list[Span]) -> list[Span]:
         return end - start, not rule.startswith(("generic", REPEAT_RULE))
 
     found.sort(key=lambda f: (f[0], f[0] - f[1], f[2].startswith("generic")))
-    merged: list[list] = []
+    merged: list[list[Any]] = []  # [start, end, rule, weight], updated in place
     for start, end, rule in found:
         if merged and start < merged[-1][1]:
             current = merged[-1]

@@ -279,8 +279,8 @@ def leftovers(env: Env, expected: Expected) -> list[str]:
                          f"{json.dumps(record)[:300] if record else 'none'})")
         else:
             slots.add(name)
-    for cg in cgroups(env):
-        if cg.name not in slots:
+    for cg in cgroups(env):  # a kernel's cgroup, and its warden's own (<slot>.warden)
+        if cg.name.removesuffix(".warden") not in slots:
             found.append(f"cgroup {cg} (procs: "
                          f"{_read(str(cg / 'cgroup.procs')).decode().split()})")
     found += mounts(env, [p.pid for p in procs], slots)
