@@ -200,10 +200,10 @@ def _age(seconds: float) -> str:
 
 
 def _cmd_ps(args: argparse.Namespace) -> int:
-    from .sandboxes import list_sandboxes
+    from .running import list_running
     from .warden import human_bytes
 
-    rows = list_sandboxes()
+    rows = list_running()
     if args.json:
         print(json.dumps([{
             "kernel_id": s.kernel_id, "profile": s.record.profile, "state": s.record.state,
@@ -220,9 +220,9 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 
 
 def _cmd_kill(args: argparse.Namespace) -> int:
-    from .sandboxes import find, list_sandboxes, stop, wait_gone
+    from .running import find, list_running, stop, wait_gone
 
-    running = list_sandboxes()
+    running = list_running()
     if args.all:
         chosen = running
     elif args.profile:
@@ -232,16 +232,16 @@ def _cmd_kill(args: argparse.Namespace) -> int:
     else:
         raise CellblockError("kill: name kernels, or give --all or --profile NAME")
     denied = []
-    for sandbox in chosen:
+    for kernel in chosen:
         try:
-            stop(sandbox, args.reason)
+            stop(kernel, args.reason)
         except PermissionError:
-            denied.append(sandbox)
+            denied.append(kernel)
     left = wait_gone([s for s in chosen if s not in denied], args.timeout)
-    for sandbox in chosen:
-        state = "permission denied" if sandbox in denied else \
-            "still stopping" if sandbox in left else "stopped"
-        print(f"{sandbox.kernel_id}  {sandbox.record.profile:<12} {state}")
+    for kernel in chosen:
+        state = "permission denied" if kernel in denied else \
+            "still stopping" if kernel in left else "stopped"
+        print(f"{kernel.kernel_id}  {kernel.record.profile:<12} {state}")
     if not chosen:
         print("no running cellblock kernel matched")
     return 1 if denied or left else 0
