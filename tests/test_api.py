@@ -1,4 +1,5 @@
-"""The public API: what ``import cellblock`` exports, pinned, and what importing it costs."""
+"""The public API: what ``import cellblock`` exports, pinned, and what importing it costs;
+and the README's front door (its two commands, and the API it documents)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,25 @@ def test_one_class_per_name() -> None:
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 where[node.name].append(str(path.relative_to(REPO)))
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_readme_names_the_public_api() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in cellblock.__all__ if name != "__version__"
+               and f"`{name}`" not in readme and f"cellblock.{name}" not in readme]
+    assert missing == []
+    assert "cellblock.sandbox.Sandbox" not in readme  # the public name is cellblock.Sandbox
+
+
+def test_readme_two_commands_and_ci() -> None:
+    """The README's two commands exist, and CI (.ci/run) runs exactly those."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("## Two commands"):]
+    block = block[block.index("```sh\n") + 6:]
+    commands = [line.split("#")[0].strip() for line in block[:block.index("```")].splitlines()]
+    assert commands == ["bash .ci/demo", "bash .ci/test"]
+    for command in commands:
+        assert (REPO / command.split()[1]).is_file()
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    assert [line for line in run if line.startswith("bash ")] == [
+        "bash .ci/demo --fresh", "bash .ci/test"]
