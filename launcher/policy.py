@@ -3,7 +3,9 @@
 One policy describes every profile for every audience. It is the built-in
 ``builtin.toml`` with an operator's TOML file merged over it key by key. The
 operator file is found at ``$CELLBLOCK_POLICY`` (a path), else as
-``cellblock.toml`` on the Jupyter config path (``jupyter --paths``).
+``cellblock.toml`` on the Jupyter config path (``jupyter --paths``). The one value the
+built-in file cannot hold, the ``path`` of its ``[datasets.sample]`` (a CSV shipped in the
+package, read by the embedded quickstart), is filled in here (:func:`sample_path`).
 
 Every model is ``frozen`` and ``extra="forbid"``: a typo in a key is an error
 that names the key and lists the allowed ones, never a silently ignored setting.
@@ -277,8 +279,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def sample_path() -> Path:
-    """The sample dataset shipped in the package (``cellblock/notebooks/data/sample.csv``)."""
-    return Path(str(resources.files("cellblock.notebooks").joinpath("data", "sample.csv")))
+    """The sample dataset shipped in the package (``cellblock/notebooks/sample.csv``)."""
+    return Path(str(resources.files("cellblock.notebooks").joinpath("sample.csv")))
 
 
 def find_policy_file(env: Mapping[str, str] | None = None) -> Path | None:

@@ -130,7 +130,7 @@ def test_builtin_sample_dataset(operator) -> None:
     sample = load_policy().datasets["sample"]
     assert sample.path == str(sample_path())
     assert Path(sample.path).is_file()
-    assert Path(sample.path).parts[-2:] == ("data", "sample.csv")
+    assert Path(sample.path).parts[-2:] == ("notebooks", "sample.csv")
     assert "AKIAQUICKSTARTFAKE23" in Path(sample.path).read_text()  # the planted fake key
 
 
