@@ -137,7 +137,7 @@ def _redacted(report: PolicyReport) -> str:
         return ""
     rules = ", ".join(f"{rule} x{n}" if n > 1 else rule
                       for rule, n in sorted(report.redactions.items()))
-    return f"{total} secret{'s' if total != 1 else ''} ({rules})"
+    return f"{total} match{'es' if total != 1 else ''} of {rules}"
 
 
 def _limits(report: PolicyReport) -> str:

@@ -216,7 +216,7 @@ def test_summary_lines() -> None:
     assert summary.details() == [
         "what cellblock did (from the kernel's audit log, written outside the jail):",
         "  cut        code cell 1: 1,234 bytes of output (the marker in its output says where)",
-        "  redacted   code cell 3: 3 secrets (email, github-pat x2)",
+        "  redacted   code cell 3: 3 matches of email, github-pat x2",
         "  limits hit code cell 1: cell_seconds",
         "  withheld   code cell 1: withheld text/html",
         "  datasets   granted sample; the broker opened read-only sample (1 time); "

@@ -80,7 +80,7 @@ def test_cellblock_run_quickstart(tmp_path: Path, jupyter_env: dict[str, str]) -
         "what cellblock did (from the kernel's audit log, written outside the jail):",
         f"  cut        code cell 5: {cut[0]} bytes of output (the marker in its output says "
         "where)",
-        "  redacted   code cell 6: 1 secret (aws-access-key-id)",
+        "  redacted   code cell 6: 1 match of aws-access-key-id",
         "  datasets   granted sample; the broker opened read-only sample (2 times)",
         "what the notebook reported (cells tagged cellblock-summary):",
         "  code cell 2: read dataset 'sample' through the broker: 12 orders, 752.05 in total",
