@@ -4,7 +4,8 @@
     cellblock doctor [PROFILE ...]                             check the host, with fixes
     cellblock profiles list
     cellblock profiles show NAME                               resolved policy + nsjail argv
-    cellblock run [NOTEBOOK] [--profile NAME] [--output PATH]  execute a notebook jailed
+    cellblock run [NOTEBOOK] [--profile NAME] [--output PATH] [--datasets a,b]
+                                                               execute a notebook jailed
     cellblock grant KERNEL DATASET                             grant an allowed dataset now
     cellblock revoke KERNEL DATASET                            refuse its future opens
     cellblock ps [--json]                                      running sandboxes
@@ -136,11 +137,37 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_datasets(args: argparse.Namespace, policy: Policy) -> tuple[str, ...] | None:
+    """The datasets ``cellblock run`` asks for: ``--datasets``, else for the embedded
+    quickstart the built-in ``sample``, else None ($CELLBLOCK_DATASETS or the defaults)."""
+    from .datasets import parse_selection
+    from .policy import SAMPLE_DATASET
+    from .sandbox import check_launch
+
+    if args.datasets is not None:
+        chosen = parse_selection(args.datasets)
+    elif args.notebook is None:
+        profile = policy.profile(args.profile)
+        if SAMPLE_DATASET not in profile.datasets:
+            raise CellblockError(
+                f"the embedded quickstart reads the built-in dataset {SAMPLE_DATASET!r}, which "
+                f"profile {args.profile!r} does not allow (it allows: "
+                f"{', '.join(profile.datasets) or 'none'}); add it to "
+                f"profiles.{args.profile}.datasets, or run a notebook of your own")
+        chosen = (SAMPLE_DATASET,)
+    else:
+        return None
+    check_launch(policy, args.profile, chosen)  # names the dataset and what is allowed
+    return chosen
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .notebook_run import read_notebook, run_notebook
     from .policy import load_policy
 
-    load_policy().profile(args.profile)  # an unknown profile is bad input: say so first
+    policy = load_policy()
+    policy.profile(args.profile)  # an unknown profile is bad input: say so first
+    datasets = _run_datasets(args, policy)
     if args.notebook is None:
         source = resources.files("cellblock.notebooks").joinpath("quickstart.ipynb")
         if not source.is_file():
@@ -167,12 +194,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CellblockError(f"--output {str(output)!r}: directory {str(output.parent)!r} "
                              "does not exist")
     started = time.monotonic()
-    summary = run_notebook(nb, profile=args.profile, output=output, timeout=args.timeout)
+    summary = run_notebook(nb, profile=args.profile, output=output, timeout=args.timeout,
+                           datasets=datasets)
     took = time.monotonic() - started
     print(f"{src_name}: {summary.cells} code cells on profile {args.profile!r} in {took:.1f} s; "
           f"{summary.errors} with errors; written to {output}")
     if summary.first_error:
         print(f"first error: {summary.first_error}")
+    for line in summary.details():
+        print(line)
     return 1 if summary.errors else 0
 
 
@@ -198,9 +228,9 @@ def _age(seconds: float) -> str:
 
 def _cmd_ps(args: argparse.Namespace) -> int:
     from .policy import human_bytes
-    from .sandboxes import list_sandboxes
+    from .running import list_running
 
-    rows = list_sandboxes()
+    rows = list_running()
     if args.json:
         print(json.dumps([{
             "kernel_id": s.kernel_id, "profile": s.record.profile, "state": s.record.state,
@@ -217,9 +247,9 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 
 
 def _cmd_kill(args: argparse.Namespace) -> int:
-    from .sandboxes import find, list_sandboxes, stop, wait_gone
+    from .running import find, list_running, stop, wait_gone
 
-    running = list_sandboxes()
+    running = list_running()
     if args.all:
         chosen = running
     elif args.profile:
@@ -229,16 +259,16 @@ def _cmd_kill(args: argparse.Namespace) -> int:
     else:
         raise CellblockError("kill: name kernels, or give --all or --profile NAME")
     denied = []
-    for sandbox in chosen:
+    for kernel in chosen:
         try:
-            stop(sandbox, args.reason)
+            stop(kernel, args.reason)
         except PermissionError:
-            denied.append(sandbox)
+            denied.append(kernel)
     left = wait_gone([s for s in chosen if s not in denied], args.timeout)
-    for sandbox in chosen:
-        state = "permission denied" if sandbox in denied else \
-            "still stopping" if sandbox in left else "stopped"
-        print(f"{sandbox.kernel_id}  {sandbox.record.profile:<12} {state}")
+    for kernel in chosen:
+        state = "permission denied" if kernel in denied else \
+            "still stopping" if kernel in left else "stopped"
+        print(f"{kernel.kernel_id}  {kernel.record.profile:<12} {state}")
     if not chosen:
         print("no running cellblock kernel matched")
     return 1 if denied or left else 0
@@ -294,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="agent")
     run.add_argument("--output", help="where to write the executed notebook")
     run.add_argument("--timeout", type=float, default=120.0, help="seconds per cell")
+    run.add_argument("--datasets", help="comma-separated datasets the profile allows (default: "
+                     "the quickstart's 'sample'; for a notebook, $CELLBLOCK_DATASETS, else the "
+                     "profile's default_datasets)")
     run.set_defaults(func=_cmd_run)
 
     for verb, text in (("grant", "grant a dataset the kernel's profile allows, now"),

@@ -12,8 +12,13 @@ The tree::
     │                                                  (user namespaces, cgroups, a readable
     │                                                  Python environment); the message says
     │                                                  which piece and how to fix it
-    └── JailStartError(CellblockError, RuntimeError) the warden or nsjail failed to start
-        └── JailStartTimeout(JailStartError, TimeoutError)
+    ├── JailStartError(CellblockError, RuntimeError) the warden or nsjail failed to start
+    │   └── JailStartTimeout(JailStartError, TimeoutError)
+    ├── CellTimeout(CellblockError, TimeoutError)    Sandbox.run: a cell outlived the client's
+    │                                                  timeout (it was interrupted; the kernel
+    │                                                  and its state are kept)
+    └── SandboxStopped(CellblockError, RuntimeError) Sandbox.run on a sandbox that is closed,
+                                                       not started, or whose kernel stopped
 
 Messages name the kernel or profile, the bad value, and the fix. They never contain
 a secret: keys, tokens and dataset contents stay out of exception text.
@@ -23,12 +28,14 @@ from __future__ import annotations
 
 __all__ = [
     "BadKernelId",
+    "CellTimeout",
     "CellblockError",
     "HostUnsupported",
     "JailStartError",
     "JailStartTimeout",
     "PolicyError",
     "ProfileDisabled",
+    "SandboxStopped",
     "UnknownProfile",
 ]
 
@@ -66,3 +73,12 @@ class JailStartError(CellblockError, RuntimeError):
 
 class JailStartTimeout(JailStartError, TimeoutError):
     """The warden did not report ready in time."""
+
+
+class CellTimeout(CellblockError, TimeoutError):
+    """A cell did not finish within the client's timeout (the kernel was interrupted)."""
+
+
+class SandboxStopped(CellblockError, RuntimeError):
+    """The sandbox is closed, not started, or its kernel stopped; :meth:`Sandbox.restart
+    <cellblock.sandbox.Sandbox.restart>` (or ``start()`` on a new one) gives a fresh kernel."""

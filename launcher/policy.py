@@ -3,7 +3,9 @@
 One policy describes every profile for every audience. It is the built-in
 ``builtin.toml`` with an operator's TOML file merged over it key by key. The
 operator file is found at ``$CELLBLOCK_POLICY`` (a path), else as
-``cellblock.toml`` on the Jupyter config path (``jupyter --paths``).
+``cellblock.toml`` on the Jupyter config path (``jupyter --paths``). The one value the
+built-in file cannot hold, the ``path`` of its ``[datasets.sample]`` (a CSV shipped in the
+package, read by the embedded quickstart), is filled in here (:func:`sample_path`).
 
 Every model is ``frozen`` and ``extra="forbid"``: a typo in a key is an error
 that names the key and lists the allowed ones, never a silently ignored setting.
@@ -38,9 +40,11 @@ __all__ = [
     "find_policy_file",
     "load_policy",
     "parse_size",
+    "sample_path",
 ]
 
 POLICY_ENV = "CELLBLOCK_POLICY"
+SAMPLE_DATASET = "sample"  # builtin.toml's [datasets.sample]: its path is the shipped file
 POLICY_FILENAME = "cellblock.toml"
 CGROUP_PARENT_ENV = "CELLBLOCK_CGROUP_PARENT"
 
@@ -299,6 +303,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise PolicyError(f"policy file {path} cannot be read: {exc.strerror}") from None
 
 
+def sample_path() -> Path:
+    """The sample dataset shipped in the package (``cellblock/notebooks/sample.csv``)."""
+    return Path(str(resources.files("cellblock.notebooks").joinpath("sample.csv")))
+
+
 def find_policy_file(env: Mapping[str, str] | None = None) -> Path | None:
     """The operator's policy file: ``$CELLBLOCK_POLICY``, else ``cellblock.toml`` on the
     Jupyter config path (first match), else None."""
@@ -322,6 +331,7 @@ def load_policy(path: Path | str | None = None, *, env: Mapping[str, str] | None
     decides. Raises :class:`PolicyError` with every problem, each naming its key.
     """
     builtin = tomllib.loads(resources.files("cellblock").joinpath("builtin.toml").read_text())
+    builtin["datasets"][SAMPLE_DATASET]["path"] = str(sample_path())
     op_path = Path(path) if path is not None else find_policy_file(env)
     data, sources = builtin, ["builtin"]
     if op_path is not None:

@@ -47,7 +47,7 @@ from typing import Any, Self, TypeVar
 
 from .audit import audit_dir
 from .datasets import DATASETS_ENV, parse_selection, select_datasets
-from .errors import CellblockError, JailStartError, PolicyError, ProfileDisabled
+from .errors import CellTimeout, JailStartError, PolicyError, ProfileDisabled, SandboxStopped
 from .policy import Policy, load_policy
 from .run_result import (
     AuditTail,
@@ -74,15 +74,6 @@ STOPPED = "CellblockKernelStopped"  # the ename of the gate's "the kernel is gon
 _POLL = 0.1  # seconds of waiting on iopub before the shell channel is looked at again
 _ALIVE_EVERY = 0.5  # seconds between liveness checks while a cell is quiet
 IOPUB_GRACE = 4.0  # seconds a cell's idle may lag its reply (nbclient's iopub_timeout)
-
-
-class CellTimeout(CellblockError, TimeoutError):
-    """A cell did not finish within the client's timeout (the kernel was interrupted)."""
-
-
-class SandboxStopped(CellblockError, RuntimeError):
-    """The sandbox is closed, not started, or its kernel stopped; :meth:`Sandbox.restart`
-    (or :meth:`Sandbox.start` on a new one) gives a fresh kernel."""
 
 
 def _names(datasets: Sequence[str] | str | None) -> tuple[str, ...]:

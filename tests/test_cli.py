@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from cellblock.cli import format_command, one_line
+from cellblock.notebook_run import CellEffect, RunSummary, printable
+from cellblock.run_result import PolicyReport
 
 BIN = Path(sys.executable).parent
 
@@ -176,6 +178,64 @@ def test_run_output_dir_missing(env: dict[str, str], tmp_path: Path) -> None:
     target = tmp_path / "no" / "such" / "out.ipynb"
     out = cellblock(env, "run", str(nb), "--output", str(target), cwd=tmp_path)
     assert_bad_input(out, f"--output '{target}'", f"directory '{target.parent}' does not exist")
+
+
+def test_run_quickstart_on_a_profile_without_the_sample(env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[profiles.plain]\n")
+    out = cellblock({**env, "CELLBLOCK_POLICY": str(policy)}, "run", "--profile", "plain",
+                    cwd=tmp_path)
+    assert_bad_input(out, "the embedded quickstart reads the built-in dataset 'sample', which "
+                     "profile 'plain' does not allow (it allows: none); add it to "
+                     "profiles.plain.datasets, or run a notebook of your own")
+    assert not (tmp_path / "quickstart.executed.ipynb").exists()  # refused before a start
+
+
+@pytest.mark.parametrize("datasets", ["hr", "sample,hr"])
+def test_run_datasets_outside_the_profile(env: dict[str, str], tmp_path: Path,
+                                          datasets: str) -> None:
+    nb = tmp_path / "nb.ipynb"
+    nb.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    out = cellblock(env, "run", str(nb), "--datasets", datasets, cwd=tmp_path)
+    assert_bad_input(out, "dataset 'hr' is not allowed by profile 'agent'; it allows: sample")
+    assert not (tmp_path / "nb.executed.ipynb").exists()
+
+
+# -- the run summary (pure) -------------------------------------------------------------------
+
+def test_summary_lines() -> None:
+    summary = RunSummary(
+        cells=3, errors=0, first_error="", kernel_id="k", audit_log=Path("/a/k.jsonl"),
+        granted=("sample",), opened={"sample": 1}, refused={"hr": 2},
+        effects=(CellEffect(1, PolicyReport(truncated_bytes=1234, limits_hit=("cell_seconds",),
+                                            notes=("1,234 bytes of stdout truncated",
+                                                   "withheld text/html"))),
+                 CellEffect(3, PolicyReport(redactions={"github-pat": 2, "email": 1}))),
+        reported=((2, "network: refused"),))
+    assert summary.details() == [
+        "what cellblock did (from the kernel's audit log, written outside the jail):",
+        "  cut        code cell 1: 1,234 bytes of output (the marker in its output says where)",
+        "  redacted   code cell 3: 3 matches of email, github-pat x2",
+        "  limits hit code cell 1: cell_seconds",
+        "  withheld   code cell 1: withheld text/html",
+        "  datasets   granted sample; the broker opened read-only sample (1 time); "
+        "refused hr (2 times)",
+        "what the notebook reported (cells tagged cellblock-summary):",
+        "  code cell 2: network: refused",
+        "audit log: /a/k.jsonl",
+    ]
+    assert RunSummary(cells=1, errors=0, first_error="", audit_log=Path("/a")).details() == []
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("plain", "plain"),
+    ("\x1b]0;title\x07\x1b[31mred\x1b[0m", "]0;title [31mred [0m"),
+    ("a\u202eb\u200bc\rd\x00e", "a b c d e"),
+    ("x" * 300, "x" * 197 + "..."),
+])
+def test_printable(text: str, shown: str) -> None:
+    assert printable(text) == shown
 
 
 @pytest.mark.parametrize("args", [

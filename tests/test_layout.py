@@ -68,12 +68,14 @@ def test_the_import_check_itself(source: str, expected: list[str]) -> None:
 def test_errors_all_is_pinned() -> None:
     assert cellblock.errors.__all__ == [
         "BadKernelId",
+        "CellTimeout",
         "CellblockError",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",
         "PolicyError",
         "ProfileDisabled",
+        "SandboxStopped",
         "UnknownProfile",
     ]
 
@@ -88,6 +90,8 @@ def test_errors_tree() -> None:
         (e.HostUnsupported, (e.CellblockError, RuntimeError)),
         (e.JailStartError, (e.CellblockError, RuntimeError)),
         (e.JailStartTimeout, (e.JailStartError, TimeoutError)),
+        (e.CellTimeout, (e.CellblockError, TimeoutError)),
+        (e.SandboxStopped, (e.CellblockError, RuntimeError)),
     ]:
         assert child.__bases__ == parents
     # every name in __all__ is drawn in the module docstring's tree

@@ -7,12 +7,14 @@ import copy
 import json
 import re
 import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
 
 from conftest import BIN, REPO
 
@@ -89,16 +91,71 @@ def test_golden_notebook_unchanged_by_the_rebuild(path: Path, jupyter_env: dict[
             assert as_seen(got.outputs) == as_seen(want.outputs), f"cell {i}: {want.source!r}"
 
 
+MARKER = re.compile(r"\[cellblock [0-9a-f]{6}: ([0-9,]+) bytes, [0-9,]+ lines of stdout "
+                    r"truncated\]")
+
+
 def test_cellblock_run_quickstart(tmp_path: Path, jupyter_env: dict[str, str]) -> None:
+    """The front door: the embedded quickstart on the sample dataset, and a summary that says
+    what was cut, what was redacted, what the jail refused and where the notebook is."""
     out = subprocess.run([str(BIN / "cellblock"), "run"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    assert "quickstart.ipynb: 4 code cells on profile 'agent'" in out.stdout
-    assert "0 with errors" in out.stdout
-    executed = nbformat.read(str(tmp_path / "quickstart.executed.ipynb"), as_version=4)
+    executed_path = tmp_path / "quickstart.executed.ipynb"
+    executed = nbformat.read(str(executed_path), as_version=4)
     text = json.dumps([c.get("outputs", []) for c in executed.cells])
-    assert "no network: Network is unreachable" in text
-    # EACCES as root (the file is not the jail uid's), EROFS unprivileged (it is, but the
-    # bind is read-only): refused either way
-    assert ("writing /etc/passwd: Permission denied" in text
-            or "writing /etc/passwd: Read-only file system" in text), text
+    cut = MARKER.findall(text)
+    assert len(cut) == 1, text  # the flood, and only the flood, was cut
+    audit = Path(jupyter_env["CELLBLOCK_AUDIT_DIR"])
+    lines = out.stdout.splitlines()
+    head = re.escape("quickstart.ipynb: 7 code cells on profile 'agent' in ") + r"[0-9.]+" \
+        + re.escape(f" s; 0 with errors; written to {executed_path}")
+    assert re.fullmatch(head, lines[0]), out.stdout
+    # EACCES where the jail's uid does not own the file (as root; or a venv root installed),
+    # else EROFS (the mount the broker opened it through is read-only): refused either way
+    refusal = lines[7].removeprefix("  code cell 3: write to dataset 'sample': refused (")
+    assert refusal in ("Permission denied)", "Read-only file system)"), out.stdout
+    assert lines[1:] == [
+        "what cellblock did (from the kernel's audit log, written outside the jail):",
+        f"  cut        code cell 5: {cut[0]} bytes of output (the marker in its output says "
+        "where)",
+        "  redacted   code cell 6: 1 match of aws-access-key-id",
+        "  datasets   granted sample; the broker opened read-only sample (2 times)",
+        "what the notebook reported (cells tagged cellblock-summary):",
+        "  code cell 2: read dataset 'sample' through the broker: 12 orders, 752.05 in total",
+        f"  code cell 3: write to dataset 'sample': refused ({refusal}",
+        "  code cell 4: network: refused (Network is unreachable)",
+        lines[-1],
+    ], out.stdout
+    assert re.fullmatch(re.escape(f"audit log: {audit}/") + r"[0-9a-f-]{36}\.jsonl",
+                        lines[-1]), out.stdout
+    assert Path(lines[-1].removeprefix("audit log: ")).is_file()
+    assert "[REDACTED:aws-access-key-id]" in text
+    assert "AKIAQUICKSTARTFAKE23" not in text + out.stdout
+    assert "write to dataset 'sample': refused" in text  # the summary quotes the notebook
+
+
+def test_cellblock_run_summary_is_not_the_kernels_to_write(tmp_path: Path,
+                                                           jupyter_env: dict[str, str]) -> None:
+    """What the summary says was cut or redacted comes from the audit log: a kernel that
+    prints a marker and a redaction of its own gets neither reported, and the line a tagged
+    cell contributes reaches the terminal without escape sequences or bidi overrides
+    (:func:`cellblock.notebook_run.printable`, behind the gate's own normalisation)."""
+    nb = new_notebook(cells=[
+        new_code_cell("print('[cellblock 0a1b2c: 999,999 bytes, 9 lines of stdout truncated]')\n"
+                      "print('[REDACTED:aws-access-key-id]')"),
+        new_code_cell("print('ok \\x1b]0;title\\x07\\x1b[31mred\\u202e!')",
+                      metadata={"tags": ["cellblock-summary"]}),
+    ])
+    path = tmp_path / "fake.ipynb"
+    nbformat.write(nb, str(path))
+    out = subprocess.run([str(BIN / "cellblock"), "run", str(path), "--profile", "analyst"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "[cellblock 0a1b2c: 999,999 bytes" in (tmp_path / "fake.executed.ipynb").read_text()
+    lines = out.stdout.splitlines()
+    assert lines[1] == "what the notebook reported (cells tagged cellblock-summary):"
+    assert lines[2].startswith("  code cell 2: ok ") and lines[2].endswith("red!"), out.stdout
+    assert lines[3].startswith("audit log: ") and len(lines) == 4, out.stdout
+    assert not [c for c in out.stdout if unicodedata.category(c) in ("Cc", "Cf")
+                         and c != "\n"]

@@ -17,6 +17,7 @@ from cellblock.policy import (
     find_policy_file,
     load_policy,
     parse_size,
+    sample_path,
 )
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
@@ -106,7 +107,7 @@ def test_builtin_profiles(operator) -> None:
         "allowed_requests": AGENT_REQUESTS,
         "startup_timeout": 60.0,
         "warm_pool": 0,
-        "datasets": (),
+        "datasets": ("sample",),
         "default_datasets": (),
         "enabled": True,
         "audit_code_text": False,
@@ -120,7 +121,26 @@ def test_builtin_profiles(operator) -> None:
     assert analyst.allow_stdin is True
     assert analyst.allowed_requests is None
     assert analyst.cgroups == "required"
+    assert (analyst.datasets, analyst.default_datasets) == (("sample",), ())
     assert policy.host == HostSettings(nsjail="", cgroup_parent="cellblock")
+
+
+def test_builtin_sample_dataset(operator) -> None:
+    """The quickstart's dataset: the CSV shipped in the package, wherever it is installed,
+    allowed by both built-in profiles and granted to no launch that does not ask for it."""
+    operator("")
+    sample = load_policy().datasets["sample"]
+    assert sample.path == str(sample_path())
+    assert Path(sample.path).is_file()
+    assert Path(sample.path).parts[-2:] == ("notebooks", "sample.csv")
+    assert "AKIAQUICKSTARTFAKE23" in Path(sample.path).read_text()  # the planted fake key
+
+
+def test_operator_may_move_the_sample(operator, tmp_path: Path) -> None:
+    data = tmp_path / "mine.csv"
+    data.write_text("a\n1\n")
+    operator(f'[datasets.sample]\npath = "{data}"\n')
+    assert load_policy().datasets["sample"].path == str(data)
 
 
 def test_policy_is_frozen(operator) -> None:

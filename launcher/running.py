@@ -1,6 +1,6 @@
-"""The running sandboxes of this host, as `cellblock ps` and `cellblock kill` see them.
+"""The running kernels of this host, as `cellblock ps` and `cellblock kill` see them.
 
-Who calls this: the CLI only. A sandbox is a run dir whose ``warden.json`` names a warden
+Who calls this: the CLI only. A running kernel is a run dir whose ``warden.json`` names a warden
 that is still alive (:func:`cellblock.rundir.is_warden_alive` checks its pid and start time,
 so a recycled pid is never mistaken for one). Stopping one is a signal to its warden, never to
 nsjail: ``SIGUSR1`` means "stopped by operator". The warden then stops the jail, tells the
@@ -9,7 +9,7 @@ audit log and removes everything, as on any other way out. An optional one-line 
 written to ``<run dir>/stop-reason`` first and appended to that message.
 
 Who may stop what: whoever may signal the warden, that is its own user and root. Root also
-sees the sandboxes of other users (their runtime dirs under ``/run/user`` and ``/tmp``).
+sees the running kernels of other users (their runtime dirs under ``/run/user`` and ``/tmp``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from .rundir import (
     runtime_base,
 )
 
-__all__ = ["Sandbox", "find", "list_sandboxes", "stop", "wait_gone"]
+__all__ = ["RunningKernel", "find", "list_running", "stop", "wait_gone"]
 
 
 @dataclass(frozen=True)
-class Sandbox:
-    """One running kernel: its warden record, run dir and (if any) cgroup memory."""
+class RunningKernel:
+    """One running kernel (not :class:`cellblock.sandbox.Sandbox`, the client of one): its
+    warden record, run dir and (if any) cgroup memory."""
 
     record: WardenRecord
     run: RunDir
@@ -70,8 +71,8 @@ def _memory(record: WardenRecord) -> int | None:
                                    record.cgroup_name).memory_current()
 
 
-def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:
-    """Every sandbox with a live warden, oldest first."""
+def list_running(bases: Iterable[Path] | None = None) -> list[RunningKernel]:
+    """Every kernel with a live warden, oldest first."""
     out = []
     for base in _bases() if bases is None else bases:
         with contextlib.suppress(OSError):
@@ -80,14 +81,14 @@ def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:
                 record = run.read_record()
                 if record is None or not is_warden_alive(record):
                     continue
-                out.append(Sandbox(record, run, _memory(record)))
+                out.append(RunningKernel(record, run, _memory(record)))
     return sorted(out, key=lambda s: s.record.started)
 
 
-def find(sandboxes: list[Sandbox], kernel: str) -> Sandbox:
-    """The sandbox whose kernel id is ``kernel`` or starts with it (unambiguously)."""
-    hits = [s for s in sandboxes if s.kernel_id == kernel] or \
-        [s for s in sandboxes if s.kernel_id.startswith(kernel)]
+def find(kernels: list[RunningKernel], kernel: str) -> RunningKernel:
+    """The kernel whose id is ``kernel`` or starts with it (unambiguously)."""
+    hits = [s for s in kernels if s.kernel_id == kernel] or \
+        [s for s in kernels if s.kernel_id.startswith(kernel)]
     if len(hits) == 1:
         return hits[0]
     if not hits:
@@ -96,25 +97,25 @@ def find(sandboxes: list[Sandbox], kernel: str) -> Sandbox:
     raise CellblockError(f"kernel id prefix {kernel!r} is ambiguous: {ids}")
 
 
-def stop(sandbox: Sandbox, reason: str = "") -> None:
-    """Ask the sandbox's warden to stop it "by operator" (SIGUSR1), with an optional reason.
+def stop(kernel: RunningKernel, reason: str = "") -> None:
+    """Ask the kernel's warden to stop it "by operator" (SIGUSR1), with an optional reason.
     Raises PermissionError when this user may not signal that warden."""
     if reason:
         text = " ".join(reason.split())[:200]
         with contextlib.suppress(FileNotFoundError):
-            path = sandbox.run.path / STOP_REASON_FILE
+            path = kernel.run.path / STOP_REASON_FILE
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
-    if is_warden_alive(sandbox.record):
+    if is_warden_alive(kernel.record):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(sandbox.record.warden_pid, signal.SIGUSR1)
+            os.kill(kernel.record.warden_pid, signal.SIGUSR1)
 
 
-def wait_gone(sandboxes: list[Sandbox], timeout: float) -> list[Sandbox]:
+def wait_gone(kernels: list[RunningKernel], timeout: float) -> list[RunningKernel]:
     """Wait until every warden has exited (its cleanup done); return those still alive."""
     deadline = time.monotonic() + timeout
-    left = list(sandboxes)
+    left = list(kernels)
     while left:
         left = [s for s in left if is_warden_alive(s.record)]
         if not left or time.monotonic() >= deadline:
