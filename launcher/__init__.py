@@ -29,6 +29,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    BadKernelId,
     CellblockError,
     CellTimeout,
     HostUnsupported,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadKernelId",
     "CellTimeout",
     "CellblockError",
     "HostUnsupported",

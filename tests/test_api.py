@@ -23,6 +23,7 @@ from conftest import BIN, REPO
 @pytest.mark.nonroot
 def test_all_is_pinned() -> None:
     assert cellblock.__all__ == [
+        "BadKernelId",
         "CellTimeout",
         "CellblockError",
         "HostUnsupported",
