@@ -246,3 +246,20 @@ def test_comm_buffers_that_are_text_are_scanned(make_world):
     assert SECRET.encode() not in got.buffers[0] and b"[REDACTED" in got.buffers[0]
     w.finish(parent)
     w.check()
+
+
+def test_a_request_answered_but_never_idle_gets_its_idle_when_the_kernel_stops(make_world):
+    """The kernel answered (its reply may be the message that crossed the output budget)
+    and died before its idle: the client, which waits for that idle, gets it from the
+    gate's announcement. Before, only unanswered requests were closed, and a client
+    waited for ever (test_budgets.py::test_output_budget_stops_the_kernel, half the runs)."""
+    w = make_world()
+    k = w.kernel
+    parent = w.open()
+    k.say("shell", "execute_reply", parent, {"status": "ok", "execution_count": 1,
+                                              "user_expressions": {}, "payload": []})
+    assert w.a.recv("shell").parent["msg_id"] == parent["msg_id"]
+    w.gate.announce("CellblockKernelStopped", "cellblock: kernel stopped", replies=True)
+    got = w.a.until("iopub", lambda g: g.msg_type == "status"
+                    and g.content == {"execution_state": "idle"})
+    assert got[-1].parent["msg_id"] == parent["msg_id"]

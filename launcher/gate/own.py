@@ -150,8 +150,12 @@ class OwnMessages(GateState):
                 self._tell(request.msg_id, request.header, ename, evalue)
             return
         # Executing = forwarded and not yet answered. A request that has its reply but
-        # whose idle never came (published before the gate's SUB had joined) is not.
-        requests = [r for r in self._table.close_all() if not r.replied]
+        # whose idle never came is not (its reply may have been the message that crossed
+        # the output budget, or the kernel died between the two): it only gets its idle,
+        # for which its client still waits.
+        closed = self._table.close_all()
+        requests = [r for r in closed if not r.replied]
+        answered = [r for r in closed if r.replied]
         for request in requests:
             self._flush(request.msg_id, request.header)
             self._lost_marker(request)
@@ -166,7 +170,7 @@ class OwnMessages(GateState):
             for request in requests:
                 self._reply_error(request.channel, request.idents, request.header,
                                   request.msg_type, ename, evalue)
-        for request in requests:
+        for request in (*requests, *answered):
             self._publish_own("status", request.header, _IDLE)
 
     def _tell(self, msg_id: str, parent: bytes, ename: str, evalue: str) -> None:
