@@ -20,6 +20,7 @@ from gate_harness import (
     CANARY,
     SECRET,
     agent_gate,
+    wait_until,
 )
 
 pytestmark = pytest.mark.nonroot
@@ -74,7 +75,8 @@ def test_p8_malformed_content_through_the_output_policy(make_world):
 def test_p11_comms_dropped_where_the_profile_forbids_them(make_world):
     """The agent profile has no comms: a kernel's comm_open (50 MB of widget state or a
     custom target), comm_msg and comm_close never reach the client; clients cannot open
-    or message a comm either."""
+    or message a comm either (refused, the kernel never sees them; comm_info_request is
+    answered with an error reply)."""
     w = make_world(**agent_gate(limits=GateLimits(max_frame_bytes=64 << 20)))
     k = w.kernel
     parent = w.open()
@@ -89,9 +91,15 @@ def test_p11_comms_dropped_where_the_profile_forbids_them(make_world):
     w.a.request("shell", "comm_open", {"comm_id": "c3", "target_name": "t", "data": {}})
     w.a.request("shell", "comm_msg", {"comm_id": "c1", "data": {}})
     w.a.request("shell", "comm_info_request", {})
-    drops = w.audit.wait_drops(7, mark)
-    assert sorted(drops) == sorted([("iopub", "unexpected_msg_type")] * 4
-                                   + [("shell", "msg_type_not_allowed")] * 3)
+    drops = w.audit.wait_drops(4, mark)
+    assert drops == [("iopub", "unexpected_msg_type")] * 4
+    wait_until(lambda: len(w.audit.of("gate.refuse", mark)) == 3, "three refusals")
+    assert [f["msg_type"] for f in w.audit.of("gate.refuse", mark)] == [
+        "comm_open", "comm_msg", "comm_info_request"]
+    reply = w.a.recv("shell")
+    assert reply is not None and reply.msg_type == "comm_info_reply"
+    assert reply.content["status"] == "error"
+    assert k.quiet("shell")
     w.finish(parent)
     w.check()
 
