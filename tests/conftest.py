@@ -77,20 +77,6 @@ output_bytes = "32KiB"
 [profiles.off]
 enabled = false
 
-# tests/test_jupyterlab.py: the agent's output policy (URLs neutralised, no HTML) behind
-# every request type, as JupyterLab's start-up asks for history, which the agent refuses.
-[profiles.labagent]
-display_name = "Python (cellblock: labagent, tests)"
-
-[profiles.labagent.output]
-stream_head = "16KiB"
-max_text = "16KiB"
-allowed_mime = ["text/plain", "text/markdown", "text/latex", "image/png", "image/jpeg",
-                "application/json"]
-neutralize_urls = true
-normalise = true
-redact_secrets = true
-
 # Warm pool tests (tests/test_pool.py).
 [profiles.pooled]
 warm_pool = 2

@@ -206,10 +206,9 @@ def test_agent_markdown_fetches_nothing_remote(lab: tuple[str, Path]) -> None:
         try:
             page.goto(f"{url}/lab?token={TOKEN}")
             agent = page.locator('.jp-LauncherCard[data-category="Notebook"]').filter(
-                has_text="Python (cellblock: labagent, tests)")
+                has_text="Python (cellblock: agent)")
             agent.click()
-            expect(page.locator(".jp-KernelName")).to_have_text(
-                "Python (cellblock: labagent, tests)")
+            expect(page.locator(".jp-KernelName")).to_have_text("Python (cellblock: agent)")
             status = page.locator(".jp-Notebook-ExecutionIndicator")
             expect(status).to_have_attribute("data-status", "idle")
 
