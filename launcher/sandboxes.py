@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CellblockError
+from .names import KERNEL_ID
 from .rundir import (
     RUNTIME_ENV,
     STOP_REASON_FILE,
@@ -76,6 +77,8 @@ def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:
     for base in _bases() if bases is None else bases:
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
+                if not KERNEL_ID.fullmatch(entry.name):
+                    continue  # not a run dir: a jail uid's claim (.uid-N)
                 run = RunDir(base, entry.name)
                 record = run.read_record()
                 if record is None or not is_warden_alive(record):
