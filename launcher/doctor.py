@@ -92,6 +92,20 @@ def _check_proc(nsjail: str, uid: int, gid: int) -> Check:
         hostinfo.PROC_FIX)
 
 
+def _check_views(policy: Policy, profiles: dict[str, Profile]) -> Check | None:
+    """As root, a directory dataset is attached as a read-only view (open_tree), which
+    needs CAP_SYS_ADMIN: a container without it starts no kernel that asks for one."""
+    dirs = sorted({d for p in profiles.values() for d in p.datasets
+                   if d in policy.datasets and os.path.isdir(policy.datasets[d].path)})
+    if not dirs or os.geteuid() != 0:
+        return None
+    if hostinfo.has_cap(hostinfo.CAP_SYS_ADMIN):
+        return Check("dataset views", True, f"CAP_SYS_ADMIN for directory datasets {dirs}")
+    return Check("dataset views", False, f"no CAP_SYS_ADMIN: read-only views of directory "
+                 f"datasets {dirs} cannot be made (open_tree: Operation not permitted)",
+                 hostinfo.VIEWS_FIX)
+
+
 def _check_jail_uids(policy: Policy) -> tuple[Check, tuple[int, int] | None]:
     """The range jails take their host uids from fits this user namespace."""
     if os.geteuid() != 0:
@@ -260,6 +274,9 @@ def run_checks(policy: Policy, profile_names: list[str] | None = None) -> list[C
     checks.append(_check_seccomp())
     checks.append(_check_runtime_dir())
     checks.append(_check_cgroups(policy, profiles))
+    views = _check_views(policy, profiles)
+    if views is not None:
+        checks.append(views)
     uid_check, ids = _check_jail_uids(policy)
     checks.append(uid_check)
     if nsjail is None or ids is None:

@@ -15,6 +15,7 @@ __all__ = [
     "PROC_FIX",
     "SECCOMP_FIX",
     "cgroup_fix",
+    "has_cap",
     "proc_overmounts",
     "seccomp_filtered",
     "userns_sysctl_block",
@@ -26,6 +27,12 @@ SECCOMP_FIX = (
     "nsjail needs (deploy/seccomp.json): podman/docker --security-opt "
     "seccomp=deploy/seccomp.json; Kubernetes: securityContext.seccompProfile {type: "
     "Localhost, localhostProfile: cellblock-seccomp.json} (RuntimeDefault blocks them)"
+)
+VIEWS_FIX = (
+    "give the container CAP_SYS_ADMIN, which the warden needs to attach a read-only view "
+    "of a directory dataset (open_tree) in the jail's mount namespace: podman --cap-add "
+    "SYS_ADMIN; Kubernetes: securityContext.capabilities.add: [SYS_ADMIN] (with hostUsers: "
+    "false it is the pod's user namespace's, not the node's); or allow only file datasets"
 )
 PROC_FIX = (
     "run the container with /proc unmasked: podman --security-opt unmask=/proc/* (docker "
@@ -46,6 +53,11 @@ def _status() -> dict[str, str]:
     return out
 
 
+def has_cap(bit: int) -> bool:
+    """This process has capability ``bit`` (e.g. CAP_SYS_ADMIN) in its effective set."""
+    return bool(int(_status().get("CapEff", "0"), 16) >> bit & 1)
+
+
 def seccomp_filtered() -> bool:
     """This process runs under a seccomp filter (mode 2), as container runtimes set."""
     return _status().get("Seccomp") == "2"
@@ -62,8 +74,7 @@ def userns_sysctl_block() -> str:
     """Why this host's sysctls refuse a new user namespace to us, or ""."""
     if _sysctl("user/max_user_namespaces") == "0":
         return "user.max_user_namespaces = 0"
-    caps = int(_status().get("CapEff", "0"), 16)
-    if not caps >> CAP_SYS_ADMIN & 1 and _sysctl("kernel/unprivileged_userns_clone") == "0":
+    if not has_cap(CAP_SYS_ADMIN) and _sysctl("kernel/unprivileged_userns_clone") == "0":
         return "kernel.unprivileged_userns_clone = 0 and no CAP_SYS_ADMIN"
     return ""
 

@@ -260,3 +260,31 @@ def test_doctor_with_a_read_only_cgroup_fs(env: dict[str, str], tmp_path: Path) 
         "profiles ['agent'] and bound the kernels with the container's or pod's own limits, "
         "or give cellblock a writable, delegated cgroup subtree ($CELLBLOCK_CGROUP_ROOT / "
         "host.cgroup_parent)")
+
+
+@root_only
+def test_doctor_names_the_capability_directory_datasets_need(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """A container without CAP_SYS_ADMIN runs jails, but the warden cannot attach a
+    directory dataset's read-only view (open_tree): named before a kernel fails on it."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[datasets.sales]\npath = "{data}"\n\n[profiles.agent]\n'
+                      'datasets = ["sales"]\n')
+    env = {**env, "CELLBLOCK_POLICY": str(policy)}
+    out = doctor(env, "agent")
+    assert "[ok] dataset views: CAP_SYS_ADMIN for directory datasets ['sales']" in out.stdout
+    drop = ("setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin")
+    out = doctor(env, "agent", under=drop)
+    assert out.returncode == 1
+    assert _failures(out) == [(
+        "[FAIL] dataset views: no CAP_SYS_ADMIN: read-only views of directory datasets "
+        "['sales'] cannot be made (open_tree: Operation not permitted)",
+        "fix: give the container CAP_SYS_ADMIN, which the warden needs to attach a read-only "
+        "view of a directory dataset (open_tree) in the jail's mount namespace: podman "
+        "--cap-add SYS_ADMIN; Kubernetes: securityContext.capabilities.add: [SYS_ADMIN] (with "
+        "hostUsers: false it is the pod's user namespace's, not the node's); or allow only "
+        "file datasets")]

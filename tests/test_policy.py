@@ -185,7 +185,8 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
     ("[profiles.agent.limits]\nmemmory = 1\n",
      "profiles.agent.limits.memmory: unknown key; allowed keys here: cpus, file_size, "
      "home_size, memory, open_files, pids, tmp_size, warden_cpus, warden_memory"),
-    ("[host]\nbinary = 1\n", "host.binary: unknown key; allowed keys here: cgroup_parent, jail_uids, nsjail"),
+    ("[host]\nbinary = 1\n",
+     "host.binary: unknown key; allowed keys here: cgroup_parent, jail_uids, nsjail"),
     ("colour = 1\n", "colour: unknown key; allowed keys here: audit, datasets, host, profiles"),
 ])
 def test_unknown_key_at_each_level(operator, text: str, expected: str) -> None:
