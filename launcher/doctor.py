@@ -49,7 +49,8 @@ def _check_nsjail(policy: Policy) -> tuple[Check, str | None]:
 
 
 def _tiny_jail(nsjail: str, uid: int, gid: int, *, proc: bool) -> tuple[bool, str]:
-    """Start a real (empty) jail with a user namespace: did it run, and nsjail's errors."""
+    """Start a real (empty) jail with a user namespace: did it run, and nsjail's errors
+    (``MAP_FAILED`` first when it could not write the jail's uid or gid map)."""
     cmd = [nsjail, "--mode", "o", "--quiet", *(() if proc else ("--disable_proc",)),
            "--chroot", "/", "--user", f"1000:{uid}:1", "--group", f"1000:{gid}:1",
            "--time_limit", "10", "--", "/bin/true"]
@@ -57,7 +58,15 @@ def _tiny_jail(nsjail: str, uid: int, gid: int, *, proc: bool) -> tuple[bool, st
         out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
-    return out.returncode == 0, _jail_failure(out.stderr) if out.returncode else ""
+    if out.returncode == 0:
+        return True, ""
+    mapped = re.search(rb"/proc/\d+/([ug]id_map)'", out.stderr)
+    if mapped:
+        return False, f"{MAP_FAILED}writing {mapped.group(1).decode()} failed"
+    return False, _jail_failure(out.stderr)
+
+
+MAP_FAILED = "could not write the jail's uid/gid map: "
 
 
 def _check_userns(nsjail: str, uid: int, gid: int) -> Check:
@@ -65,6 +74,13 @@ def _check_userns(nsjail: str, uid: int, gid: int) -> Check:
     if ok:
         return Check("user namespaces", True, "nsjail started a jail with a new user namespace "
                      f"as host uid {uid}")
+    if why.startswith(MAP_FAILED) and os.geteuid() == 0:
+        return Check(
+            "jail uids", False, f"nsjail {why} (mapping jail uid 1000 to host uid {uid})",
+            "as root, mapping a jail to a uid of its own needs CAP_SETUID and CAP_SETGID "
+            "(podman's and Kubernetes' default capabilities have them; --cap-drop ALL removes "
+            "them): podman --cap-add SETUID --cap-add SETGID; Kubernetes: securityContext."
+            "capabilities.add: [SETUID, SETGID]")
     if hostinfo.seccomp_filtered() and not hostinfo.userns_sysctl_block():
         return Check(
             "seccomp filter", False, f"a seccomp filter on this process (a container's runtime "

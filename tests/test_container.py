@@ -65,6 +65,9 @@ def test_doctor_names_the_runtime_defaults_it_cannot_work_under(image: str) -> N
     assert "[FAIL] /proc: nsjail cannot mount a new /proc: this /proc is masked" in out.stdout
     assert "fix: run the container with /proc unmasked: podman --security-opt unmask=/proc/*" \
         in out.stdout
+    out = podman_run(*LEAST, "--cap-drop", "ALL", image, "cellblock", "doctor")
+    assert out.returncode == 1
+    assert "[FAIL] jail uids: nsjail could not write the jail's uid/gid map: " in out.stdout
 
 
 def test_a_jail_in_a_user_namespaced_container(image: str) -> None:
@@ -86,6 +89,7 @@ def test_a_jail_in_a_user_namespaced_container(image: str) -> None:
 
 def test_containment_suite_in_a_container(image: str) -> None:
     out = subprocess.run(["sh", str(DEPLOY / "run-tests.sh"), "tests/test_containment.py"],
-                         env={**ENV, "IMAGE": "localhost/cellblock-test:dev"},
+                         env={**ENV, "IMAGE": "localhost/cellblock-test:dev",
+                              "CELLBLOCK_CAPS": "SYS_ADMIN"},  # for directory datasets
                          capture_output=True, text=True, timeout=1700, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -288,3 +288,23 @@ def test_doctor_names_the_capability_directory_datasets_need(
         "--cap-add SYS_ADMIN; Kubernetes: securityContext.capabilities.add: [SYS_ADMIN] (with "
         "hostUsers: false it is the pod's user namespace's, not the node's); or allow only "
         "file datasets")]
+
+
+@root_only
+def test_doctor_names_the_capabilities_a_jail_uid_needs(env: dict[str, str]) -> None:
+    """--cap-drop ALL: nsjail cannot map the jail to a uid of its own. That is a uid
+    problem with the capabilities as its fix (it was reported as a sysctl one)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    drop = ("setpriv", "--bounding-set=-setuid,-setgid", "--inh-caps=-setuid,-setgid")
+    out = doctor(env, under=drop)
+    assert out.returncode == 1
+    [(fail, fix)] = _failures(out)
+    assert fail.startswith("[FAIL] jail uids: nsjail could not write the jail's uid/gid map: "
+                           "writing "), fail
+    assert fail.endswith("_map failed (mapping jail uid 1000 to host uid 1073741824)"), fail
+    assert fix == (
+        "fix: as root, mapping a jail to a uid of its own needs CAP_SETUID and CAP_SETGID "
+        "(podman's and Kubernetes' default capabilities have them; --cap-drop ALL removes "
+        "them): podman --cap-add SETUID --cap-add SETGID; Kubernetes: securityContext."
+        "capabilities.add: [SETUID, SETGID]")
