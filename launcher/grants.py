@@ -47,7 +47,7 @@ def find_kernel(prefix: str, base: Path | None = None) -> Path:
     ids: dict[str, Path] = {}
     for entry in sorted(base.iterdir()) if base.is_dir() else []:
         if not KERNEL_ID.fullmatch(entry.name):
-            continue  # not a run dir: a jail uid's claim (.uid-N)
+            continue  # not a run dir (nothing else belongs here, but never fail on it)
         record = RunDir(base, entry.name).read_record()
         if record is not None and (entry / CONTROL_SOCKET).exists():
             ids[record.kernel_id] = entry

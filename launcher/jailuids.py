@@ -19,9 +19,10 @@ namespace of its own (Kubernetes ``hostUsers: false``, podman ``--uidmap``), whi
   namespace that lacks the wide range, i.e. a container, whose accounts are the image's.
 
 Whatever the range, a uid that has a passwd entry is skipped. A uid is claimed for one
-kernel by a symlink ``<runtime base>/.uid-<uid>`` naming its run dir (created
-atomically: two wardens starting at once never get the same uid); the run dir's removal
-releases it, and the sweep removes claims whose run dir is gone.
+kernel by a symlink ``<runtime base>-uids/<uid>`` naming its run dir (created atomically:
+two wardens starting at once never get the same uid; beside the runtime base, not in it,
+where every entry is a run dir); the warden releases it as it ends, and the sweep removes
+claims whose run dir is gone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "POD_RANGE",
     "WIDE_RANGE",
     "claim_uid",
+    "claims_dir",
     "jail_uid_range",
     "mapped_ranges",
     "parse_uid_range",
@@ -55,7 +57,7 @@ AUTO = "auto"
 WIDE_RANGE = (0x40000000, 0x40000000 + (1 << 24) - 1)
 POD_RANGE = (10000, 59999)
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 is "no uid"
-CLAIM_PREFIX = ".uid-"
+CLAIMS_SUFFIX = "-uids"
 STALE_CLAIM = 60.0  # seconds a claim may name a run dir not made yet (claimed just before)
 _RANGE_RE = re.compile(r"\s*(0x[0-9a-fA-F]+|\d+)\s*-\s*(0x[0-9a-fA-F]+|\d+)\s*")
 _ALLOWED = '"auto" or "FIRST-LAST" (inclusive, 1 <= FIRST <= LAST <= 4294967294, e.g. ' \
@@ -147,7 +149,8 @@ def _account(uid: int) -> bool:
 def claim_uid(base: Path, slot: str, first: int, last: int) -> int:
     """A uid from FIRST-LAST that no account has and no other kernel holds, claimed for
     run dir ``slot`` under ``base``. Raises HostUnsupported when every uid is taken."""
-    base.mkdir(mode=0o711, parents=True, exist_ok=True)  # RunDir.create's mode, set again
+    claims = claims_dir(base)
+    claims.mkdir(mode=0o700, parents=True, exist_ok=True)
     size = last - first + 1
     start = secrets.randbelow(size)
     for i in range(size):
@@ -155,7 +158,7 @@ def claim_uid(base: Path, slot: str, first: int, last: int) -> int:
         if _account(uid):
             continue
         try:
-            os.symlink(slot, base / f"{CLAIM_PREFIX}{uid}")
+            os.symlink(slot, claims / str(uid))
         except FileExistsError:
             continue
         return uid
@@ -165,27 +168,33 @@ def claim_uid(base: Path, slot: str, first: int, last: int) -> int:
 
 def release_uids(base: Path, slot: str, uid: int | None = None) -> None:
     """Drop the claims that name ``slot`` (just ``uid``'s when it is known)."""
-    names = [f"{CLAIM_PREFIX}{uid}"] if uid is not None else _names(base)
+    claims = claims_dir(base)
+    names = [str(uid)] if uid is not None else _names(claims)
     for name in names:
         with contextlib.suppress(OSError):
-            if os.readlink(base / name) == slot:
-                os.unlink(base / name)
+            if os.readlink(claims / name) == slot:
+                os.unlink(claims / name)
 
 
 def sweep_claims(base: Path) -> None:
     """Drop claims whose run dir is gone (a warden killed before it removed its own)."""
+    claims = claims_dir(base)
     now = time.time()
-    for name in _names(base):
+    for name in _names(claims):
         with contextlib.suppress(OSError):
-            link = base / name
+            link = claims / name
             slot = os.readlink(link)
             if not (base / slot).exists() and now - link.lstat().st_mtime > STALE_CLAIM:
                 os.unlink(link)
 
 
-def _names(base: Path) -> list[str]:
+def claims_dir(base: Path) -> Path:
+    """Where the claims of the kernels under runtime base ``base`` are: beside it."""
+    return base.parent / f"{base.name}{CLAIMS_SUFFIX}"
+
+
+def _names(claims: Path) -> list[str]:
     try:
-        return [n for n in os.listdir(base)
-                if n.startswith(CLAIM_PREFIX) and n[len(CLAIM_PREFIX):].isdigit()]
+        return [n for n in os.listdir(claims) if n.isdigit()]
     except OSError:
         return []

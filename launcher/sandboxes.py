@@ -78,7 +78,7 @@ def list_sandboxes(bases: Iterable[Path] | None = None) -> list[Sandbox]:
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
                 if not KERNEL_ID.fullmatch(entry.name):
-                    continue  # not a run dir: a jail uid's claim (.uid-N)
+                    continue  # not a run dir (nothing else belongs here, but never fail on it)
                 run = RunDir(base, entry.name)
                 record = run.read_record()
                 if record is None or not is_warden_alive(record):

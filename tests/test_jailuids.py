@@ -14,6 +14,7 @@ from cellblock.jailuids import (
     POD_RANGE,
     WIDE_RANGE,
     claim_uid,
+    claims_dir,
     jail_uid_range,
     mapped_ranges,
     parse_uid_range,
@@ -103,37 +104,43 @@ def test_policy_setting_and_env_override(tmp_path: Path) -> None:
 
 
 def test_claims_give_each_kernel_its_own_uid(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    claims = tmp_path / "run-uids"
+    assert claims_dir(base) == claims
     first = 3_000_000_000  # no account has these
-    uids = [claim_uid(tmp_path, f"k{i}", first, first + 2) for i in range(3)]
+    uids = [claim_uid(base, f"k{i}", first, first + 2) for i in range(3)]
     assert sorted(uids) == [first, first + 1, first + 2]
-    assert [os.readlink(tmp_path / f".uid-{u}") for u in uids] == ["k0", "k1", "k2"]
+    assert [os.readlink(claims / str(u)) for u in uids] == ["k0", "k1", "k2"]
+    assert not base.exists()  # the runtime base holds run dirs only
     with pytest.raises(HostUnsupported) as err:
-        claim_uid(tmp_path, "k3", first, first + 2)
+        claim_uid(base, "k3", first, first + 2)
     assert str(err.value) == (f"every jail uid in {first}-{first + 2} is held by a kernel or "
                               "an account; widen [host] jail_uids or stop some kernels")
-    release_uids(tmp_path, "k0", uids[2])  # k2's uid: not k0's to release
-    release_uids(tmp_path, "k1")  # by slot, uid unknown
-    assert sorted(os.listdir(tmp_path)) == sorted(f".uid-{u}" for u in (uids[0], uids[2]))
-    assert claim_uid(tmp_path, "k4", first, first + 2) == uids[1]
+    release_uids(base, "k0", uids[2])  # k2's uid: not k0's to release
+    release_uids(base, "k1")  # by slot, uid unknown
+    assert sorted(os.listdir(claims)) == sorted(str(u) for u in (uids[0], uids[2]))
+    assert claim_uid(base, "k4", first, first + 2) == uids[1]
 
 
 def test_claims_skip_accounts(tmp_path: Path) -> None:
     taken = {p.pw_uid for p in pwd.getpwall()}
     account = next(u for u in sorted(taken) if u > 0 and u + 1 not in taken)
-    assert claim_uid(tmp_path, "k", account, account + 1) == account + 1
+    assert claim_uid(tmp_path / "run", "k", account, account + 1) == account + 1
     with pytest.raises(HostUnsupported):
-        claim_uid(tmp_path, "k2", account, account)
+        claim_uid(tmp_path / "run", "k2", account, account)
 
 
 def test_sweep_drops_only_claims_of_missing_run_dirs(tmp_path: Path) -> None:
-    (tmp_path / "live").mkdir()
-    os.symlink("live", tmp_path / ".uid-5")
-    os.symlink("gone", tmp_path / ".uid-6")
-    os.symlink("fresh", tmp_path / ".uid-7")
-    os.utime(tmp_path / ".uid-6", (1, 1), follow_symlinks=False)
-    os.utime(tmp_path / ".uid-5", (1, 1), follow_symlinks=False)
-    sweep_claims(tmp_path)  # "fresh" names a run dir its warden is about to make
-    assert sorted(os.listdir(tmp_path)) == [".uid-5", ".uid-7", "live"]
+    base, claims = tmp_path / "run", tmp_path / "run-uids"
+    (base / "live").mkdir(parents=True)
+    claims.mkdir()
+    os.symlink("live", claims / "5")
+    os.symlink("gone", claims / "6")
+    os.symlink("fresh", claims / "7")
+    os.utime(claims / "6", (1, 1), follow_symlinks=False)
+    os.utime(claims / "5", (1, 1), follow_symlinks=False)
+    sweep_claims(base)  # "fresh" names a run dir its warden is about to make
+    assert sorted(os.listdir(claims)) == ["5", "7"]
 
 
 def _kernel_uid(nsjail_pid: int) -> int:
@@ -167,7 +174,7 @@ async def test_a_kernel_runs_as_a_uid_from_the_configured_range(
         assert record is not None and record.nsjail_pid is not None
         assert first <= record.jail_uid <= last
         assert _kernel_uid(record.nsjail_pid) == record.jail_uid
-        claim = runtime_base() / f".uid-{record.jail_uid}"
+        claim = claims_dir(runtime_base()) / str(record.jail_uid)
         assert os.readlink(claim) == record.slot
     finally:
         kc.stop_channels()
