@@ -23,7 +23,9 @@ only known when a client adopts it: ``warden.json`` always names the current ker
 
 The runtime base is ``$CELLBLOCK_RUNTIME_DIR``, else ``/run/cellblock`` for root,
 else ``$XDG_RUNTIME_DIR/cellblock``, else ``/tmp/cellblock-<uid>``. It is mode
-0711: the jail's uid may traverse it but not list it.
+0711: the jail's uid may traverse it but not list it. Every entry in it is a run dir; as
+root, the jail uids the kernels hold are claimed beside it, in ``<base>-uids/`` (mode 0700,
+cellblock.jailuids).
 """
 
 from __future__ import annotations
