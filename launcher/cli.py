@@ -95,10 +95,12 @@ def _example_command(policy: Policy, name: str) -> list[str]:
     """The command a warden would run for a kernel of ``name`` (the profile's default
     directory datasets aside), with KERNEL_ID for the run dir and the first jail uid."""
     from .jailcmd import jail_command, run_dir_layout
-    from .rundir import JAIL_UID_BASE, runtime_base
+    from .jailuids import jail_uid_range
+    from .rundir import runtime_base
 
-    uid = JAIL_UID_BASE if os.geteuid() == 0 else os.getuid()
-    gid = JAIL_UID_BASE if os.geteuid() == 0 else os.getgid()
+    first = jail_uid_range(policy.host.jail_uids)[0] if os.geteuid() == 0 else 0
+    uid = first if os.geteuid() == 0 else os.getuid()
+    gid = first if os.geteuid() == 0 else os.getgid()
     return jail_command(policy, name, run_dir_layout(runtime_base() / "KERNEL_ID", uid, gid))
 
 

@@ -14,11 +14,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hostinfo
 from .cgroups import KernelCgroup, detect
 from .errors import CellblockError
 from .jailcmd import NSJAIL_ENV, config_path, locate_nsjail, python_env_mounts, resolve_python
+from .jailuids import jail_uid_range
 from .policy import Policy, Profile
-from .rundir import jail_ids, runtime_base
+from .rundir import runtime_base
 
 __all__ = ["Check", "run_checks"]
 
@@ -46,25 +48,94 @@ def _check_nsjail(policy: Policy) -> tuple[Check, str | None]:
     return Check("nsjail", True, path), path
 
 
-def _check_userns(nsjail: str) -> Check:
-    """Start a real (empty) jail with a user namespace."""
-    uid, gid = jail_ids()
-    cmd = [nsjail, "--mode", "o", "--quiet", "--disable_proc", "--chroot", "/",
-           "--user", f"1000:{uid}:1", "--group", f"1000:{gid}:1",
+def _tiny_jail(nsjail: str, uid: int, gid: int, *, proc: bool) -> tuple[bool, str]:
+    """Start a real (empty) jail with a user namespace: did it run, and nsjail's errors
+    (``MAP_FAILED`` first when it could not write the jail's uid or gid map)."""
+    cmd = [nsjail, "--mode", "o", "--quiet", *(() if proc else ("--disable_proc",)),
+           "--chroot", "/", "--user", f"1000:{uid}:1", "--group", f"1000:{gid}:1",
            "--time_limit", "10", "--", "/bin/true"]
     try:
         out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("user namespaces", False, str(exc), "")
+        return False, str(exc)
     if out.returncode == 0:
-        return Check("user namespaces", True, "nsjail started a jail with a new user namespace")
-    text = out.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        return True, ""
+    mapped = re.search(rb"/proc/\d+/([ug]id_map)'", out.stderr)
+    if mapped:
+        return False, f"{MAP_FAILED}writing {mapped.group(1).decode()} failed"
+    return False, _jail_failure(out.stderr)
+
+
+MAP_FAILED = "could not write the jail's uid/gid map: "
+
+
+def _check_userns(nsjail: str, uid: int, gid: int) -> Check:
+    ok, why = _tiny_jail(nsjail, uid, gid, proc=False)
+    if ok:
+        return Check("user namespaces", True, "nsjail started a jail with a new user namespace "
+                     f"as host uid {uid}")
+    if why.startswith(MAP_FAILED) and os.geteuid() == 0:
+        return Check(
+            "jail uids", False, f"nsjail {why} (mapping jail uid 1000 to host uid {uid})",
+            "as root, mapping a jail to a uid of its own needs CAP_SETUID and CAP_SETGID "
+            "(podman's and Kubernetes' default capabilities have them; --cap-drop ALL removes "
+            "them): podman --cap-add SETUID --cap-add SETGID; Kubernetes: securityContext."
+            "capabilities.add: [SETUID, SETGID]")
+    if hostinfo.seccomp_filtered() and not hostinfo.userns_sysctl_block():
+        return Check(
+            "seccomp filter", False, f"a seccomp filter on this process (a container's runtime "
+            f"default) blocks the namespaces nsjail creates: {why}", hostinfo.SECCOMP_FIX)
+    block = hostinfo.userns_sysctl_block()
     return Check(
-        "user namespaces", False, " | ".join(text) or f"exit {out.returncode}",
+        "user namespaces", False, f"{why}" + (f" ({block})" if block else ""),
         "enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1 "
         "(Debian) and user.max_user_namespaces > 0; on Ubuntu 24.04+ also "
         "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for nsjail",
     )
+
+
+def _check_proc(nsjail: str, uid: int, gid: int) -> Check:
+    """Each jail mounts a procfs of its own: the kernel allows it only while this /proc
+    is fully visible (no file or directory under it hidden by another mount)."""
+    ok, why = _tiny_jail(nsjail, uid, gid, proc=True)
+    if ok:
+        return Check("/proc", True, "nsjail mounted a new /proc in a jail")
+    masked = hostinfo.proc_overmounts()
+    return Check(
+        "/proc", False, "nsjail cannot mount a new /proc: " + (
+            f"this /proc is masked (mounts over {', '.join(masked[:6])}"
+            f"{', ...' if len(masked) > 6 else ''}): {why}" if masked else why),
+        hostinfo.PROC_FIX)
+
+
+def _check_views(policy: Policy, profiles: dict[str, Profile]) -> Check | None:
+    """As root, a directory dataset is attached as a read-only view (open_tree), which
+    needs CAP_SYS_ADMIN: a container without it starts no kernel that asks for one."""
+    dirs = sorted({d for p in profiles.values() for d in p.datasets
+                   if d in policy.datasets and os.path.isdir(policy.datasets[d].path)})
+    if not dirs or os.geteuid() != 0:
+        return None
+    if hostinfo.has_cap(hostinfo.CAP_SYS_ADMIN):
+        return Check("dataset views", True, f"CAP_SYS_ADMIN for directory datasets {dirs}")
+    return Check("dataset views", False, f"no CAP_SYS_ADMIN: read-only views of directory "
+                 f"datasets {dirs} cannot be made (open_tree: Operation not permitted)",
+                 hostinfo.VIEWS_FIX)
+
+
+def _check_jail_uids(policy: Policy) -> tuple[Check, tuple[int, int] | None]:
+    """The range jails take their host uids from fits this user namespace."""
+    if os.geteuid() != 0:
+        return Check("jail uids", True, f"unprivileged: jails run as our own uid {os.getuid()} "
+                     "(host.jail_uids applies as root)"), (os.getuid(), os.getgid())
+    try:
+        first, last, source = jail_uid_range(policy.host.jail_uids)
+    except CellblockError as exc:
+        return Check("jail uids", False, str(exc).split(". Fix: ")[0],
+                     "set [host] jail_uids (or $CELLBLOCK_JAIL_UIDS) to a range inside "
+                     "/proc/self/uid_map's ids, e.g. \"10000-59999\" in a pod with "
+                     "hostUsers: false"), None
+    return Check("jail uids", True, f"{first}-{last} ({source}), mapped in this user "
+                 "namespace"), (first, first)
 
 
 def _check_seccomp() -> Check:
@@ -77,6 +148,9 @@ def _check_seccomp() -> Check:
 
 def _check_cgroups(policy: Policy, profiles: dict[str, Profile]) -> Check:
     needed = [n for n, p in profiles.items() if p.cgroups == "required"]
+    if not needed:  # nothing will create a cgroup: a read-only hierarchy is no problem
+        return Check("cgroups", True, "not used: cgroups = \"off\" in every profile checked "
+                     "(the kernels are bound by the limits of the cgroup cellblock runs in)")
     found = detect()
     if found.version is None:
         if not needed:
@@ -89,7 +163,9 @@ def _check_cgroups(policy: Policy, profiles: dict[str, Profile]) -> Check:
         cg = KernelCgroup.create(found.version, policy.host.cgroup_parent, probe_id,
                                  next(iter(profiles.values())).limits)
     except CellblockError as exc:
-        return Check("cgroups", False, f"cgroup {found.version}: {exc}", "")
+        why = str(exc).split(". Fix: ")[0]  # the fix below is the one for a doctor
+        return Check("cgroups", False, f"cgroup {found.version}: {why}; profiles needing "
+                     f"them: {needed}", hostinfo.cgroup_fix(needed))
     cg.remove()
     return Check("cgroups", True, f"cgroup {found.version}: created and removed a test cgroup "
                  f"under {policy.host.cgroup_parent}")
@@ -139,7 +215,7 @@ def _jail_failure(output: bytes) -> str:
     return " | ".join(errors[:3]) or "no output"
 
 
-def _check_python(name: str, profile: Profile, nsjail: str) -> Check:
+def _check_python(name: str, profile: Profile, nsjail: str, uid: int, gid: int) -> Check:
     """The kernel environment must be readable by the jail's host uid, and must import
     ipykernel inside a jail. Readability is asked first, as that uid, so its failure is
     reported as such rather than as a failed import."""
@@ -151,7 +227,6 @@ def _check_python(name: str, profile: Profile, nsjail: str) -> Check:
     except CellblockError as exc:
         return Check(label, False, str(exc), "set python = '/path/to/venv/bin/python' in the "
                      "profile")
-    uid, gid = jail_ids()
     example = ("e.g. /usr/bin/python3 -m venv /opt/cellblock/venv && /opt/cellblock/venv/bin/"
                "pip install cellblock, then set python = '/opt/cellblock/venv/bin/python'")
     unreadable = _unreadable([*mounts, python], uid, gid)
@@ -205,7 +280,8 @@ def _check_runtime_dir() -> Check:
 
 
 def run_checks(policy: Policy, profile_names: list[str] | None = None) -> list[Check]:
-    """Run every check for the named profiles (default: all)."""
+    """Run every check for the named profiles (default: all). A jail check that fails
+    stops the ones after it: they would fail for the same reason, named less well."""
     names = profile_names or sorted(policy.profiles)
     profiles = {n: policy.profile(n) for n in names}
     checks: list[Check] = []
@@ -214,12 +290,20 @@ def run_checks(policy: Policy, profile_names: list[str] | None = None) -> list[C
     checks.append(_check_seccomp())
     checks.append(_check_runtime_dir())
     checks.append(_check_cgroups(policy, profiles))
-    if nsjail is not None:
-        checks.append(_check_userns(nsjail))
-        seen: dict[str, Check] = {}
-        for name, prof in profiles.items():
-            key = prof.python
-            if key not in seen:
-                seen[key] = _check_python(name, prof, nsjail)
-                checks.append(seen[key])
+    views = _check_views(policy, profiles)
+    if views is not None:
+        checks.append(views)
+    uid_check, ids = _check_jail_uids(policy)
+    checks.append(uid_check)
+    if nsjail is None or ids is None:
+        return checks
+    for check in (_check_userns, _check_proc):
+        checks.append(check(nsjail, *ids))
+        if not checks[-1].ok:
+            return checks
+    seen: set[str] = set()
+    for name, prof in profiles.items():
+        if prof.python not in seen:
+            seen.add(prof.python)
+            checks.append(_check_python(name, prof, nsjail, *ids))
     return checks

@@ -15,6 +15,7 @@ from cellblock_kernel import datasets as wire
 
 from .broker import CONTROL_SOCKET
 from .errors import PolicyError
+from .names import KERNEL_ID
 
 __all__ = ["control_request", "find_kernel", "operator_request"]
 
@@ -45,6 +46,8 @@ def find_kernel(prefix: str, base: Path | None = None) -> Path:
         raise PolicyError(f"kernel {prefix!r}: give a kernel id or a unique prefix of one")
     ids: dict[str, Path] = {}
     for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        if not KERNEL_ID.fullmatch(entry.name):
+            continue  # not a run dir (nothing else belongs here, but never fail on it)
         record = RunDir(base, entry.name).read_record()
         if record is not None and (entry / CONTROL_SOCKET).exists():
             ids[record.kernel_id] = entry

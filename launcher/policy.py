@@ -24,10 +24,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .datasets import Dataset, check_profiles
 from .errors import PolicyError, ProfileDisabled, UnknownProfile
+from .jailuids import JAIL_UIDS_ENV, parse_uid_range
 
 __all__ = [
     "AuditSettings",
@@ -209,6 +217,15 @@ class HostSettings(_Model):
     cgroup_parent: str = Field(
         "cellblock", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$"
     )
+    jail_uids: str = Field(
+        "auto", description='host uids of jails (as root): "auto" or "FIRST-LAST" '
+        "(cellblock.jailuids); $CELLBLOCK_JAIL_UIDS overrides it")
+
+    @field_validator("jail_uids")
+    @classmethod
+    def _uid_range(cls, value: str) -> str:
+        parse_uid_range(value)  # ValueError names the value and the allowed forms
+        return value.strip()
 
 
 class AuditSettings(_Model):
@@ -342,6 +359,9 @@ def load_policy(path: Path | str | None = None, *, env: Mapping[str, str] | None
     if env.get(CGROUP_PARENT_ENV):  # lets an operator delegate a cgroup subtree per user
         data = _merge(data, {"host": {"cgroup_parent": env[CGROUP_PARENT_ENV]}})
         sources.append(f"${CGROUP_PARENT_ENV}")
+    if env.get(JAIL_UIDS_ENV):  # e.g. set in a pod's image or manifest, not in a file
+        data = _merge(data, {"host": {"jail_uids": env[JAIL_UIDS_ENV]}})
+        sources.append(f"${JAIL_UIDS_ENV}")
     data["sources"] = tuple(sources)
     try:
         policy = Policy.model_validate(data)

@@ -23,7 +23,9 @@ only known when a client adopts it: ``warden.json`` always names the current ker
 
 The runtime base is ``$CELLBLOCK_RUNTIME_DIR``, else ``/run/cellblock`` for root,
 else ``$XDG_RUNTIME_DIR/cellblock``, else ``/tmp/cellblock-<uid>``. It is mode
-0711: the jail's uid may traverse it but not list it.
+0711: the jail's uid may traverse it but not list it. Every entry in it is a run dir; as
+root, the jail uids the kernels hold are claimed beside it, in ``<base>-uids/`` (mode 0700,
+cellblock.jailuids).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from .errors import HostUnsupported
 from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout, run_dir_layout
+from .jailuids import AUTO, claim_uid, jail_uid_range, release_uids, sweep_claims
 from .names import KERNEL_ID, check_kernel_id
 
 __all__ = [
@@ -48,16 +51,14 @@ __all__ = [
     "RunDir",
     "WardenRecord",
     "is_warden_alive",
+    "jail_ids",
     "process_start",
+    "release_uid",
     "runtime_base",
     "sweep_stale",
 ]
 
 RUNTIME_ENV = "CELLBLOCK_RUNTIME_DIR"
-# As root, each kernel gets its own host uid from this range: jails never share a
-# uid with each other or with a host account (2**24 ids, so collisions are rare).
-JAIL_UID_BASE = 0x40000000
-JAIL_UID_SPAN = 1 << 24
 MAX_SOCKET_PATH = 100  # AF_UNIX sun_path is 108 bytes with the NUL
 MNT_DETACH = 2  # umount2 flag: how remove() detaches a tmpfs left by an older cellblock
 OWNER_FILE = "owner"
@@ -76,13 +77,25 @@ def runtime_base() -> Path:
     return Path(f"/tmp/cellblock-{os.getuid()}")  # noqa: S108 - private, 0711, owned by us
 
 
-def jail_ids() -> tuple[int, int]:
-    """Host uid/gid the jail's uid maps to: a fresh one per kernel as root, else our own
-    (an unprivileged user can map only itself without newuidmap)."""
-    if os.geteuid() == 0:
-        uid = JAIL_UID_BASE + secrets.randbelow(JAIL_UID_SPAN)
-        return uid, uid
-    return os.getuid(), os.getgid()
+def jail_ids(setting: str = AUTO, claim_for: RunDir | None = None) -> tuple[int, int]:
+    """Host uid/gid the jail's uid maps to: as root, one of ``[host] jail_uids``
+    (cellblock.jailuids) held by no account and, when ``claim_for`` names the kernel's
+    run dir, claimed for it until :func:`release_uid`; else our own (an unprivileged user
+    can map only itself without newuidmap). Raises HostUnsupported for a range this user
+    namespace does not map."""
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    first, last, _ = jail_uid_range(setting)
+    if claim_for is None:
+        uid = first + secrets.randbelow(last - first + 1)
+    else:
+        uid = claim_uid(claim_for.path.parent, claim_for.path.name, first, last)
+    return uid, uid
+
+
+def release_uid(run: RunDir, uid: int) -> None:
+    """Give back the uid :func:`jail_ids` claimed for ``run`` (a no-op unprivileged)."""
+    release_uids(run.path.parent, run.path.name, uid)
 
 
 @dataclass
@@ -296,4 +309,5 @@ def sweep_stale(base: Path | None = None) -> list[str]:
             ).remove_empty()
         run.remove()
         removed.append(record.kernel_id)
+    sweep_claims(base)
     return removed

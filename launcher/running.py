@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CellblockError
+from .names import KERNEL_ID
 from .rundir import (
     RUNTIME_ENV,
     STOP_REASON_FILE,
@@ -77,6 +78,8 @@ def list_running(bases: Iterable[Path] | None = None) -> list[RunningKernel]:
     for base in _bases() if bases is None else bases:
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
+                if not KERNEL_ID.fullmatch(entry.name):
+                    continue  # not a run dir (nothing else belongs here, but never fail on it)
                 run = RunDir(base, entry.name)
                 record = run.read_record()
                 if record is None or not is_warden_alive(record):

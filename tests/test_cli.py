@@ -313,7 +313,8 @@ async def test_profiles_show_prints_the_command_the_warden_runs(
     the kernel's run dir and jail uid in place of KERNEL_ID and the first jail uid."""
     from jupyter_client.manager import AsyncKernelManager
 
-    from cellblock.rundir import JAIL_UID_BASE, RunDir, runtime_base
+    from cellblock.jailuids import WIDE_RANGE
+    from cellblock.rundir import RunDir, runtime_base
 
     shown = subprocess.run([str(BIN / "cellblock"), "profiles", "show", profile, "--json"],
                            capture_output=True, text=True, check=True, env=os.environ)
@@ -325,7 +326,7 @@ async def test_profiles_show_prints_the_command_the_warden_runs(
         assert record is not None and record.nsjail_pid is not None
         cmdline = Path(f"/proc/{record.nsjail_pid}/cmdline").read_bytes()
         running = cmdline.decode().rstrip("\0").split("\0")
-        shown_ids = f"1000:{JAIL_UID_BASE if os.geteuid() == 0 else os.getuid()}:1"
+        shown_ids = f"1000:{WIDE_RANGE[0] if os.geteuid() == 0 else os.getuid()}:1"
         expected = [arg.replace("/KERNEL_ID/", f"/{record.slot}/") for arg in command]
         if os.geteuid() == 0:  # as root each kernel gets its own uid (and gid)
             expected = [a.replace(shown_ids, f"1000:{record.jail_uid}:1") for a in expected]

@@ -259,12 +259,18 @@ def core_files(run_dir: Path) -> list[str]:
 async def run_process() -> Run:
     km = await start_kernel("agent")
     run_dir = Path(os.environ["CELLBLOCK_RUNTIME_DIR"]) / str(km.kernel_id)
+    # In a container the host's pids are small and may equal the jail's own (K17 skips
+    # those): a process started after the jail has a pid above every jail pid so far.
+    sleeper = subprocess.Popen(["sleep", "600"])
     try:
-        params = {"HOST_PIDS": [os.getpid(), warden_pid(km)]}
+        params = {"HOST_PIDS": [os.getpid(), warden_pid(km), sleeper.pid]}
         nb = await execute(inject(load("process"), params), km)
         alive = await km.is_alive()
         cores = core_files(run_dir)
+        assert sleeper.poll() is None, "K17 reached a host process"
     finally:
+        sleeper.kill()
+        sleeper.wait()
         await km.shutdown_kernel(now=False)
     return Run("process", nb, {"alive": alive, "cores": cores})
 

@@ -122,7 +122,7 @@ def test_builtin_profiles(operator) -> None:
     assert analyst.allowed_requests is None
     assert analyst.cgroups == "required"
     assert (analyst.datasets, analyst.default_datasets) == (("sample",), ())
-    assert policy.host == HostSettings(nsjail="", cgroup_parent="cellblock")
+    assert policy.host == HostSettings(nsjail="", cgroup_parent="cellblock", jail_uids="auto")
 
 
 def test_builtin_sample_dataset(operator) -> None:
@@ -205,7 +205,8 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
     ("[profiles.agent.limits]\nmemmory = 1\n",
      "profiles.agent.limits.memmory: unknown key; allowed keys here: cpus, file_size, "
      "home_size, memory, open_files, pids, tmp_size, warden_cpus, warden_memory"),
-    ("[host]\nbinary = 1\n", "host.binary: unknown key; allowed keys here: cgroup_parent, nsjail"),
+    ("[host]\nbinary = 1\n",
+     "host.binary: unknown key; allowed keys here: cgroup_parent, jail_uids, nsjail"),
     ("colour = 1\n", "colour: unknown key; allowed keys here: audit, datasets, host, profiles"),
 ])
 def test_unknown_key_at_each_level(operator, text: str, expected: str) -> None:

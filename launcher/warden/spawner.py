@@ -71,7 +71,8 @@ POOL_MAX = 64  # at most this many pooled kernels per profile
 # Environment variables that shape a jail before it has a client; a pooled kernel is only
 # adopted by a launch whose values match (the rest is applied at adoption).
 POOL_ENV = ("CELLBLOCK_POLICY", "CELLBLOCK_RUNTIME_DIR", "CELLBLOCK_CGROUP_PARENT",
-            "CELLBLOCK_CGROUP_ROOT", "CELLBLOCK_NSJAIL", "XDG_RUNTIME_DIR", "HOME")
+            "CELLBLOCK_CGROUP_ROOT", "CELLBLOCK_NSJAIL", "CELLBLOCK_JAIL_UIDS", "XDG_RUNTIME_DIR",
+            "HOME")
 
 
 def pool_key(profile_name: str, env: dict[str, str]) -> tuple[str, Any]:

@@ -58,6 +58,7 @@ from ..rundir import (
     WardenRecord,
     jail_ids,
     process_start,
+    release_uid,
     runtime_base,
     sweep_stale,
 )
@@ -132,6 +133,7 @@ class Warden(Bookkeeping):
         self._argv: list[str] = []
         self._inner: dict[str, Any] = {}
         self._ids = (0, 0)
+        self._claimed: int | None = None  #: the jail uid claimed for this run dir (as root)
         self._started = time.monotonic()
         self.client_pidfd = -1  # the client process; readable once it is gone
 
@@ -234,7 +236,8 @@ class Warden(Bookkeeping):
         resolve_python(profile)
         sweep_stale(self.run.path.parent)
 
-        uid, gid = jail_ids()
+        uid, gid = jail_ids(self.policy.host.jail_uids, claim_for=self.run)
+        self._claimed = uid
         layout = self.run.create(uid, gid)
         self.datasets = setup_datasets(
             run_path=self.run.path, policy=self.policy, profile_name=self.profile_name,
@@ -481,6 +484,8 @@ class Warden(Bookkeeping):
             self.datasets.broker.close()
         if self.run.created:  # never a run dir that was there before (another warden's)
             self.run.remove()
+        if self._claimed is not None:
+            release_uid(self.run, self._claimed)
         counted = {k: v for k, v in self.drops.items() if v > 100}
         if counted:
             self.audit.write("gate.drop_counts", counts=counted)

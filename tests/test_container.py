@@ -1,0 +1,95 @@
+"""cellblock in a container (deploy/): the image built here, `cellblock doctor` passing
+under the least privileges of deploy/README.md and failing, named, without them; a jail
+in a user-namespaced container (--uidmap 0:200000:65536) on the default jail uid range.
+
+Opt-in: set CELLBLOCK_CONTAINER_TESTS=1, as root, with podman installed (deploy/
+build-image.sh installs it). The image build and the containment suite in a container
+take minutes, so CI's default run skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+IMAGE = "localhost/cellblock:dev"
+ENV = {**os.environ, "CONTAINERS_CONF": str(DEPLOY / "containers.conf")}
+LEAST = ("--security-opt", f"seccomp={DEPLOY / 'seccomp.json'}",
+         "--security-opt", "unmask=/proc/*")
+USERNS = ("--uidmap", "0:200000:65536", "--gidmap", "0:200000:65536")
+
+pytestmark = [
+    pytest.mark.skipif(not os.environ.get("CELLBLOCK_CONTAINER_TESTS"),
+                       reason="container tests are opt-in: set CELLBLOCK_CONTAINER_TESTS=1 "
+                       "(they build an image; deploy/README.md)"),
+    pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (sh "
+                       "deploy/build-image.sh installs it)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the container scripts run rootful podman"),
+    pytest.mark.timeout(1800),
+]
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    subprocess.run(["sh", str(DEPLOY / "build-image.sh")], check=True, env=ENV, timeout=1700)
+    return IMAGE
+
+
+def podman_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", "run", "--rm", *args], capture_output=True, text=True,
+                          env=ENV, timeout=600, check=False)
+
+
+def test_doctor_passes_under_the_least_privileges(image: str) -> None:
+    out = podman_run(*LEAST, image, "cellblock", "doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "8 of 8 checks passed"
+    caps = podman_run(*LEAST, image, "grep", "CapEff", "/proc/self/status").stdout
+    assert caps.split()[1] == "00000000a80425fb"  # podman's default set: nothing added
+
+
+def test_doctor_names_the_runtime_defaults_it_cannot_work_under(image: str) -> None:
+    out = podman_run(image, "cellblock", "doctor")  # the runtime's seccomp, /proc masked
+    assert out.returncode == 1
+    assert "[FAIL] seccomp filter: a seccomp filter on this process" in out.stdout
+    assert "sethostname('NSJAIL'): Operation not permitted" in out.stdout
+    out = podman_run(LEAST[0], LEAST[1], image, "cellblock", "doctor")  # /proc masked
+    assert out.returncode == 1
+    assert "[FAIL] /proc: nsjail cannot mount a new /proc: this /proc is masked" in out.stdout
+    assert "fix: run the container with /proc unmasked: podman --security-opt unmask=/proc/*" \
+        in out.stdout
+    out = podman_run(*LEAST, "--cap-drop", "ALL", image, "cellblock", "doctor")
+    assert out.returncode == 1
+    assert "[FAIL] jail uids: nsjail could not write the jail's uid/gid map: " in out.stdout
+
+
+def test_a_jail_in_a_user_namespaced_container(image: str) -> None:
+    """Only ids 0-65535 exist: jails take uids from 10000-59999 and a notebook runs."""
+    out = podman_run(*LEAST, *USERNS, image, "cellblock", "doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '[ok] jail uids: 10000-59999 (host.jail_uids = "auto"), mapped in this user ' \
+        "namespace" in out.stdout
+    script = ("cellblock run --profile agent --output /tmp/out.ipynb >&2 && "
+              "cat /tmp/out.ipynb")
+    out = podman_run(*LEAST, *USERNS, image, "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    first = json.loads(out.stdout)["cells"]
+    text = "".join("".join(o.get("text", "")) for c in first for o in c.get("outputs", []))
+    line = next(x for x in text.splitlines() if x.startswith("host uid map: "))
+    uid = int(line.split("'")[3])  # host uid map: ['1000', '<uid>', '1']
+    assert 10000 <= uid <= 59999, line
+
+
+def test_containment_suite_in_a_container(image: str) -> None:
+    out = subprocess.run(["sh", str(DEPLOY / "run-tests.sh"), "tests/test_containment.py"],
+                         env={**ENV, "IMAGE": "localhost/cellblock-test:dev",
+                              "CELLBLOCK_CAPS": "SYS_ADMIN"},  # for directory datasets
+                         capture_output=True, text=True, timeout=1700, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
