@@ -111,12 +111,10 @@ async def test_ipc_dir_cannot_be_written_and_never_steers_the_warden(
                                 "mkdir"}
         assert all(v in ("EROFS", "EACCES", "EPERM") for v in results.values()), results
         out = await collect(kc, DROP_SOCKETS)
+        # (the gate's "connection broke and came back" marker may reach this cell, or not:
+        # libzmq may report the new connection before the old one's end, and then nothing
+        # was ever down)
         assert out["errors"] == [] and "dropped\n" in out["stdout"], out
-        # the kernel made the new connection, the warden saw it come back (its marker may
-        # reach this cell or, when the handshake lands after the cell's idle, none)
-        kid = str(km.kernel_id)
-        assert wait_for(lambda: [e for e in audit_events(kid) if e.event == "gate.reconnect"
-                                 and e.fields["channel"] == "stdin"]), audit_events(kid)
         again = await collect(kc, "print(6 * 7)")
         assert again == {"stdout": "42\n", "errors": []}, again
         assert accepted() == 0, "the warden connected to a host socket the jail named"
