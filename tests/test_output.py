@@ -734,3 +734,25 @@ def test_ordinary_text_released_on_the_timer_is_not_masked() -> None:
         out, _ = run(f, "stream", {"name": "stdout", "text": "next\n"})
         seen += (out["text"] if out else "") + "".join(c["text"] for _, c in f.flush("p1"))
         assert seen == text + "next\n"
+
+
+def test_text_held_when_the_head_fills_exactly_joins_the_tail() -> None:
+    """Found by containment R9 (5,000 tiny prints), 1 run in 8: a message that fills the
+    head exactly left the carry-over window's text pending; the timer then dropped it
+    (past the head), the tail counted too little to be cut, and the client got a cut with
+    no marker. Now held text always joins the tail once the head is full."""
+    from cellblock.output.streams import CellStreams
+
+    cell = CellStreams(head=5, tail=1024, redactor=None, normalise=False, nonce="abcdef")
+    cell.pending["stdout"] = "held back\n"
+    cell.since["stdout"] = 0.0
+    assert cell._budget("stdout", "12345") == "12345"  # exactly the head
+    assert cell.pending == {} and cell.since == {}
+    assert cell.release_due(1e9, 0.2) == []
+    assert cell.flush() == [("stdout", "held back\n")]
+
+    cell = CellStreams(head=0, tail=1024, redactor=None, normalise=False, nonce="abcdef")
+    cell.pending["stdout"] = "late\n"
+    cell.since["stdout"] = 0.0
+    assert cell.release_due(1e9, 0.2) == []  # past the head: kept for the tail, not lost
+    assert cell.flush() == [("stdout", "late\n")]

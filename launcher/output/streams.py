@@ -171,7 +171,9 @@ class CellStreams:
                 continue
             del self.since[name]
             text = self.pending.pop(name, "")
-            if text and self.head_left > 0:
+            if text and self.head_left <= 0:  # never dropped: past the head it is tail
+                self._tail(name).add(text)
+            elif text:
                 # the start of a secret whose rest comes later is masked, and its rest with it
                 cut = partial_start(text) if self.redactor is not None else None
                 masked = ""
@@ -184,24 +186,31 @@ class CellStreams:
         return out
 
     def _budget(self, name: str, out: str) -> str:
-        """Release ``out`` within the head budget; the excess starts the tail."""
+        """Release ``out`` within the head budget; the excess starts the tail. Once the head
+        is full (exactly, too), what every stream holds back joins its tail."""
         if out.isascii() and len(out) <= self.head_left:
             self.head_left -= len(out)
+            if self.head_left == 0:
+                self._held_to_tails()
             return out
         raw = out.encode("utf-8", "surrogatepass")
         if len(raw) <= self.head_left:
             self.head_left -= len(raw)
+            if self.head_left == 0:
+                self._held_to_tails()
             return out
         keep = raw[: self.head_left].decode("utf-8", "ignore")
         self.head_left = 0
         rest = out[len(keep):] + self.pending.pop(name, "")
         self._tail(name).add(rest)
-        # the other streams' carried-over text joins their tails too
+        self._held_to_tails()  # the other streams' carried-over text joins their tails too
+        return keep
+
+    def _held_to_tails(self) -> None:
         for other, held in list(self.pending.items()):
             self._tail(other).add(held)
         self.pending.clear()
         self.since.clear()
-        return keep
 
     def flush(self) -> list[tuple[str, str]]:
         """What is left of each stream at the end of the cell, redacted, with markers (and
