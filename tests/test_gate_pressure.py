@@ -228,6 +228,9 @@ def test_r8_r9_iopub_flood_memory_bounded_control_still_answered(make_world, siz
     w = make_world(kernel_iopub=False, **agent_gate())
     k = w.kernel
     w.synced.add(id(w.a))  # the flooder owns iopub: nothing to sync with yet
+    # ...but the client's own subscription must be live before the head of the flood goes
+    # by (an XPUB drops what no subscriber is there for): the gate welcomes it (JEP 65)
+    assert w.a.sockets["iopub"].poll(int(WAIT * 1000)), "the gate never welcomed the client"
     parent = w.open()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
