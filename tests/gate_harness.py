@@ -337,6 +337,13 @@ class Client:
         self.got.append(got)
         return got
 
+    def drain_for(self, msg_type: str, timeout: float) -> bool:
+        """Read iopub until it is quiet for ``timeout``; whether a ``msg_type`` came."""
+        seen = False
+        while (got := self.recv("iopub", timeout=timeout)) is not None:
+            seen = seen or got.msg_type == msg_type
+        return seen
+
     def until(self, channel: str, pred: Callable[[Got], bool]) -> list[Got]:
         """Read ``channel`` until a message matches ``pred``; return all read, the match last."""
         seen: list[Got] = []
@@ -459,7 +466,9 @@ class World:
         waiting = [c for c in self.clients if id(c) not in self.synced]
         while waiting:  # (clear_output: the gate forwards one busy per request)
             k.say("iopub", "clear_output", parent, {"wait": True})
-            waiting = [c for c in waiting if c.recv("iopub", timeout=0.05) is None]
+            # only a clear_output proves the kernel's PUB is connected: anything else read
+            # here (the gate's own busy, what was left of an earlier flood) went another way
+            waiting = [c for c in waiting if not c.drain_for("clear_output", 0.05)]
             assert time.monotonic() < deadline, "iopub never connected"
         marker = f"synced-{uuid.uuid4().hex}"
         k.say("iopub", "stream", parent, {"name": "stdout", "text": marker})
