@@ -196,7 +196,7 @@ async def test_sleep_past_the_limit_is_interrupted(kernel: Any) -> None:
     took = time.monotonic() - started
     assert out["errors"][0] == f"{CELL_LIMIT}; kernel interrupted"
     assert out["reply"]["status"] == "error" and out["reply"]["ename"] == "KeyboardInterrupt"
-    assert 1.5 <= took < 10, took
+    assert took >= 1.5, took  # not before the 2 s limit (load only makes it later)
     # only the cell ended: the kernel and its state are still there
     assert (await run(kc, "x + 1"))["results"] == [{"text/plain": "42"}]
     events = audit_events(km.kernel_id)
@@ -236,7 +236,7 @@ async def test_a_cell_ignoring_interrupts_is_killed_and_the_kernel_restarts(
         f"{CELL_LIMIT}; kernel killed after 1 s grace and restarted",
     ]
     assert out["reply"]["status"] == "error" and out["reply"]["ename"] == "CellblockBudget"
-    assert 2.5 <= took < 15, took
+    assert took >= 2.5, took  # the limit, then the 1 s grace (load only makes it later)
     # the kernel came back in place: same warden, same ports, fresh state
     await kc.wait_for_ready(timeout=60)
     assert await km.is_alive()
@@ -288,7 +288,7 @@ async def test_lifetime_stops_the_kernel(kernel: Any) -> None:
     from datetime import datetime
 
     lived = datetime.fromisoformat(exits[0].ts) - datetime.fromisoformat(ready.ts)
-    assert 4 <= lived.total_seconds() < 10
+    assert lived.total_seconds() >= 4  # never before the limit
 
 
 @pytest.mark.profile("idler")
