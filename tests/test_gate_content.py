@@ -191,3 +191,26 @@ def test_p17_update_display_data_is_filtered_like_display_data(make_world):
         "data": {"text/plain": CANARY}, "metadata": {}, "transient": {"display_id": "d1"}})
     assert w.audit.wait_drops(1, mark) == [("iopub", "unknown_parent")]
     w.check()
+
+
+@pytest.mark.parametrize("then", ["error", "display_data", "execute_result", "clear_output"])
+def test_held_stream_text_goes_out_before_the_next_output_of_its_cell(make_world, then):
+    """The stream text the redaction carry-over holds back (its end could start a secret)
+    leaves before any later output of the same cell: a traceback, a figure or a result never
+    overtakes the text printed before it (it used to, by up to the carry-over latency)."""
+    w = make_world(**agent_gate())
+    k = w.kernel
+    parent = w.open()
+    k.say("iopub", "stream", parent, {"name": "stdout", "text": "loading the data: abc12345"})
+    content: dict[str, object] = {
+        "error": {"ename": "ValueError", "evalue": "bad", "traceback": ["ValueError: bad"]},
+        "display_data": {"data": {"text/plain": "fig"}, "metadata": {}},
+        "execute_result": {"data": {"text/plain": "42"}, "metadata": {}, "execution_count": 1},
+        "clear_output": {"wait": False},
+    }[then]
+    k.say("iopub", then, parent, content)
+    seen = w.a.until("iopub", lambda g: g.msg_type == then)
+    text = "".join(g.content.get("text", "") for g in seen if g.msg_type == "stream")
+    assert text.startswith("loading the data: "), [g.msg_type for g in seen]
+    w.finish(parent)
+    w.check()

@@ -46,7 +46,7 @@ import zmq
 
 from cellblock.gate import schema
 from cellblock.gate.observe import ALLOW, Observed, Verdict
-from cellblock.gate.rules import Withheld, apply_rules, flush_rules, tick_rules
+from cellblock.gate.rules import Withheld, apply_rules, flush_rules, release_rules, tick_rules
 from cellblock.gate.state import GateState
 from cellblock.gate.tracker import BUFFER_TYPES, CLIENT_TYPES, HOLD, Request
 from cellblock.gate.wire import DELIM, Dropped, check, load_object
@@ -167,6 +167,9 @@ class Forwarding(GateState):
                 self._relay_status(header, parent, parts, frames)
                 return
             request = self._bind_iopub(msg_type, parent, parts[3])
+            if msg_type != "stream" and self._rules:  # earlier text first, never overtaken
+                self._publish_held(request.msg_id, request.header,
+                                   release_rules(self._rules, request.msg_id))
         elif channel == "stdin":
             if not self._stdin:
                 raise Dropped("stdin_not_allowed", msg_type)

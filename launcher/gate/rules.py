@@ -27,6 +27,11 @@ And ``tick(now) -> list[tuple[str, str, dict]]``: the relay calls it about every
 still open. This is how carried-over text that waited long enough reaches the client while a
 cell is still running (a short ``print`` in a long loop).
 
+And ``release(parent_msg_id) -> list[tuple[str, dict]]``: the relay calls it before it
+relays any iopub message of that request other than a stream (an error, a figure, a
+result), and publishes what it returns first: text printed before a traceback arrives
+before it.
+
 Rules run in order; each sees the previous rule's output. A rule that raises is treated
 as a drop (fail closed), audited as ``rule_error:<name>``. ``header`` and ``parent`` are the
 parsed, validated dicts: rules must not mutate them. Rules are called from the gate's one
@@ -42,7 +47,8 @@ from typing import Any, Protocol, runtime_checkable
 from cellblock.gate.wire import Dropped
 
 __all__ = [
-    "WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "rule_name", "tick_rules",
+    "WITHHOLD", "OutputRule", "Withheld", "apply_rules", "flush_rules", "release_rules",
+    "rule_name", "tick_rules",
 ]
 
 WITHHOLD = b""
@@ -132,6 +138,12 @@ def _collect(rules: Sequence[OutputRule], hook: str, arg: object) -> list[tuple[
 def flush_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
     """What the rules kept back for ``parent_msg_id``, as (msg_type, content bytes)."""
     return _collect(rules, "flush", parent_msg_id)
+
+
+def release_rules(rules: Sequence[OutputRule], parent_msg_id: str) -> list[tuple[str, bytes]]:
+    """What the rules hold back for ``parent_msg_id`` that must leave before its next
+    output (the stream carry-over), as (msg_type, content bytes)."""
+    return _collect(rules, "release", parent_msg_id)
 
 
 def tick_rules(rules: Sequence[OutputRule], now: float) -> list[tuple[str, str, bytes]]:

@@ -20,6 +20,7 @@ is forwarded as the original bytes, without re-encoding.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -151,6 +152,21 @@ class OutputFilter:
         report = self._reports.pop(parent_msg_id, None)
         if report and self.audit is not None:
             self.audit("output.cell", report.fields(parent_msg_id))
+        return out
+
+    def release(self, parent_msg_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """Called by the relay before any other output of the cell (an error, a figure, a
+        result): the stream text the carry-over holds, released as the timer would, so that
+        nothing overtakes the text printed before it."""
+        cell = self.cells.get(parent_msg_id)
+        if cell is None or not cell.since:
+            return []
+        out = [("stream", {"name": name, "text": text})
+               for name, text in cell.release_due(math.inf, 0.0)]
+        if cell.findings:
+            self._findings = cell.findings
+            cell.findings = []
+            self._report(parent_msg_id, "stream")
         return out
 
     def tick(self, now: float) -> list[tuple[str, str, dict[str, Any]]]:
