@@ -77,6 +77,17 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def _make_or_reuse_empty(d: Path) -> None:
+    """``mkdir d``; a directory left by a dead warden of the same slot (SIGKILLed, its
+    cgroup not yet swept: a restart after it comes here first) is reused once nothing runs
+    in it. One with a process in it belongs to a live warden: FileExistsError, as before."""
+    try:
+        d.mkdir()
+    except FileExistsError:
+        if (d / "cgroup.procs").read_text().split():
+            raise
+
+
 def _keyed(path: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     with contextlib.suppress(OSError):
@@ -152,7 +163,7 @@ class KernelCgroup:
             if version == "v2":
                 cg._prepare_v2_parent(root, parent)
                 (d,) = cg.dirs
-                d.mkdir()
+                _make_or_reuse_empty(d)
                 _write(d / "memory.max", str(limits.warden_memory))
                 with contextlib.suppress(FileNotFoundError):
                     _write(d / "memory.swap.max", "0")
@@ -162,7 +173,7 @@ class KernelCgroup:
                 mem, _pids, cpu = cg.dirs
                 for d in cg.dirs:
                     d.parent.mkdir(parents=True, exist_ok=True)
-                    d.mkdir()
+                    _make_or_reuse_empty(d)
                 _write(mem / "memory.limit_in_bytes", str(limits.warden_memory))
                 with contextlib.suppress(FileNotFoundError, PermissionError):
                     _write(mem / "memory.memsw.limit_in_bytes", str(limits.warden_memory))

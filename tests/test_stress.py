@@ -362,3 +362,38 @@ async def test_failed_start_leaves_a_live_kernels_run_dir_alone(
         assert run.read_record() == record, "the failed warden removed a live kernel's run dir"
     finally:
         run.remove()
+
+
+def test_a_dead_wardens_empty_cgroup_is_reused_a_live_ones_is_not(jupyter_env: dict[str, str],
+                                                                   no_leftovers: None) -> None:
+    """A warden SIGKILLed before its cgroup was swept leaves ``<slot>.warden`` behind; the
+    restart of that kernel (same slot) made its own there first and failed with "File
+    exists" (seen in the unprivileged suite). Empty, it is reused; with a process in it (a
+    live warden of that slot) it is still refused."""
+    import uuid
+
+    from cellblock.cgroups import KernelCgroup, detect
+    from cellblock.errors import HostUnsupported
+    from cellblock.policy import load_policy
+
+    version = detect().version
+    if version is None:
+        pytest.skip("no cgroup controllers here")
+    policy = load_policy()
+    parent, limits = policy.host.cgroup_parent, policy.profiles["agent"].limits
+    slot = str(uuid.uuid4())
+    left = KernelCgroup.for_warden(version, parent, slot)
+    for d in left.dirs:  # what the dead warden left: the directories, nothing in them
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        cg = KernelCgroup.create_for_warden(version, parent, slot, limits)
+        cg.join(sleeper.pid)
+        with pytest.raises(HostUnsupported, match="File exists"):
+            KernelCgroup.create_for_warden(version, parent, slot, limits)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        left.remove_empty()
+    assert not any(d.exists() for d in left.dirs)
