@@ -131,6 +131,15 @@ class OutputPolicy(_Model):
                            "(a MIME value, an evalue, a traceback, a reply field), head+tail")
     max_image: Size = Field(1024 * 1024, ge=0, description="cap on one image (base64 bytes); "
                             "a larger one is replaced by a text saying so")
+    # The image budget of a profile marked for LLMs (cellblock.output.imagefit); 0: none.
+    image_max_side: int = Field(0, ge=0, le=1 << 24, description="long side in pixels every "
+                                "image must fit (header-checked by the gate; matplotlib "
+                                "figures rendered to fit in the jail); 0: no limit")
+    image_max_pixels: int = Field(0, ge=0, le=1 << 40, description="width x height every "
+                                  "image must fit; 0: no limit")
+    image_max_bytes: Size = Field(0, ge=0, description="decoded bytes every image must fit; "
+                                  "0: no limit. Any image budget refuses SVG and image types "
+                                  "without a header reader (only PNG, JPEG, GIF, WebP pass)")
     allowed_mime: tuple[str, ...] | None = Field(
         None, description="MIME types forwarded in rich outputs (None: all); others dropped")
     neutralize_urls: bool = Field(False, description="replace remote URLs in markdown/HTML")
