@@ -242,8 +242,9 @@ def gate(policy: OutputPolicy, msg_type: str, content: dict[str, Any],
 
 BIG = b64(encoded(3000, 1800, "PNG"))
 SMALL = b64(encoded(300, 180, "PNG"))
-BIG_NOTE = ("[cellblock: withheld image/png 3000x1800 px, {:,} bytes (over this profile's "
-            "image budget").format(len(base64.b64decode(BIG)))
+BIG_BYTES = len(base64.b64decode(BIG))
+BIG_NOTE = (f"[cellblock: withheld image/png 3000x1800 px, {BIG_BYTES:,} bytes (over this "
+            "profile's image budget")
 
 
 @pytest.mark.parametrize("msg_type", ["display_data", "update_display_data", "execute_result"])

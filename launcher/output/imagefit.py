@@ -46,7 +46,10 @@ def fit_size(width: int, height: int, max_side: int, max_pixels: int) -> tuple[i
         return width, height
     # 1e-9: 1568 / 3000 * 3000 is 1567.9999999999998 in floating point
     w, h = max(1, math.floor(width * scale + 1e-9)), max(1, math.floor(height * scale + 1e-9))
-    while (max_pixels and w * h > max_pixels or max_side and max(w, h) > max_side) and w + h > 2:
+    def over(w: int, h: int) -> bool:
+        return bool((max_pixels and w * h > max_pixels) or (max_side and max(w, h) > max_side))
+
+    while over(w, h) and w + h > 2:
         w, h = max(1, w - (w >= h)), max(1, h - (h > w))
     return w, h
 
