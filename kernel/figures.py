@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from IPython.core.formatters import JPEGFormatter, PNGFormatter
 
-__all__ = ["ImageBudget", "fit_dpi", "install"]
+__all__ = ["ImageBudget", "fit_scale", "install"]
 
 #: renders of one figure at most before its last one is sent as it is (the gate decides)
 MAX_RENDERS = 5
@@ -42,19 +42,18 @@ class ImageBudget(NamedTuple):
         return bool(self.max_side or self.max_pixels or self.max_bytes)
 
 
-def fit_dpi(dpi: float, width: float, height: float, nbytes: int,
-            budget: ImageBudget) -> float:
-    """The dpi at which a render of ``width`` x ``height`` pixels and ``nbytes`` bytes, made
-    at ``dpi``, would fit the budget (``dpi`` itself when it fits). Bytes scale roughly with
-    the area, hence the square root; 2% under, so that rounding does not land just over."""
-    scale = 1.0
+def fit_scale(width: float, height: float, nbytes: int, budget: ImageBudget) -> float:
+    """How much a render of ``width`` x ``height`` pixels and ``nbytes`` bytes may be scaled
+    (in each dimension) to just fit the budget: under 1 when it is over, over 1 when there is
+    room (``inf`` with no budget). Bytes grow roughly with the area, hence the square root."""
+    scale = math.inf
     if budget.max_side:
         scale = min(scale, budget.max_side / max(width, height))
     if budget.max_pixels:
         scale = min(scale, math.sqrt(budget.max_pixels / (width * height)))
-    if budget.max_bytes and nbytes > budget.max_bytes:
+    if budget.max_bytes and nbytes:
         scale = min(scale, math.sqrt(budget.max_bytes / nbytes))
-    return dpi if scale >= 1.0 else dpi * scale * 0.98
+    return scale
 
 
 def _size(data: bytes) -> tuple[int, int]:
@@ -69,23 +68,34 @@ def _raw(rendered: Any) -> bytes:
 
 
 def _render(fig: Any, printer: Any, budget: ImageBudget) -> Any:
-    """What `printer` (the registered figure printer) makes of `fig`, at a dpi that fits."""
+    """What `printer` (the registered figure printer) makes of `fig`, at the largest dpi up
+    to the figure's own that fits: first from the figure's size in inches, then from the
+    measured render (a tight bounding box trims or grows it; bytes are only known after), 2%
+    under so that rounding does not land just over. The last render that fits is returned,
+    else the last one (the gate then withholds it, saying why)."""
     keywords = getattr(printer, "keywords", {}) or {}
-    dpi = float(keywords.get("dpi") or fig.dpi) * (2 if keywords.get("fmt") == "retina" else 1)
+    wanted = float(keywords.get("dpi") or fig.dpi)
+    wanted *= 2 if keywords.get("fmt") == "retina" else 1
     width_in, height_in = fig.get_size_inches()
-    dpi = fit_dpi(dpi, width_in * dpi, height_in * dpi, 0, budget)
-    rendered = None
+    dpi = wanted * min(1.0, 0.98 * fit_scale(width_in * wanted, height_in * wanted, 0, budget))
+    rendered = fitting = None
+    grown = False
     for _ in range(MAX_RENDERS):
         rendered = printer(fig, dpi=dpi)
         if rendered is None:  # an empty figure: nothing to show
             return None
         raw = _raw(rendered)
         width, height = _size(raw)
-        fitted = fit_dpi(dpi, width, height, len(raw), budget)
-        if fitted == dpi:
+        scale = fit_scale(width, height, len(raw), budget)
+        if scale < 1.0:
+            dpi *= 0.98 * scale
+            continue
+        fitting = rendered
+        better = min(wanted, dpi * 0.98 * scale)
+        if grown or better < dpi * 1.05:
             break
-        dpi = fitted
-    return rendered
+        dpi, grown = better, True  # room left: once more, larger
+    return fitting if fitting is not None else rendered
 
 
 def _figure_class() -> Any:

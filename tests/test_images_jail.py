@@ -87,6 +87,30 @@ async def test_a_raw_oversized_png_and_an_unfitted_figure_become_the_note(
             assert [n for n in r.policy.notes if "image budget" in n] == [withheld]
 
 
+NOISE = """
+import numpy as np
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(8, 8), dpi=150)
+ax.imshow(np.random.default_rng(0).random((800, 800, 3)))
+"""
+
+
+async def test_a_figure_over_the_byte_budget_is_rendered_smaller(
+        jupyter_env: dict[str, str]) -> None:
+    """Noise does not compress: at 1.15 MP it is ~3 MB of PNG; the kernel lowers the dpi
+    until the bytes fit too."""
+    budget = load_policy().profile("agent").output
+    async with Sandbox("agent") as sb:
+        r = await sb.run(NOISE)
+        assert r.ok, r.error
+        (png,) = images(r)
+        raw = base64.b64decode(png)
+        assert len(raw) <= budget.image_max_bytes
+        assert len(raw) > budget.image_max_bytes // 2  # not shrunk far past the budget
+        width, height = png_size(png)
+        assert width * height <= budget.image_max_pixels
+
+
 @pytest.mark.profile("analyst")
 async def test_the_analyst_gets_the_figure_full_size(jupyter_env: dict[str, str]) -> None:
     async with Sandbox("analyst") as sb:
