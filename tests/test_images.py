@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cellblock.errors import PolicyError
 from cellblock.gate.rules import apply_rules
 from cellblock.output.filter import OutputFilter, build_redactor
 from cellblock.output.imagefit import fit_size, has_image_budget, image_over_budget
@@ -285,9 +286,42 @@ def test_svg_and_other_types_are_refused_on_a_budgeted_profile_only() -> None:
     assert gate(analyst, "display_data", {"data": data, "metadata": {}})["data"] == data
 
 
-def test_html_with_a_data_image_is_not_sent_to_the_agent() -> None:
-    """An image inside HTML as a data: URI never reaches the agent: HTML is not an allowed
-    type of the agent profile (markdown's data: images: docs/policy.md)."""
-    html = f'<img src="data:image/png;base64,{BIG}">'
-    out = gate(agent(), "display_data", {"data": {"text/html": html}, "metadata": {}})
-    assert BIG not in json.dumps(out)
+TINY = b64(encoded(2, 1, "PNG"))
+
+
+@pytest.mark.parametrize(("mime", "value"), [
+    ("text/html", f'<img src="data:image/png;base64,{TINY}">'),
+    ("text/html", f'<img src="data&#58;image/png;base64,{TINY}">'),
+    ("text/html", f'<div style="background: url(data:image/png;base64,{TINY})">x</div>'),
+    ("text/html", f'<style>p {{ background: url("data:image/png;base64,{TINY}") }}</style>'),
+    ("text/html", f'<img srcset="data:image/png;base64,{TINY} 2x">'),
+    ("image/svg+xml", f'<svg><image href="data:image/png;base64,{TINY}"/></svg>'),
+    ("text/markdown", f"![x](data:image/png;base64,{TINY})"),
+    ("text/markdown", f"![x](data&#58;image/png;base64,{TINY})"),
+    ("text/markdown", f'<img src="data:image/png;base64,{TINY}">'),
+])
+def test_data_images_in_markup_do_not_bypass_the_budget(mime: str, value: str) -> None:
+    """An image inside markdown, HTML or SVG as a data: URL would skip the header check: on
+    a profile with an image budget it is removed (markdown becomes a code block), however
+    small; on one without, it stays (a data: image is local)."""
+    policy = agent().model_copy(update={"allowed_mime": None, "max_text": 1 << 20})
+    out = gate(policy, "display_data", {"data": {mime: value}, "metadata": {}})["data"]
+    shown = out.get(mime, "")
+    assert f"base64,{TINY}" not in shown or shown.startswith("[cellblock: "), out
+    unbudgeted = policy.model_copy(update={"image_max_side": 0, "image_max_pixels": 0,
+                                           "image_max_bytes": 0})
+    if mime != "image/svg+xml":
+        kept = gate(unbudgeted, "display_data", {"data": {mime: value}, "metadata": {}})
+        assert TINY in kept["data"][mime]
+
+
+def test_an_image_budget_needs_the_markup_parse(tmp_path: Any) -> None:
+    path = tmp_path / "cellblock.toml"
+    path.write_text("[profiles.agent.output]\nneutralize_urls = false\n")
+    with pytest.raises(PolicyError, match=r"profiles\.agent\.output: Value error, an image "
+                       r"budget \(image_max_side, image_max_pixels, image_max_bytes\) needs "
+                       r"neutralize_urls = true"):
+        load_policy(path, env={})
+    path.write_text("[profiles.agent.output]\nneutralize_urls = false\nimage_max_side = 0\n"
+                    "image_max_pixels = 0\nimage_max_bytes = 0\n")
+    assert not has_image_budget(load_policy(path, env={}).profile("agent").output)

@@ -30,10 +30,12 @@ __all__ = ["REMOVED_URL", "filter_bundle", "neutralize", "neutralize_urls"]
 _URL_MIME = {"text/markdown", "text/html", "image/svg+xml"}
 
 
-def neutralize(mime: str, text: str) -> tuple[str, int]:
-    """`text` of MIME type `mime` (markdown, HTML or SVG) without remote references, and how
-    many were removed."""
-    return neutralize_markdown(text) if mime == "text/markdown" else neutralize_html(text)
+def neutralize(mime: str, text: str, data_images: bool = True) -> tuple[str, int]:
+    """`text` of MIME type `mime` (markdown, HTML or SVG) without remote references (nor
+    ``data:`` images, unless `data_images`), and how many were removed."""
+    if mime == "text/markdown":
+        return neutralize_markdown(text, data_images)
+    return neutralize_html(text, data_images)
 
 
 def filter_bundle(
@@ -90,7 +92,7 @@ def filter_bundle(
             text = clean(value, shown)
             if policy.neutralize_urls and mime in _URL_MIME:
                 before = text
-                text, n = neutralize(mime, text)
+                text, n = neutralize(mime, text, data_images=not budget)
                 changed = changed or text != before  # HTML is rebuilt: new bytes, maybe no URL
                 if n:
                     report.urls(n)
