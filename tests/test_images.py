@@ -325,3 +325,45 @@ def test_an_image_budget_needs_the_markup_parse(tmp_path: Any) -> None:
     path.write_text("[profiles.agent.output]\nneutralize_urls = false\nimage_max_side = 0\n"
                     "image_max_pixels = 0\nimage_max_bytes = 0\n")
     assert not has_image_budget(load_policy(path, env={}).profile("agent").output)
+
+
+# -- the kernel's side: figures rendered to fit (a convenience; the gate is the control) -----
+
+@pytest.mark.parametrize(("size", "nbytes", "budget", "scale"), [
+    ((3000, 1800), 0, (1568, 0, 0), 1568 / 3000),
+    ((3000, 1800), 0, (0, 1_350_000, 0), 0.5),
+    ((1000, 500), 400, (0, 0, 100), 0.5),
+    ((1000, 500), 50, (0, 0, 200), 2.0),  # room left: may grow
+    ((1000, 500), 0, (0, 0, 0), float("inf")),
+])
+def test_fit_scale(size: tuple[int, int], nbytes: int, budget: tuple[int, int, int],
+                   scale: float) -> None:
+    from cellblock_kernel.figures import ImageBudget, fit_scale
+
+    assert fit_scale(*size, nbytes, ImageBudget(*budget)) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("fmt", ["png", "retina", "jpeg"])
+@pytest.mark.parametrize("bbox", ["tight", None])
+def test_a_figure_is_rendered_to_just_fit(fmt: str, bbox: str | None) -> None:
+    """With matplotlib-inline's own printer (the figure's dpi=300, 3000x1800 canvas): the
+    render fits the agent's budget and fills at least 90% of its pixels."""
+    import functools
+
+    import matplotlib
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    from cellblock_kernel.figures import ImageBudget, _render
+
+    matplotlib.use("agg")
+    fig = Figure(figsize=(10, 6), dpi=300)
+    fig.add_subplot().plot(range(100), [i * i % 37 for i in range(100)])
+    printer = functools.partial(print_figure, fmt=fmt, base64=True, bbox_inches=bbox)
+    out = agent()
+    budget = ImageBudget(out.image_max_side, out.image_max_pixels, out.image_max_bytes)
+    raw = base64.b64decode(_render(fig, printer, budget))
+    mime = "image/jpeg" if fmt == "jpeg" else "image/png"
+    width, height = image_size(mime, raw)
+    assert image_over_budget(mime, b64(raw), out) is None, (width, height, len(raw))
+    assert width * height >= 0.9 * out.image_max_pixels, (width, height)
