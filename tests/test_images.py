@@ -82,6 +82,8 @@ def sof(width: int, height: int, marker: int = 0xC0) -> bytes:
     ("image/jpeg", b"\xff\xd8" + sof(7, 9), (7, 9)),
     ("image/jpeg", b"\xff\xd8\xff\xff\xff" + sof(7, 9)[1:], (7, 9)),  # fill bytes
     ("image/jpeg", b"\xff\xd8\xff\xd0" + sof(7, 9, 0xC2), (7, 9)),  # RST, then SOF2
+    ("image/jpeg", b"\xff\xd8" + b"\xff\xd0" * 4095 + sof(7, 9), (7, 9)),  # at the limit
+    ("image/jpeg", b"\xff\xd8" + b"\xff" * 100_000 + sof(7, 9), (7, 9)),  # long fill run
     ("image/jpeg", b"\xff\xd8\xff\xe0\x00\x04ab" + sof(5, 6, 0xCF), (5, 6)),
     ("image/webp", b"RIFF\0\0\0\0WEBPVP8X" + b"\0" * 8 + b"\x01\0\0\x02\0\0", (2, 3)),
 ])
@@ -116,6 +118,9 @@ def test_sizes_read_from_handmade_headers(mime: str, data: bytes,
     ("image/jpeg", b"\xff\xd8" + sof(7, 9)[:8], "cut short"),
     ("image/jpeg", b"\xff\xd8\xff\xc0\x00\x05" + b"\0" * 10, "cut short"),
     ("image/jpeg", b"\xff\xd8" + sof(7, 0), "declares 7x0"),  # height from a DNL segment
+    ("image/jpeg", b"\xff\xd8" + b"\xff\xd0" * 4096 + sof(7, 9), "over 4096 markers"),
+    ("image/jpeg", b"\xff\xd8" + b"\xff\xfe\x00\x02" * 5000 + sof(7, 9), "over 4096 markers"),
+    ("image/jpeg", b"\xff\xd8" + b"\xff" * 300_000, "end before"),
     ("image/webp", b"RIFF\0\0\0\0WEBQVP8 " + b"\0" * 20, "RIFF WEBP"),
     ("image/webp", b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 13, "cut short"),
     ("image/webp", b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 14, "start code"),

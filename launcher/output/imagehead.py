@@ -16,6 +16,7 @@ budget is checked on the real bytes, whatever the header says.
 
 from __future__ import annotations
 
+import re
 import struct
 
 __all__ = ["HEADER_MIME", "BadImageHeader", "image_size"]
@@ -30,6 +31,10 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # markers with no length field: TEM, RST0-RST7 (SOI and EOI are handled on their own)
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+#: markers read before a start-of-frame at most; a real file has a few dozen (APPn, DQT,
+#: DHT, DRI, COM), and each is a Python loop turn on the gate's thread
+JPEG_MAX_STEPS = 4096
+_NOT_FF = re.compile(rb"[^\xff]")
 
 
 class BadImageHeader(ValueError):
@@ -70,18 +75,19 @@ def _gif(data: bytes) -> tuple[int, int]:
 
 
 def _jpeg(data: bytes) -> tuple[int, int]:
-    """Walk the segments from SOI to the first start-of-frame; each step moves forward by
-    at least two bytes, so the walk ends within ``len(data) / 2`` steps."""
+    """Walk the segments from SOI to the first start-of-frame, at most
+    :data:`JPEG_MAX_STEPS` markers (each moves forward at least two bytes; fill bytes are
+    skipped by one regular-expression search)."""
     if not data.startswith(b"\xff\xd8"):
         raise BadImageHeader("it does not start with a JPEG SOI marker")
     pos, end = 2, len(data)
-    while True:
+    for _ in range(JPEG_MAX_STEPS):
         if pos >= end or data[pos] != 0xFF:
             raise BadImageHeader("its JPEG segments end before a start-of-frame")
-        while pos < end and data[pos] == 0xFF:  # fill bytes before a marker
-            pos += 1
-        if pos >= end:
+        marker_at = _NOT_FF.search(data, pos)  # past any fill bytes, in C
+        if marker_at is None:
             raise BadImageHeader("its JPEG segments end before a start-of-frame")
+        pos = marker_at.start()
         marker = data[pos]
         pos += 1
         if marker in _JPEG_STANDALONE:
@@ -99,6 +105,7 @@ def _jpeg(data: bytes) -> tuple[int, int]:
             height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
             return width, height
         pos += length
+    raise BadImageHeader(f"its JPEG has over {JPEG_MAX_STEPS} markers before a start-of-frame")
 
 
 def _webp(data: bytes) -> tuple[int, int]:
