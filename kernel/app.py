@@ -14,6 +14,10 @@ Two more differences from a stock ``IPKernelApp``, both for the gate's sake:
 - no debugger socket: ipykernel connects its debug DEALER to the shell socket's last
   endpoint, which would now be the warden's own shell socket (the shell connects after).
 
+On a profile with an image budget the warden also passes it on the command line
+(``--CellblockKernelApp.image_max_side=...``), and matplotlib figures are rendered to fit it
+(:mod:`cellblock_kernel.figures`).
+
 Nothing here is a security control (everything in the jail is hostile); it only makes an
 honest kernel fit the boundary the warden enforces.
 """
@@ -26,6 +30,9 @@ import zmq
 from ipykernel.heartbeat import Heartbeat
 from ipykernel.iostream import OutStream
 from ipykernel.kernelapp import IPKernelApp
+from traitlets import Integer
+
+from .figures import ImageBudget, install
 
 __all__ = ["STREAM_CHUNK", "CellblockKernelApp", "ChunkedOutStream"]
 
@@ -65,6 +72,14 @@ class CellblockKernelApp(IPKernelApp):
 
     outstream_class = "cellblock_kernel.app.ChunkedOutStream"
 
+    # The profile's image budget (cellblock's OutputPolicy.image_max_*), set by the warden.
+    image_max_side = Integer(0, config=True, help="Long side in pixels matplotlib figures are "
+                             "rendered to fit; 0: no limit.")
+    image_max_pixels = Integer(0, config=True, help="Width x height matplotlib figures are "
+                               "rendered to fit; 0: no limit.")
+    image_max_bytes = Integer(0, config=True, help="Bytes matplotlib figures are rendered to "
+                              "fit; 0: no limit.")
+
     _shell_endpoint = ""
 
     def _try_bind_socket(self, s: zmq.Socket[Any], port: int) -> int:
@@ -83,6 +98,11 @@ class CellblockKernelApp(IPKernelApp):
         # With the shell not yet connected there is none, and the debugger stays unplugged.
         super().init_control(context)  # type: ignore[no-untyped-call]
         self.shell_socket.connect(self._shell_endpoint)
+
+    def init_shell(self) -> None:
+        super().init_shell()  # type: ignore[no-untyped-call]
+        install(self.shell, ImageBudget(self.image_max_side, self.image_max_pixels,
+                                        self.image_max_bytes))
 
     def init_heartbeat(self) -> None:
         hb_ctx: zmq.Context[Any] = zmq.Context()

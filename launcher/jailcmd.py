@@ -19,7 +19,7 @@ from cellblock_kernel.datasets import BROKER_DIR, DATA_ROOT
 
 from .errors import HostUnsupported, PolicyError
 from .names import DATASET_NAME
-from .policy import HostSettings, Policy, Profile
+from .policy import HostSettings, OutputPolicy, Policy, Profile
 
 __all__ = [
     "JAIL_BROKER",
@@ -142,13 +142,19 @@ def python_env_mounts(python: Path) -> tuple[Path, ...]:
     return tuple(out)
 
 
-def kernel_argv(python: Path) -> list[str]:
-    """What runs inside the jail: cellblock_kernel over ipc in JAIL_RUN."""
-    return [
+def kernel_argv(python: Path, output: OutputPolicy | None = None) -> list[str]:
+    """What runs inside the jail: cellblock_kernel over ipc in JAIL_RUN; with the profile's
+    image budget, if it has one (figures are rendered to fit it: cellblock_kernel.figures)."""
+    argv = [
         str(python), "-m", "cellblock_kernel",
         "-f", f"{JAIL_RUN}/kernel.json",
         "--transport=ipc", f"--ip={JAIL_RUN}/k",
     ]
+    if output is not None:
+        for key in ("image_max_side", "image_max_pixels", "image_max_bytes"):
+            if getattr(output, key):
+                argv.append(f"--CellblockKernelApp.{key}={int(getattr(output, key))}")
+    return argv
 
 
 def nsjail_argv(
@@ -200,7 +206,7 @@ def nsjail_argv(
         "--bindmount_ro", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
         "--env", f"PYTHONPATH={JAIL_PKG}",
         "--",
-        *kernel_argv(python),
+        *kernel_argv(python, profile.output),
     ]
     return argv
 

@@ -10,11 +10,12 @@ and closed (kernel, warden, jail, run dir, cgroup) when the session ends.
 
 Tools:
 
-- ``run_python(code)``: stdout, stderr and text results as text content, ``image/png`` and
-  ``image/jpeg`` results as image content, and a last text line saying what the policy did
-  (redactions, truncation, limits hit). An exception in the code, a budget that stopped the
-  cell, or a kernel that stopped is a tool error (``isError``) whose text has the exception's
-  name, value and traceback without ANSI colours.
+- ``run_python(code)``: stdout, stderr and text results as text content, ``image/png``,
+  ``image/jpeg``, ``image/gif`` and ``image/webp`` results as image content, and a last
+  text line saying what the policy did (redactions, truncation, limits hit). An exception
+  in the code, a budget that stopped the cell, or a kernel that stopped is a tool error
+  (``isError``) whose text has the exception's name, value and traceback without ANSI
+  colours.
 - ``list_datasets()``: the datasets the profile allows, which this session was granted,
   and how to read them (``cellblock_kernel.datasets``). Never a host path.
 - ``restart()``: a fresh kernel; every variable is gone.
@@ -103,13 +104,16 @@ def _text(text: str) -> Any:
 
 
 def _bundle_content(data: dict[str, Any]) -> list[Any]:
-    """One rich output as MCP content: its images, else its most readable text."""
+    """One rich output as MCP content: its image (``ImageContent``: base64 and MIME type, never
+    base64 as text; the first of its image types, one image per output), else its most
+    readable text. Each image already fits the profile's image budget, if it has one: the
+    gate withheld any other (cellblock.output.imagefit)."""
     from mcp.types import ImageContent
 
-    images = [ImageContent(type="image", data="".join(str(data[m]).split()), mime_type=m)
-              for m in IMAGE_TYPES if isinstance(data.get(m), str)]
-    if images:
-        return images
+    for mime in IMAGE_TYPES:
+        if isinstance(data.get(mime), str):
+            return [ImageContent(type="image", data="".join(data[mime].split()),
+                                 mime_type=mime)]
     for mime in TEXT_TYPES:
         if mime in data:
             value = data[mime]

@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .datasets import Dataset, check_profiles
@@ -131,6 +132,15 @@ class OutputPolicy(_Model):
                            "(a MIME value, an evalue, a traceback, a reply field), head+tail")
     max_image: Size = Field(1024 * 1024, ge=0, description="cap on one image (base64 bytes); "
                             "a larger one is replaced by a text saying so")
+    # The image budget of a profile marked for LLMs (cellblock.output.imagefit); 0: none.
+    image_max_side: int = Field(0, ge=0, le=1 << 24, description="long side in pixels every "
+                                "image must fit (header-checked by the gate; matplotlib "
+                                "figures rendered to fit in the jail); 0: no limit")
+    image_max_pixels: int = Field(0, ge=0, le=1 << 40, description="width x height every "
+                                  "image must fit; 0: no limit")
+    image_max_bytes: Size = Field(0, ge=0, description="decoded bytes every image must fit; "
+                                  "0: no limit. Any image budget refuses SVG and image types "
+                                  "without a header reader (only PNG, JPEG, GIF, WebP pass)")
     allowed_mime: tuple[str, ...] | None = Field(
         None, description="MIME types forwarded in rich outputs (None: all); others dropped")
     neutralize_urls: bool = Field(False, description="replace remote URLs in markdown/HTML")
@@ -142,6 +152,18 @@ class OutputPolicy(_Model):
     redact_env: tuple[str, ...] = Field((), description="names of environment variables of "
                                         "the launching process whose values are redacted")
     allow_comms: bool = Field(False, description="forward comm_open/comm_msg (widgets)")
+
+    @model_validator(mode="after")
+    def _budget_sees_markup_images(self) -> OutputPolicy:
+        """An image hides in markdown, HTML and SVG as a ``data:`` URL, which the gate finds
+        (and removes, on a profile with an image budget) only where it parses them."""
+        budget = self.image_max_side or self.image_max_pixels or self.image_max_bytes
+        if budget and not self.neutralize_urls:
+            raise ValueError("an image budget (image_max_side, image_max_pixels, "
+                             "image_max_bytes) needs neutralize_urls = true: images in "
+                             "markdown, HTML and SVG are found by that parse; set both, or "
+                             "set the three image_max_* to 0")
+        return self
 
 
 class Budgets(_Model):
@@ -303,6 +325,8 @@ def _explain(err: ValidationError, source: str) -> PolicyError:
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(k for k in _allowed_keys(loc) if k != "sources")
             lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
+        elif isinstance(e.get("input"), dict):  # a whole table's check: its keys are named
+            lines.append(f"{key}: {e['msg']}")
         else:
             lines.append(f"{key} = {e.get('input')!r}: {e['msg']}")
     return PolicyError(f"invalid policy ({source}):\n  " + "\n  ".join(lines))

@@ -106,7 +106,10 @@ def test_profiles_show_one_flag_and_value_per_line(env: dict[str, str]) -> None:
     assert "    --rlimit_fsize 256 \\" in command
     assert command[-1].startswith("    -- ")
     assert command[-1].endswith(" -m cellblock_kernel -f /run/cellblock/kernel.json "
-                                "--transport=ipc --ip=/run/cellblock/k")
+                                "--transport=ipc --ip=/run/cellblock/k "
+                                "--CellblockKernelApp.image_max_side=1568 "
+                                "--CellblockKernelApp.image_max_pixels=1150000 "
+                                "--CellblockKernelApp.image_max_bytes=307200")
     for line in command[1:-1]:  # every middle line is one flag, maybe with its value
         assert line.startswith("    --") and line.endswith(" \\")
         assert len(line.split()) in (2, 3)

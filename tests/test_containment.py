@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -353,14 +352,16 @@ def image_withheld(run: Run, cell: NotebookNode) -> None:
         in output_text(cell)
 
 
-def image_passed_opaque(run: Run, cell: NotebookNode) -> None:
-    """R20: the PNG bomb reached the client byte for byte: the gate did not decode it."""
-    import base64
-
-    images = [o.data["image/png"] for o in cell.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 1
-    digest = hashlib.sha256(base64.b64decode(images[0])).hexdigest()
-    assert f"sha256 {digest}" in output_text(cell)
+def image_refused_by_header(run: Run, cell: NotebookNode) -> None:
+    """R20: the PNG bomb did not reach the client: the gate read its header (16000x16000,
+    over the agent's image budget) and withheld it, with its exact size in bytes, without
+    inflating it."""
+    text = output_text(cell)
+    assert all("image/png" not in o.get("data", {}) for o in cell.outputs)
+    sent = re.search(r"SENT R20: (\d+) bytes sha256", text)
+    assert sent, text
+    assert f"withheld image/png 16000x16000 px, {int(sent[1]):,} bytes (over this profile's " \
+        "image budget" in text, text
 
 
 def svg_withheld(run: Run, cell: NotebookNode) -> None:
@@ -371,7 +372,7 @@ def svg_withheld(run: Run, cell: NotebookNode) -> None:
 
 OUTPUT_HOST_CHECKS = {"R8": bounded_with_marker, "R9": bounded_with_marker,
                       "R10": image_withheld, "R18": bounded_with_marker,
-                      "R19": bounded_with_marker, "R20": image_passed_opaque,
+                      "R19": bounded_with_marker, "R20": image_refused_by_header,
                       "N16c": svg_withheld}
 
 

@@ -20,7 +20,7 @@ from cellblock.jailcmd import (
     python_env_mounts,
     resolve_python,
 )
-from cellblock.policy import HostSettings, Limits, Profile
+from cellblock.policy import HostSettings, Limits, OutputPolicy, Profile
 
 CONFIGS = Path(str(resources.files("cellblock.nsjail_configs")))
 LAYOUT = JailLayout(
@@ -265,3 +265,16 @@ def test_resolve_python(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=f"python '{missing}' does not exist"):
         resolve_python(Profile(python=str(missing)))
 
+
+
+def test_kernel_argv_carries_the_image_budget() -> None:
+    """The kernel learns its profile's image budget on its command line (traitlets of
+    CellblockKernelApp), each limit only when set."""
+    base = ["/py", "-m", "cellblock_kernel", "-f", "/run/cellblock/kernel.json",
+            "--transport=ipc", "--ip=/run/cellblock/k"]
+    assert kernel_argv(Path("/py")) == base
+    assert kernel_argv(Path("/py"), OutputPolicy()) == base
+    budget = OutputPolicy(image_max_side=1568, image_max_bytes="300KiB", neutralize_urls=True)
+    assert kernel_argv(Path("/py"), budget) == [
+        *base, "--CellblockKernelApp.image_max_side=1568",
+        "--CellblockKernelApp.image_max_bytes=307200"]

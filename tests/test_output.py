@@ -25,6 +25,11 @@ NONCE = "abc123"
 AKIA = "AKIA" + "QWERTYUIOPASDFGH"  # AWS access key id format, not a real key
 
 
+#: the agent profile's image budget turned off, for tests of other rules on stand-in images
+NO_IMAGE_BUDGET: dict[str, Any] = {"image_max_side": 0, "image_max_pixels": 0,
+                                   "image_max_bytes": 0}
+
+
 def agent() -> OutputPolicy:
     return load_policy().profile("agent").output
 
@@ -164,7 +169,7 @@ def test_analyst_keeps_html_unchanged_bytes() -> None:
 
 
 def test_image_cap() -> None:
-    f = make(agent(), max_image=100, redact_secrets=False, pii=())
+    f = make(agent(), max_image=100, redact_secrets=False, pii=(), **NO_IMAGE_BUDGET)
     content, _ = run(f, "display_data", {"data": {"image/png": "A" * 500}, "metadata": {}})
     assert content["data"] == {
         "text/plain": "[cellblock: withheld image/png of 500 bytes (limit 100)]"}
@@ -563,7 +568,8 @@ def test_reports_of_cells_never_flushed_are_bounded(monkeypatch: pytest.MonkeyPa
 def test_a_secret_as_key_or_mime_type_is_not_in_a_marker_or_the_log() -> None:
     """A value is named in its cut marker and in the audit log after its key or MIME type;
     those are the kernel's strings, so what names it is the redacted string."""
-    f, events = audited(agent(), max_text=1000, max_image=100, allowed_mime=None)
+    f, events = audited(agent(), max_text=1000, max_image=100, allowed_mime=None,
+                        **NO_IMAGE_BUDGET)
     content, meta = run(f, "display_data", {
         "data": {"text/plain": "ok", f"text/x-{AKIA}": "z" * 5000,
                  f"image/{AKIA}": "A" * 50, f"image/{AKIA}.x": "A" * 500},

@@ -31,8 +31,10 @@ def fenced(text: str) -> str:
 
 def agent_all_mime() -> OutputPolicy:
     """The agent's output policy with every MIME type allowed, so HTML and SVG reach the
-    neutraliser (the shipped agent withholds them before it)."""
-    return load_policy().profile("agent").output.model_copy(update={"allowed_mime": None})
+    neutraliser (the shipped agent withholds them before it), and without its image budget
+    (which withholds SVG and removes data: images: tests/test_images.py)."""
+    return load_policy().profile("agent").output.model_copy(update={
+        "allowed_mime": None, "image_max_side": 0, "image_max_pixels": 0, "image_max_bytes": 0})
 
 
 def shown(mime: str, text: str) -> str:

@@ -82,9 +82,10 @@ def _css_char(m: re.Match[str]) -> str:
     return "" if m.group(2) == "\n" else m.group(2)
 
 
-def css_is_local(css: str) -> bool:
+def css_is_local(css: str, data_images: bool = True) -> bool:
     """True when `css` (a style attribute, a ``<style>`` element, an attribute with
-    ``url(``) makes a browser fetch nothing from another host."""
+    ``url(``) makes a browser fetch nothing from another host (nor a ``data:`` image,
+    unless `data_images`)."""
     view = _CSS_ESCAPE.sub(_css_char, html.unescape(css))
     parts, pos = [], 0  # comments out, with str.find (a lazy regex is quadratic unclosed)
     while (start := view.find("/*", pos)) >= 0:
@@ -94,7 +95,7 @@ def css_is_local(css: str) -> bool:
     view = "".join(parts) + view[pos:]
     if "@import" in view.lower():
         return False
-    return all(is_local(next(g for g in m.groups() if g is not None), image=True)
+    return all(is_local(next(g for g in m.groups() if g is not None), image=data_images)
                for m in _CSS_REF.finditer(view))
 
 
@@ -108,9 +109,10 @@ def _list_is_local(value: str, sep: str, image: bool) -> bool:
 class _Rebuild:
     """The rebuilt text of one HTML or SVG value, and how many references it removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_images: bool = True) -> None:
         self.out: list[str] = []
         self.removed = 0
+        self.data_images = data_images
 
     def feed(self, text: str) -> None:
         for event in tokens(text):
@@ -145,7 +147,7 @@ class _Rebuild:
 
     def _attr(self, name: str, value: str) -> str | None:
         """The value to write, or None to drop the attribute."""
-        image = name in IMAGE_ATTRS
+        image = name in IMAGE_ATTRS and self.data_images
         if name in URL_ATTRS or name in _LIST_ATTRS:
             sep = _LIST_ATTRS.get(name)
             local = is_local(value, image) if sep is None else _list_is_local(value, sep, image)
@@ -154,7 +156,8 @@ class _Rebuild:
                 return REMOVED_URL
         if (name == "xmlns" or name.startswith("xmlns:")) and value in _NAMESPACES:
             return value
-        if (name == "style" or "url(" in value.lower()) and not css_is_local(value):
+        if (name == "style" or "url(" in value.lower()) and not css_is_local(
+                value, self.data_images):
             self.removed += 1
             return None
         value, n = neutralize_urls(value)
@@ -168,7 +171,7 @@ class _Rebuild:
             self.removed += 1
         elif name == "style":
             css = _CDATA.sub("", content)
-            if "<" in css or not css_is_local(css):
+            if "<" in css or not css_is_local(css, self.data_images):
                 self.removed += 1
             else:
                 self.out.append(css)
@@ -181,9 +184,11 @@ class _Rebuild:
         self.out.append(html.escape(text, quote=False))
 
 
-def neutralize_html(text: str) -> tuple[str, int]:
-    """`text` (HTML or SVG) rebuilt without remote references; and how many were removed."""
-    rebuild = _Rebuild()
+def neutralize_html(text: str, data_images: bool = True) -> tuple[str, int]:
+    """`text` (HTML or SVG) rebuilt without remote references (nor ``data:`` images, unless
+    `data_images`: a profile with an image budget, whose size check they would bypass);
+    and how many were removed."""
+    rebuild = _Rebuild(data_images)
     rebuild.feed(text)
     return "".join(rebuild.out), rebuild.removed
 
@@ -196,13 +201,14 @@ def markdown_parser() -> Any:
     return MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
 
 
-def neutralize_markdown(text: str) -> tuple[str, int]:
+def neutralize_markdown(text: str, data_images: bool = True) -> tuple[str, int]:
     """`text` (markdown) with its remote URLs replaced in place, or, when a parse or a decoded
-    view still finds one, as a fenced code block; and how many were removed."""
+    view still finds one (or a ``data:`` image, unless `data_images`), as a fenced code
+    block; and how many were removed."""
     text, count = neutralize_urls(text)
     if not any(c in text for c in ":/\\&%<"):
         return text, count  # nothing can name another host: no scheme, slash, entity, tag
-    left = neutralize_html(markdown_parser().render(text))[1] + decoded_hits(text)
+    left = neutralize_html(markdown_parser().render(text), data_images)[1] + decoded_hits(text)
     if not left:
         return text, count
     fence = "`" * max(3, 1 + max((len(run) for run in _BACKTICKS.findall(text)), default=0))

@@ -3,7 +3,8 @@
 A bundle is the ``data`` dict of display_data, update_display_data, execute_result,
 inspect_reply, an execute_reply page payload or a user_expressions value. Every
 text-like value passes the text cleaner (redaction, caps); images are size-capped
-(never decoded, decompressed or rasterised: R20); types outside the profile's
+(never decoded, decompressed or rasterised: R20), and on a profile with an image budget
+checked against it by their headers (:mod:`.imagefit`); types outside the profile's
 allowlist are dropped, and a bundle left empty says so in ``text/plain``.
 
 With no network, an agent reading the output is the only way out of the jail, and
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..policy import OutputPolicy
+from .imagefit import has_image_budget, image_over_budget
 from .markup import neutralize_html, neutralize_markdown
 from .report import CellReport, label
 from .urls import REMOVED_URL, neutralize_urls
@@ -28,10 +30,12 @@ __all__ = ["REMOVED_URL", "filter_bundle", "neutralize", "neutralize_urls"]
 _URL_MIME = {"text/markdown", "text/html", "image/svg+xml"}
 
 
-def neutralize(mime: str, text: str) -> tuple[str, int]:
-    """`text` of MIME type `mime` (markdown, HTML or SVG) without remote references, and how
-    many were removed."""
-    return neutralize_markdown(text) if mime == "text/markdown" else neutralize_html(text)
+def neutralize(mime: str, text: str, data_images: bool = True) -> tuple[str, int]:
+    """`text` of MIME type `mime` (markdown, HTML or SVG) without remote references (nor
+    ``data:`` images, unless `data_images`), and how many were removed."""
+    if mime == "text/markdown":
+        return neutralize_markdown(text, data_images)
+    return neutralize_html(text, data_images)
 
 
 def filter_bundle(
@@ -52,6 +56,7 @@ def filter_bundle(
         return walk(data, "output"), False
     changed = False
     allowed = policy.allowed_mime
+    budget = has_image_budget(policy)
     out: dict[str, Any] = {}
     withheld: list[str] = []
     for mime, value in data.items():
@@ -68,7 +73,16 @@ def filter_bundle(
                                 f"(limit {policy.max_image:,})")
                 report.image_withheld(mime_clean)
                 continue
+            over = image_over_budget(mime, value, policy) if budget else None
+            if over is not None:  # headers only: never decoded (R20)
+                withheld.append(f"{shown} {over}")
+                report.image_withheld(mime_clean)
+                continue
             out[mime_clean] = value  # opaque; not decoded (R20), OCR is out of scope
+            continue
+        if budget and mime == "image/svg+xml":
+            withheld.append(f"{shown} {image_over_budget(mime, value, policy)}")
+            report.image_withheld(mime_clean)
             continue
         if policy.neutralize_urls and mime in _URL_MIME and not isinstance(value, str):
             withheld.append(f"{shown} (not a string: its URLs cannot be checked)")
@@ -78,7 +92,7 @@ def filter_bundle(
             text = clean(value, shown)
             if policy.neutralize_urls and mime in _URL_MIME:
                 before = text
-                text, n = neutralize(mime, text)
+                text, n = neutralize(mime, text, data_images=not budget)
                 changed = changed or text != before  # HTML is rebuilt: new bytes, maybe no URL
                 if n:
                     report.urls(n)
