@@ -49,7 +49,7 @@ from .audit import audit_dir
 from .cell_cost import cell_cost
 from .datasets import DATASETS_ENV, parse_selection, select_datasets
 from .errors import CellTimeout, JailStartError, PolicyError, ProfileDisabled, SandboxStopped
-from .output.pages import DEFAULT_PAGE, Page, read_output
+from .output_pages import DEFAULT_PAGE, Page, read_output
 from .policy import Policy, load_policy
 from .run_result import (
     AuditTail,
@@ -258,7 +258,7 @@ class Sandbox:
                      stream: str = "stdout") -> Page:
         """A page of what the stream budget cut from cell ``execution`` (``cost.execution``,
         or the N of the cut marker's ``read_output(execution=N, offset=M)``), kept redacted by
-        the warden (:mod:`cellblock.output.pages`). Raises BadOutputRequest,
+        the warden (:mod:`cellblock.output_pages`). Raises BadOutputRequest,
         OutputUnavailable, or SandboxStopped when no kernel runs."""
         if self._km is None:
             raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not running;"

@@ -4,8 +4,8 @@ Who calls what: the warden makes one :class:`Spool` per kernel in ``<run dir>/ou
 (mode 0700, the warden's; never mounted in the jail) and hands it to the output filter,
 whose per-cell stream state (:mod:`.streams`) opens one :class:`StreamKeeper` per stream
 of a cell that has an execution number (the gate's own count of execute_requests, never
-the kernel's ``execution_count``). Readers on the host (:mod:`.pages`) read the files by
-number; nothing here is ever steered by a path or a name the kernel chose.
+the kernel's ``execution_count``). Readers on the host (:mod:`cellblock.output_pages`)
+read the files by number; nothing here is ever steered by a path or a name the kernel chose.
 
 What is kept, per cell and stream, is the stream as the client would have seen it with no
 budget: the head exactly as it was sent, then everything after it redacted with the same
@@ -36,20 +36,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BATCH", "CHUNK", "Spool", "StreamKeeper", "data_name", "kept_hint", "meta_name"]
+from ..output_pages import STREAMS, data_name, meta_name
+
+__all__ = ["BATCH", "CHUNK", "Spool", "StreamKeeper", "kept_hint"]
 
 CHUNK = 1 << 20  # characters redacted at once
 BATCH = 1 << 16  # raw characters held before they are redacted and written
 MAX_FORGOTTEN = 4096  # dropped cells remembered (to say why they are gone)
-STREAMS = ("stdout", "stderr")
-
-
-def data_name(execution: int, stream: str) -> str:
-    return f"{int(execution)}.{STREAMS[STREAMS.index(stream)]}"
-
-
-def meta_name(execution: int, stream: str) -> str:
-    return data_name(execution, stream) + ".json"
 
 
 def _utf8_prefix(raw: bytes, n: int) -> bytes:

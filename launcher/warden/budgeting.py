@@ -250,8 +250,8 @@ class Bookkeeping:
         """The profile's output rules, the filter's spool in the run dir attached (the
         warden's ``output/``, never the jail's: cellblock.output.spool)."""
         from ..output import build_output_rules
-        from ..output.pages import SPOOL_DIR
         from ..output.spool import Spool
+        from ..output_pages import SPOOL_DIR
 
         rules = build_output_rules(self.profile.output, audit=self._audit)
         self._filter = rules[0]

@@ -4,10 +4,10 @@ Who calls what: :meth:`cellblock.sandbox.Sandbox.output`, the MCP ``read_output`
 ``GET /api/cellblock/kernels/<id>/output/<execution>`` (:mod:`cellblock.rest.output`) and
 ``cellblock output`` call :func:`read_output` with a kernel id; it finds the kernel's run dir
 through its warden record (:mod:`cellblock.running`) and reads what the warden kept there
-(:mod:`.spool`). The file names are built from an ``int`` and a fixed stream name, opened
-with ``O_NOFOLLOW``, and must be regular files: no path a client or the kernel wrote is ever
-followed. The text was redacted before it was written; nothing is scanned or decoded here
-beyond UTF-8.
+(:mod:`cellblock.output.spool`). The file names are built from an ``int`` and a fixed
+stream name, opened with ``O_NOFOLLOW``, and must be regular files: no path a client or the
+kernel wrote is ever followed. The text was redacted before it was written; nothing is
+scanned or decoded here beyond UTF-8.
 
 Offsets are byte offsets (UTF-8) in the stream as kept: the head as it was sent, then the
 rest. A page ends on a character boundary, so it may hold a few bytes less than ``size``;
@@ -23,14 +23,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadOutputRequest, OutputUnavailable
-from .spool import STREAMS, data_name, meta_name
+from .errors import BadOutputRequest, OutputUnavailable
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Page", "check_request", "read_output", "read_page"]
+__all__ = [
+    "DEFAULT_PAGE", "MAX_PAGE", "SPOOL_DIR", "STREAMS", "Page", "check_request", "data_name",
+    "meta_name", "read_output", "read_page",
+]
 
 DEFAULT_PAGE = 16 * 1024
 MAX_PAGE = 1024 * 1024
-SPOOL_DIR = "output"
+SPOOL_DIR = "output"  #: in the kernel's run dir
+STREAMS = ("stdout", "stderr")
+
+
+def data_name(execution: int, stream: str) -> str:
+    """The kept text of one stream of one cell: ``7.stdout`` (never a name from outside)."""
+    return f"{int(execution)}.{STREAMS[STREAMS.index(stream)]}"
+
+
+def meta_name(execution: int, stream: str) -> str:
+    return data_name(execution, stream) + ".json"
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,7 @@ def read_page(directory: Path, execution: int, offset: int = 0, size: int = DEFA
 
 def spool_dir(kernel_id: str) -> Path:
     """The spool of the running kernel ``kernel_id`` (found by its warden record)."""
-    from ..running import list_running
+    from .running import list_running
 
     for kernel in list_running():
         if kernel.kernel_id == kernel_id:
