@@ -119,7 +119,7 @@ def read_page(directory: Path, execution: int, offset: int = 0, size: int = DEFA
         total = info.st_size
         if offset > total:
             raise BadOutputRequest(f"offset {offset} is past the end of the kept {stream} of "
-                                   f"{who} ({total} bytes; the last page starts below it)")
+                                   f"{who}: it holds {total} bytes (offsets 0 to {total})")
         raw = os.pread(fd, size + 4, offset) if offset < total else b""
     finally:
         os.close(fd)
