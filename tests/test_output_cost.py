@@ -22,6 +22,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from cellblock import BadOutputRequest, OutputUnavailable, Sandbox, SandboxStopped
 from cellblock.output.filter import build_redactor
 from cellblock.policy import load_policy
+
 from conftest import BIN, audit_events, free_port, jupyter_app
 from jupyter_ws import execute, open_channels, start_kernel
 

@@ -120,8 +120,9 @@ def test_page_boundaries_do_not_change_what_was_redacted(tmp_path: Path,
 
 
 def test_a_cell_that_was_not_cut_keeps_nothing(tmp_path: Path, redactor: Any) -> None:
-    sent = feed(cell(tmp_path, redactor), "short\n", 3)
-    assert sent == "short\n"
+    sent = feed(cell(tmp_path, redactor), "short\n" * 100, 3)
+    assert sent == "short\n" * 100
+    assert not (tmp_path / "output").exists()  # nothing was written, not even the head
     with pytest.raises(OutputUnavailable, match="no kept stdout for execution 1"):
         read_page(tmp_path / "output", 1)
 

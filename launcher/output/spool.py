@@ -149,6 +149,7 @@ class StreamKeeper:
         self.kept = 0  # bytes on disk
         self.dropped = 0  # bytes not kept: the cap was reached (counted raw, unscanned)
         self._created = False
+        self._head: list[str] = []
         self._raw: list[str] = []
         self._raw_len = 0
         self._pending = ""  # redaction carry-over of the part past the head
@@ -158,15 +159,20 @@ class StreamKeeper:
     # -- fed by CellStreams --------------------------------------------------------
 
     def head(self, text: str) -> None:
-        """Text the head released to the client (redacted already): kept as it was sent."""
+        """Text the head released to the client (redacted already): kept as it was sent,
+        written only once the stream passes the head (at most ``stream_head`` bytes wait in
+        memory; a cell that is never cut writes nothing)."""
         if text:
             self.head_bytes += _size(text)
-            self._write(text)
+            self._head.append(text)
 
     def rest(self, text: str) -> None:
         """Raw text past the head, in stream order."""
         if not text:
             return
+        if self._head:
+            head, self._head = "".join(self._head), []
+            self._write(head)
         if self._full or self._failed:
             self.dropped += _size(text)
             return
@@ -179,8 +185,12 @@ class StreamKeeper:
         """The cell's end: the carried-over text, then the metadata (or nothing if nothing
         was cut)."""
         if not cut:
+            self._head.clear()
             self.spool.forget(self.execution, self.stream)
             return
+        if self._head:  # never reached: a cut stream has had text past its head
+            self._write("".join(self._head))
+            self._head.clear()
         self._redact_raw(final=True)
         self.spool._write_meta(self.execution, self.stream, {
             "bytes": self.kept, "head_bytes": self.head_bytes, "dropped_bytes": self.dropped,
