@@ -204,3 +204,12 @@ def test_the_reader_never_follows_a_link(tmp_path: Path, redactor: Any) -> None:
     (tmp_path / "output" / "4.stdout").symlink_to(target)
     with pytest.raises(OSError):
         read_page(tmp_path / "output", 4)
+
+
+def test_a_spool_that_cannot_be_written_is_said_and_the_cell_goes_on(tmp_path: Path,
+                                                                      redactor: Any) -> None:
+    (tmp_path / "output").write_text("a file where the directory should be\n")
+    text = lines(300)
+    sent = feed(cell(tmp_path, redactor), text, 500)
+    assert sent.startswith(text[:500]) and sent.endswith(text[-100:])
+    assert "bytes after it were not kept (the host could not write it)" in sent

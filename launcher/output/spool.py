@@ -267,6 +267,8 @@ def kept_hint(keeper: StreamKeeper | None) -> str:
     hint = f"; the rest is kept: read_output(execution={keeper.execution}{where}, " \
            f"offset={keeper.head_bytes})"
     if keeper.dropped:
+        why = "the host could not write it" if keeper._failed else \
+            f"the kernel's output spool of {keeper.spool.cap:,} bytes is full"
         hint += (f"; only up to byte {keeper.kept:,}: {keeper.dropped:,} bytes after it were "
-                 f"not kept (the kernel's output spool of {keeper.spool.cap:,} bytes is full)")
+                 f"not kept ({why})")
     return hint
