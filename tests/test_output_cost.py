@@ -164,6 +164,11 @@ async def test_numbers_are_the_gates_and_reads_are_checked() -> None:
             await sb.output(1)
         with pytest.raises(OutputUnavailable, match="no kept stdout for execution 7 of"):
             await sb.output(7)
+        # the kept text is the warden's: nothing the jail can see holds it
+        seen = await sb.run("import glob\nprint(sorted(p for d in ('/run', '/opt', '/etc', "
+                            "'/tmp', '/home', '/data') for p in glob.glob(d + '/**/*.std*', "
+                            "recursive=True)))")
+        assert seen.stdout == "[]\n", seen.stdout
         # the CLI reads the same pages
         cli = subprocess.run([str(BIN / "cellblock"), "output", (sb.kernel_id or "")[:8], "2",
                               "--offset", str(offset), "--all", "--size", "5000"],
