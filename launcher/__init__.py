@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BadKernelId,
+    BadOutputRequest,
     CellblockError,
     CellTimeout,
     HostUnsupported,
     JailStartError,
     JailStartTimeout,
+    OutputUnavailable,
     PolicyError,
     ProfileDisabled,
     SandboxStopped,
@@ -50,11 +52,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadKernelId",
+    "BadOutputRequest",
     "CellTimeout",
     "CellblockError",
     "HostUnsupported",
     "JailStartError",
     "JailStartTimeout",
+    "OutputUnavailable",
     "PolicyError",
     "ProfileDisabled",
     "RunResult",

@@ -144,6 +144,15 @@ class ExecutionEnd(_Closed):
     output_bytes_out: int = Field(description="what the client got, after truncation")
     output_messages: int
     limits_hit: list[_LIMITS]
+    # what the cell cost (cellblock.warden.cost, the output filter's spool)
+    execution: int = Field(0, description="the gate's number of the cell, 1, 2, ...")
+    cpu_seconds: float | None = Field(None, description="the kernel cgroup's CPU time")
+    peak_memory_bytes: int | None = Field(None, description="the cgroup's peak in the cell")
+    peak_memory_scope: Literal["cell", "kernel", "sampled"] | None = None
+    memory_start_bytes: int | None = None
+    output_bytes_cut: int = Field(0, description="stream bytes the budget cut")
+    output_bytes_kept: int = Field(0, description="bytes kept for read_output")
+    output_bytes_not_kept: int = Field(0, description="cut bytes past spool_bytes")
 
 
 class ExecutionRefused(_Closed):

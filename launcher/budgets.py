@@ -31,6 +31,7 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .policy import Budgets
 
@@ -78,6 +79,12 @@ class Execution:
     limits_hit: list[str] = field(default_factory=list)
     status: str = "running"
     ended: float | None = None
+    #: the gate's own count of execute_requests (1, 2, ...): the cell's number for its kept
+    #: output and its cost, never the kernel's execution_count
+    number: int = 0
+    #: the cell's cost counters when it started, and what it cost (the warden's, cost.py)
+    meter: Any = None
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -157,7 +164,7 @@ class BudgetClock:
         execution = Execution(
             msg_id=msg_id, session=session,
             code_sha256=hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
-            code=code if self.keep_code else None, forwarded=now,
+            code=code if self.keep_code else None, forwarded=now, number=self.executions,
         )
         if not self.queue:
             execution.started = now

@@ -106,9 +106,12 @@ class KernelCgroup:
     after a warden was SIGKILLed (:meth:`for_kernel` rebuilds the paths).
     """
 
-    def __init__(self, version: str, dirs: tuple[Path, ...]) -> None:
+    def __init__(self, version: str, dirs: tuple[Path, ...], acct: Path | None = None) -> None:
         self.version = version
         self.dirs = dirs
+        #: v1 only: the kernel's cpuacct cgroup when that controller is mounted on its own
+        #: (best effort: only CPU accounting, never a limit, depends on it)
+        self.acct = acct
 
     @classmethod
     def for_kernel(cls, version: str, parent: str, kernel_id: str,
@@ -118,7 +121,11 @@ class KernelCgroup:
         check_kernel_id(kernel_id)
         if version == "v2":
             return cls(version, (root / parent / kernel_id,))
-        return cls(version, tuple(root / c / parent / kernel_id for c in V1_CONTROLLERS))
+        acct = None
+        with contextlib.suppress(OSError):
+            if (root / "cpuacct").is_dir() and not (root / "cpu" / "cpuacct.usage").exists():
+                acct = root / "cpuacct" / parent / kernel_id
+        return cls(version, tuple(root / c / parent / kernel_id for c in V1_CONTROLLERS), acct)
 
     @classmethod
     def create(cls, version: str, parent: str, kernel_id: str, limits: Limits,
@@ -205,7 +212,7 @@ class KernelCgroup:
 
     def remove_empty(self) -> None:
         """Remove the directories if nothing is left in them (never kills). Idempotent."""
-        for d in self.dirs:
+        for d in self._all_dirs():
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -243,6 +250,12 @@ class KernelCgroup:
         _write(pids / "pids.max", str(limits.pids))
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         _write(cpu / "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)))
+        if self.acct is not None:
+            try:
+                self.acct.parent.mkdir(parents=True, exist_ok=True)
+                self.acct.mkdir()
+            except OSError:  # not delegated to this user: CPU is then counted from /proc
+                self.acct = None
 
     def join(self, pid: int = 0) -> None:
         """Move ``pid`` (0: the caller) into every cgroup of this kernel.
@@ -252,6 +265,9 @@ class KernelCgroup:
         """
         for d in self.dirs:
             _write(d / "cgroup.procs", str(pid))
+        if self.acct is not None:
+            with contextlib.suppress(OSError):
+                _write(self.acct / "cgroup.procs", str(pid))
 
     def oom_kills(self) -> int:
         if self.version == "v2":
@@ -261,6 +277,9 @@ class KernelCgroup:
     def pids_max_hits(self) -> int:
         d = self.dirs[0] if self.version == "v2" else self.dirs[1]
         return _keyed(d / "pids.events").get("max", 0)
+
+    def _all_dirs(self) -> tuple[Path, ...]:
+        return self.dirs if self.acct is None else (*self.dirs, self.acct)
 
     def memory_current(self) -> int | None:
         name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
@@ -292,7 +311,7 @@ class KernelCgroup:
     def remove(self) -> None:
         """Kill what is left and delete the directories. Idempotent."""
         self.kill_all()
-        for d in self.dirs:
+        for d in self._all_dirs():
             for _ in range(100):
                 try:
                     d.rmdir()

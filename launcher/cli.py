@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_output import add_output_command
 from .errors import CellblockError, JailStartError
 
 if TYPE_CHECKING:
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--datasets", default="", help="comma-separated datasets the profile "
                      "allows (default: its default_datasets)")
     mcp.set_defaults(func=_cmd_mcp)
+    add_output_command(sub)
     return p
 
 

@@ -17,8 +17,13 @@ The tree::
     ├── CellTimeout(CellblockError, TimeoutError)    Sandbox.run: a cell outlived the client's
     │                                                  timeout (it was interrupted; the kernel
     │                                                  and its state are kept)
-    └── SandboxStopped(CellblockError, RuntimeError) Sandbox.run on a sandbox that is closed,
-                                                       not started, or whose kernel stopped
+    ├── SandboxStopped(CellblockError, RuntimeError) Sandbox.run on a sandbox that is closed,
+    │                                                  not started, or whose kernel stopped
+    ├── BadOutputRequest(CellblockError, ValueError) reading kept output: a bad execution
+    │                                                  number, offset, page size or stream
+    └── OutputUnavailable(CellblockError, LookupError) no kept output for that cell: never
+                                                       cut, dropped for room (the spool's
+                                                       cap), or its kernel is gone
 
 Messages name the kernel or profile, the bad value, and the fix. They never contain
 a secret: keys, tokens and dataset contents stay out of exception text.
@@ -28,11 +33,13 @@ from __future__ import annotations
 
 __all__ = [
     "BadKernelId",
+    "BadOutputRequest",
     "CellTimeout",
     "CellblockError",
     "HostUnsupported",
     "JailStartError",
     "JailStartTimeout",
+    "OutputUnavailable",
     "PolicyError",
     "ProfileDisabled",
     "SandboxStopped",
@@ -82,3 +89,14 @@ class CellTimeout(CellblockError, TimeoutError):
 class SandboxStopped(CellblockError, RuntimeError):
     """The sandbox is closed, not started, or its kernel stopped; :meth:`Sandbox.restart
     <cellblock.sandbox.Sandbox.restart>` (or ``start()`` on a new one) gives a fresh kernel."""
+
+
+class BadOutputRequest(CellblockError, ValueError):
+    """A read of kept output with a bad execution number, offset, size or stream."""
+
+
+class OutputUnavailable(CellblockError, LookupError):
+    """No kept output for that cell (never cut, dropped to make room, or the kernel is gone)."""
+
+    def __str__(self) -> str:  # LookupError's KeyError cousin would not, but be explicit
+        return str(self.args[0]) if self.args else "no kept output"

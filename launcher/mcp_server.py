@@ -19,6 +19,13 @@ Tools:
 - ``list_datasets()``: the datasets the profile allows, which this session was granted,
   and how to read them (``cellblock_kernel.datasets``). Never a host path.
 - ``restart()``: a fresh kernel; every variable is gone.
+- ``read_output(execution, offset, size, stream)``: a page of what the stream budget cut
+  from a cell, as its cut marker says (``read_output(execution=7, offset=16384)``); the text
+  was redacted by the warden before it was kept (:mod:`cellblock.mcp_output`).
+
+Every ``run_python`` result carries the cell's cost in ``_meta["cellblock/cost"]``
+(:class:`cellblock.cell_cost.Cost`: the execution number, wall and CPU seconds, peak memory,
+output bytes sent, cut and kept).
 
 Nothing but MCP is written to stdout: the SDK's ``stdio_server`` points fd 1 at stderr
 while it serves (the warden and anything else started then inherit that), and logs go to
@@ -40,6 +47,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CellblockError, HostUnsupported
+from .mcp_output import COST_META, read_output_call, read_output_tool
 from .policy import load_policy
 from .run_result import RunResult
 from .sandbox import Sandbox, SandboxStopped, check_launch
@@ -91,10 +99,11 @@ def _tools(profile: str) -> list[Any]:
             annotations=ToolAnnotations(title="Restart sandbox", destructive_hint=True,
                                         open_world_hint=False),
         ),
+        read_output_tool(),
     ]
 
 
-TOOLS = ("run_python", "list_datasets", "restart")
+TOOLS = ("run_python", "list_datasets", "restart", "read_output")
 
 
 def _text(text: str) -> Any:
@@ -146,7 +155,8 @@ def tool_result(result: RunResult) -> Any:
         content.append(_text(f"[cellblock policy: {summary}]"))
     if not content:
         content.append(_text("(no output)"))
-    return CallToolResult(content=content, is_error=failed)
+    meta = {COST_META: result.cost.as_dict()} if result.cost is not None else None
+    return CallToolResult(content=content, is_error=failed, meta=meta)
 
 
 def _error(text: str) -> Any:
@@ -254,6 +264,8 @@ def build_server(session: Session) -> Any:
             return await session.list_datasets()
         if params.name == "restart":
             return await session.restart()
+        if params.name == "read_output":
+            return await read_output_call(session.sandbox, arguments)
         raise MCPError(code=INVALID_PARAMS, message=f"unknown tool {params.name!r}; tools: "
                        f"{', '.join(TOOLS)}")
 

@@ -128,6 +128,9 @@ class OutputPolicy(_Model):
     stream_head: Size = Field(16 * 1024, ge=0, description="stream bytes kept from a cell's "
                               "start (per cell, all streams together)")
     stream_tail: Size = Field(4 * 1024, ge=0, description="stream bytes kept from a cell's end")
+    spool_bytes: Size = Field(64 * 1024**2, ge=0, description="stream text cut by the "
+                              "budget is kept (redacted) on the host for read_output, up to "
+                              "this many bytes per kernel; 0 keeps none")
     max_text: Size = Field(64 * 1024, ge=256, description="cap on any other text value "
                            "(a MIME value, an evalue, a traceback, a reply field), head+tail")
     max_image: Size = Field(1024 * 1024, ge=0, description="cap on one image (base64 bytes); "

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .audit import AuditEvent
+from .cell_cost import Cost
 
 __all__ = [
     "AuditTail",
+    "Cost",
     "ErrorInfo",
     "Output",
     "PolicyReport",
@@ -136,6 +138,9 @@ class RunResult:
     execution_count: int | None = None
     kernel_stopped: str | None = None
     policy: PolicyReport = field(default_factory=PolicyReport)
+    #: what the cell cost (its ``execution.end``: cellblock.cell_cost); ``cost.execution`` is
+    #: the number ``Sandbox.output`` takes
+    cost: Cost | None = None
 
     @property
     def ok(self) -> bool:

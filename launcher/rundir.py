@@ -18,6 +18,8 @@ only known when a client adopts it: ``warden.json`` always names the current ker
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
     broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
     control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
+    output/       stream text the budget cut, kept redacted for read_output (0700, the
+                  warden's, never mounted in the jail; cellblock.output.spool)
     mnt/<name>    empty on the host; as root, a directory dataset's read-only view is
                   attached here in nsjail's private mount namespace (cellblock.broker)
 

@@ -46,8 +46,10 @@ from queue import Empty
 from typing import Any, Self, TypeVar
 
 from .audit import audit_dir
+from .cell_cost import cell_cost
 from .datasets import DATASETS_ENV, parse_selection, select_datasets
 from .errors import CellTimeout, JailStartError, PolicyError, ProfileDisabled, SandboxStopped
+from .output_pages import DEFAULT_PAGE, Page, read_output
 from .policy import Policy, load_policy
 from .run_result import (
     AuditTail,
@@ -252,6 +254,17 @@ class Sandbox:
             limit = self.default_timeout() if timeout is None else timeout
             return await self._run(code, limit)
 
+    async def output(self, execution: int, offset: int = 0, size: int = DEFAULT_PAGE,
+                     stream: str = "stdout") -> Page:
+        """A page of what the stream budget cut from cell ``execution`` (``cost.execution``,
+        or the N of the cut marker's ``read_output(execution=N, offset=M)``), kept redacted by
+        the warden (:mod:`cellblock.output_pages`). Raises BadOutputRequest,
+        OutputUnavailable, or SandboxStopped when no kernel runs."""
+        if self._km is None:
+            raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not running;"
+                                 " kept output lives only as long as its kernel")
+        return read_output(self.kernel_id or "", execution, offset, size, stream)
+
     @property
     def stopped(self) -> str | None:
         """Why the kernel stopped (``"cellblock: kernel stopped, ..."``), once a cell or a
@@ -323,7 +336,7 @@ class Sandbox:
             stdout=text["stdout"], stderr=text["stderr"], outputs=tuple(outputs),
             errors=tuple(errors), status=status,
             execution_count=content.get("execution_count"), kernel_stopped=stopped,
-            policy=report,
+            policy=report, cost=cell_cost(events, msg_id),
         )
 
     async def _settle(self) -> None:
@@ -432,6 +445,10 @@ class SyncSandbox:
 
     def restart(self) -> None:
         self._call(self.sandbox.restart())
+
+    def output(self, execution: int, offset: int = 0, size: int = DEFAULT_PAGE,
+               stream: str = "stdout") -> Page:
+        return self._call(self.sandbox.output(execution, offset, size, stream))
 
     def interrupt(self) -> None:
         self._call(self.sandbox.interrupt())

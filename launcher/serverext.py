@@ -4,7 +4,8 @@ Enable it with ``jupyter server extension enable cellblock`` (or
 ``--ServerApp.jpserver_extensions=cellblock=True``). At start it asks this server's
 spawner to fill the pool of every profile with ``warm_pool > 0``, in the background, so
 that even the first kernel a user starts is adopted from the pool. Without it the pools
-fill after each profile's first start.
+fill after each profile's first start. It also adds cellblock's REST routes
+(:mod:`cellblock.rest`), e.g. ``GET /api/cellblock/kernels/<id>/output/<execution>``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def _fill(log: Any) -> None:
 
 
 def load_jupyter_server_extension(serverapp: Any) -> None:
-    """Called by Jupyter Server once, at start."""
+    """Called by Jupyter Server once, at start: the REST routes (cellblock.rest), and the
+    warm pools filled in the background."""
+    from .rest import register
+
+    register(serverapp)
     threading.Thread(target=_fill, args=(serverapp.log,), name="cellblock-warm-pools",
                      daemon=True).start()

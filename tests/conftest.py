@@ -77,6 +77,10 @@ output_bytes = "32KiB"
 [profiles.off]
 enabled = false
 
+# Kept cut output (tests/test_output_cost.py): a spool that fills after two cells.
+[profiles.spooled.output]
+spool_bytes = "300KiB"
+
 # Warm pool tests (tests/test_pool.py).
 [profiles.pooled]
 warm_pool = 2
@@ -132,7 +136,7 @@ def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):
 
 def cgroup_dirs(parent: str) -> list[Path]:
     root = Path("/sys/fs/cgroup")
-    return [root / parent] + [root / c / parent for c in ("memory", "pids", "cpu")]
+    return [root / parent] + [root / c / parent for c in ("memory", "pids", "cpu", "cpuacct")]
 
 
 def cgroup_leftovers(parent: str = "cellblock") -> list[str]:

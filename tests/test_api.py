@@ -24,11 +24,13 @@ from conftest import BIN, REPO
 def test_all_is_pinned() -> None:
     assert cellblock.__all__ == [
         "BadKernelId",
+        "BadOutputRequest",
         "CellTimeout",
         "CellblockError",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",
+        "OutputUnavailable",
         "PolicyError",
         "ProfileDisabled",
         "RunResult",

@@ -68,11 +68,13 @@ def test_the_import_check_itself(source: str, expected: list[str]) -> None:
 def test_errors_all_is_pinned() -> None:
     assert cellblock.errors.__all__ == [
         "BadKernelId",
+        "BadOutputRequest",
         "CellTimeout",
         "CellblockError",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",
+        "OutputUnavailable",
         "PolicyError",
         "ProfileDisabled",
         "SandboxStopped",
@@ -92,6 +94,8 @@ def test_errors_tree() -> None:
         (e.JailStartTimeout, (e.JailStartError, TimeoutError)),
         (e.CellTimeout, (e.CellblockError, TimeoutError)),
         (e.SandboxStopped, (e.CellblockError, RuntimeError)),
+        (e.BadOutputRequest, (e.CellblockError, ValueError)),
+        (e.OutputUnavailable, (e.CellblockError, LookupError)),
     ]:
         assert child.__bases__ == parents
     # every name in __all__ is drawn in the module docstring's tree

@@ -79,7 +79,8 @@ async def test_policy_report_counts_redactions_by_rule(sandbox: Sandbox) -> None
 async def test_policy_report_counts_truncated_bytes(sandbox: Sandbox) -> None:
     # stream: agent keeps a 16 KiB head and a 4 KiB tail; the marker says how much was cut
     r = await sandbox.run("print('a' * 100000)")
-    marker = re.search(r"\n\[cellblock [0-9a-f]{6}: ([0-9,]+) bytes of stdout truncated\]\n",
+    marker = re.search(r"\n\[cellblock [0-9a-f]{6}: ([0-9,]+) bytes of stdout truncated"
+                       r"; the rest is kept: read_output\(execution=\d+, offset=16384\)\]\n",
                        r.stdout)
     assert marker is not None
     cut = int(marker.group(1).replace(",", ""))

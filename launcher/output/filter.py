@@ -32,6 +32,7 @@ from ..redact.normalise import normalise
 from .markup import markdown_parser
 from .report import CellReport, label
 from .rich import filter_bundle
+from .spool import Spool
 from .streams import CellStreams
 from .text import cap_text
 
@@ -81,6 +82,11 @@ class OutputFilter:
         self._findings: list[Any] = []  # of the message being filtered
         self._msg: CellReport | None = None  # what else happened to it
         self._reports: dict[str, CellReport] = {}  # per parent msg_id, until its flush
+        #: where cut stream text is kept (the warden attaches it), the execution number of
+        #: each open execute_request, and what each closed cell's streams cost
+        self.spool: Spool | None = None
+        self.numbers: dict[str, int] = {}
+        self.streamed: dict[str, dict[str, int]] = {}
 
     # -- the rule ----------------------------------------------------------
 
@@ -137,13 +143,21 @@ class OutputFilter:
                                                                          metadata_out)
         return _dump(content), metadata_out
 
+    def number(self, msg_id: str, execution: int) -> None:
+        """The warden's count of this execute_request (its cut text is kept under it)."""
+        self.numbers[msg_id] = execution
+        while len(self.numbers) > MAX_OPEN_REPORTS:
+            del self.numbers[next(iter(self.numbers))]
+
     def flush(self, parent_msg_id: str) -> list[tuple[str, dict[str, Any]]]:
         """Called by the relay before the cell's idle: held-back text, markers, tails; and
         the cell's ``output.cell`` audit event, if the policy did anything to it."""
         cell = self.cells.pop(parent_msg_id, None)
+        self.numbers.pop(parent_msg_id, None)
         out: list[tuple[str, dict[str, Any]]] = []
         if cell is not None:
             out = [("stream", {"name": name, "text": text}) for name, text in cell.flush()]
+            self._streamed(parent_msg_id, cell)
             self._findings = cell.findings
             cell.findings = []
             for name, cut in cell.cut.items():
@@ -168,6 +182,14 @@ class OutputFilter:
             cell.findings = []
             self._report(parent_msg_id, "stream")
         return out
+
+    def _streamed(self, parent_msg_id: str, cell: CellStreams) -> None:
+        """What the cell's streams cost, for its ``execution.end`` (taken by the warden)."""
+        self.streamed[parent_msg_id] = {
+            "cut": sum(cell.cut.values()), "kept": sum(cell.kept.values()),
+            "dropped": sum(cell.dropped.values())}
+        while len(self.streamed) > MAX_OPEN_REPORTS:
+            del self.streamed[next(iter(self.streamed))]
 
     def tick(self, now: float) -> list[tuple[str, str, dict[str, Any]]]:
         """Called by the relay every ~50 ms: carried-over text that waited long enough."""
@@ -198,7 +220,7 @@ class OutputFilter:
         if cell is None:
             cell = self.cells[parent_id] = CellStreams(
                 self.policy.stream_head, self.policy.stream_tail, self.redactor,
-                self.policy.normalise, self.nonce,
+                self.policy.normalise, self.nonce, self.spool, self.numbers.get(parent_id),
             )
         out = cell.feed(name, text)
         self._findings.extend(cell.findings)

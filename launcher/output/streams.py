@@ -21,6 +21,7 @@ from collections import deque
 from typing import Any
 
 from ..redact.partial import MARKER, continuation, partial_start
+from .spool import Spool, StreamKeeper, kept_hint
 from .text import marker
 
 __all__ = ["CellStreams"]
@@ -75,7 +76,8 @@ class CellStreams:
     """Stream state of one cell (one parent msg_id); lives from its first stream
     message until the gate releases the cell's idle."""
 
-    def __init__(self, head: int, tail: int, redactor: Any, normalise: bool, nonce: str) -> None:
+    def __init__(self, head: int, tail: int, redactor: Any, normalise: bool, nonce: str,
+                 spool: Spool | None = None, execution: int | None = None) -> None:
         self.head_left = head
         self.tail_size = tail
         self.redactor = redactor
@@ -93,6 +95,14 @@ class CellStreams:
         #: streams whose held text went out on the timer ending with a masked partial token:
         #: the token characters their next message starts with are its continuation
         self.masking: set[str] = set()
+        #: the cut text of each stream, kept redacted on disk (.spool), when the cell has a
+        #: number (the gate's count of execute_requests) and the kernel a spool
+        self.spool = spool
+        self.execution = execution
+        self.keepers: dict[str, StreamKeeper | None] = {}
+        #: bytes of each stream kept on disk, and not kept (the spool's cap), set by `flush`
+        self.kept: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
 
     def _clean(self, text: str) -> str:
         if self.redactor is None:
@@ -107,10 +117,29 @@ class CellStreams:
             tail = self.tails[name] = _Tail(self.tail_size)
         return tail
 
+    def _keeper(self, name: str) -> StreamKeeper | None:
+        if name not in self.keepers:
+            self.keepers[name] = None if self.spool is None or self.execution is None else \
+                self.spool.keeper(self.execution, name, self.redactor, self.known)
+        return self.keepers[name]
+
+    def _to_tail(self, name: str, text: str, start: int = 0) -> None:
+        """Text past the head: into the tail, and (all of it) to the stream's keeper. The
+        continuation of a partial token the head masked on the timer is masked here too."""
+        if name in self.masking and start < len(text):
+            self.masking.discard(name)
+            cont = continuation(text[start:start + 8192])
+            if cont:
+                text, start = MARKER + text[start + cont:], 0
+        self._tail(name).add(text, start)
+        keeper = self._keeper(name)
+        if keeper is not None:
+            keeper.rest(text[start:] if start else text)
+
     def feed(self, name: str, text: str) -> str:
         """The text to release now for one stream message ("" to hold it back)."""
         if self.head_left <= 0:
-            self._tail(name).add(text)
+            self._to_tail(name, text)
             return ""
         # Only what can still fit in the head, plus the carry-over window, is scanned;
         # the rest of a huge message goes to the tail unscanned.
@@ -121,10 +150,10 @@ class CellStreams:
         out = self._head(name, text[:room])
         self.head_left = 0  # the head ends here even if redaction shortened it
         for other, held in list(self.pending.items()):
-            self._tail(other).add(held)
+            self._to_tail(other, held)
         self.pending.clear()
         self.since.clear()
-        self._tail(name).add(text, room)  # the overflow, text[room:], without a copy
+        self._to_tail(name, text, room)  # the overflow, text[room:], without a copy
         return out
 
     def _head(self, name: str, text: str) -> str:
@@ -172,7 +201,7 @@ class CellStreams:
             del self.since[name]
             text = self.pending.pop(name, "")
             if text and self.head_left <= 0:  # never dropped: past the head it is tail
-                self._tail(name).add(text)
+                self._to_tail(name, text)
             elif text:
                 # the start of a secret whose rest comes later is masked, and its rest with it
                 cut = partial_start(text) if self.redactor is not None else None
@@ -188,27 +217,34 @@ class CellStreams:
     def _budget(self, name: str, out: str) -> str:
         """Release ``out`` within the head budget; the excess starts the tail. Once the head
         is full (exactly, too), what every stream holds back joins its tail."""
+        keeper = self._keeper(name)
         if out.isascii() and len(out) <= self.head_left:
             self.head_left -= len(out)
+            if keeper is not None:
+                keeper.head(out)
             if self.head_left == 0:
                 self._held_to_tails()
             return out
         raw = out.encode("utf-8", "surrogatepass")
         if len(raw) <= self.head_left:
             self.head_left -= len(raw)
+            if keeper is not None:
+                keeper.head(out)
             if self.head_left == 0:
                 self._held_to_tails()
             return out
         keep = raw[: self.head_left].decode("utf-8", "ignore")
         self.head_left = 0
+        if keeper is not None:
+            keeper.head(keep)
         rest = out[len(keep):] + self.pending.pop(name, "")
-        self._tail(name).add(rest)
+        self._to_tail(name, rest)
         self._held_to_tails()  # the other streams' carried-over text joins their tails too
         return keep
 
     def _held_to_tails(self) -> None:
         for other, held in list(self.pending.items()):
-            self._tail(other).add(held)
+            self._to_tail(other, held)
         self.pending.clear()
         self.since.clear()
 
@@ -228,12 +264,20 @@ class CellStreams:
                 kept_bytes = len(kept.encode("utf-8", "surrogatepass"))
                 cut_bytes = tail.total_bytes - kept_bytes
                 cut_lines = tail.total_lines - kept.count("\n")
+                keeper = self.keepers.pop(name, None)
+                if keeper is not None:
+                    keeper.finish(cut_bytes > 0)
+                    if cut_bytes > 0:
+                        self.kept[name], self.dropped[name] = keeper.kept, keeper.dropped
                 if cut_bytes > 0:
                     self.cut[name] = cut_bytes
-                    text += marker(self.nonce, name, cut_bytes, cut_lines)
+                    text += marker(self.nonce, name, cut_bytes, cut_lines, kept_hint(keeper))
                 text += self._known(self._clean(kept))
             if text:
                 out.append((name, text))
+        for keeper in self.keepers.values():  # streams that never passed the head
+            if keeper is not None:
+                keeper.finish(False)
         self.tails.clear()
         return out
 

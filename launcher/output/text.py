@@ -10,9 +10,10 @@ from __future__ import annotations
 __all__ = ["cap_text", "marker"]
 
 
-def marker(nonce: str, what: str, cut_bytes: int, cut_lines: int) -> str:
+def marker(nonce: str, what: str, cut_bytes: int, cut_lines: int, more: str = "") -> str:
+    """``more``: what follows, inside the brackets (where the cut text is kept)."""
     lines = f", {cut_lines:,} line{'s' if cut_lines != 1 else ''}" if cut_lines else ""
-    return f"\n[cellblock {nonce}: {cut_bytes:,} bytes{lines} of {what} truncated]\n"
+    return f"\n[cellblock {nonce}: {cut_bytes:,} bytes{lines} of {what} truncated{more}]\n"
 
 
 def cap_text(text: str, limit: int, nonce: str, what: str) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..budgets import Execution, Interrupt, Kill, Stop, seconds
 from ..errors import CellblockError, JailStartError
+from .cost import CellMeter
 from .jail import JailProcess
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class Bookkeeping:
     _argv: list[str]
     _oom_base: int
     _pids_base: int
+    #: the output filter (its spool and cell numbers) and the cells' cost meter
+    _filter: Any = None
+    _meter: CellMeter | None = None
 
     @property
     def proc(self) -> subprocess.Popen[bytes] | None:
@@ -200,6 +204,7 @@ class Bookkeeping:
                 if seen.msg_type == "execute_request":
                     if verdict is None:
                         ex = clock.queue[seen.msg_id]
+                        self._cell_starts(ex)
                         fields: dict[str, Any] = {"code_sha256": ex.code_sha256,
                                                   "queued": ex.started is None}
                         if ex.code is not None:
@@ -221,7 +226,11 @@ class Bookkeeping:
                     verdict = "" if stopped is not None or now_stopped is None else \
                         f"cellblock: kernel stopped, {now_stopped.reason}"
             elif seen.kind == "reply" and seen.msg_type == "execute_request":
-                clock.reply(seen.msg_id, seen.content, now)  # ends at its idle, output complete
+                answered = clock.reply(seen.msg_id, seen.content, now)  # ends at its idle
+                if answered is not None:
+                    answered.cost = self._cell_meter().end(answered.meter)
+                    if (following := clock.running()) is not None:
+                        self._cell_starts(following)
                 ended = clock.take_unclosed()
             else:
                 clock.idle(now)
@@ -237,14 +246,44 @@ class Bookkeeping:
                 os.write(self._wake_w, b"!")
         return verdict
 
+    def _output_rules(self) -> tuple[Any, ...]:
+        """The profile's output rules, the filter's spool in the run dir attached (the
+        warden's ``output/``, never the jail's: cellblock.output.spool)."""
+        from ..output import build_output_rules
+        from ..output.spool import Spool
+        from ..output_pages import SPOOL_DIR
+
+        rules = build_output_rules(self.profile.output, audit=self._audit)
+        self._filter = rules[0]
+        self._filter.spool = Spool(self.run.path / SPOOL_DIR, self.profile.output.spool_bytes)
+        return rules
+
+    def _cell_meter(self) -> CellMeter:
+        if self._meter is None:
+            self._meter = CellMeter(self.cgroup)
+        return self._meter
+
+    def _cell_starts(self, ex: Execution) -> None:
+        """A cell is forwarded: number it for the output filter; if it runs now (not
+        queued), read its cost counters."""
+        if self._filter is not None and ex.meter is None:
+            self._filter.number(ex.msg_id, ex.number)
+        if ex.started is not None and ex.meter is None:
+            ex.meter = self._cell_meter().start()
+
     def _record_end(self, ex: Execution) -> None:
         queued = (ex.started - ex.forwarded) if ex.started is not None else 0.0
+        streamed = self._filter.streamed.pop(ex.msg_id, None) if self._filter else None
+        streamed = streamed or {"cut": 0, "kept": 0, "dropped": 0}
+        cost = ex.cost or {"cpu_seconds": None, "peak_memory_bytes": None}
         self._record(
             "execution.end", session=ex.session, parent_msg_id=ex.msg_id,
             status=ex.status, duration_seconds=round(ex.duration, 6),
             queued_seconds=round(queued, 6), code_sha256=ex.code_sha256,
             output_bytes_in=ex.bytes_in, output_bytes_out=ex.bytes_out,
             output_messages=ex.messages, limits_hit=list(ex.limits_hit),
+            execution=ex.number, **cost, output_bytes_cut=streamed["cut"],
+            output_bytes_kept=streamed["kept"], output_bytes_not_kept=streamed["dropped"],
         )
 
     def _end_executions(self, status: str) -> None:
@@ -256,6 +295,8 @@ class Bookkeeping:
             self._record_end(ex)
         for ex in cut:
             ex.status = status
+            if not ex.cost and ex.meter is not None:  # the cgroup's counters outlive the jail
+                ex.cost = self._cell_meter().end(ex.meter)
             self._record_end(ex)
 
     def _interrupt(self, action: Interrupt) -> None:

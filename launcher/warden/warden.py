@@ -302,7 +302,6 @@ class Warden(Bookkeeping):
     def _start_gate(self, client_conn: dict[str, Any]) -> Gate:
         from ..gate import Gate
         from ..gate.tracker import CLIENT_TYPES
-        from ..output import build_output_rules
 
         # every known request if the profile does not list them, stdin only where it has it
         listed = self.profile.allowed_requests
@@ -315,7 +314,7 @@ class Warden(Bookkeeping):
             client=client_conn,
             kernel=sockets,
             limits=sockets.limits,
-            rules=build_output_rules(self.profile.output, audit=self._audit),
+            rules=self._output_rules(),
             audit=self._audit,
             allowed_client_msg_types=frozenset(allowed),
             observer=self._observe,
