@@ -33,6 +33,7 @@ import codecs
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from typing import cast
 from urllib.parse import unquote_to_bytes
 
 import hyperscan
@@ -189,9 +190,10 @@ def _unquote(data: bytes) -> bytes:
     if b"%" not in data:
         return data
     try:
-        return codecs.escape_decode(data.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+        decoded = codecs.escape_decode(data.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
     except ValueError:
         return unquote_to_bytes(data)
+    return cast("bytes", decoded)  # bytes in, bytes out (typeshed says str)
 
 
 def _run_around(data: bytes, end: int) -> tuple[int, int]:
