@@ -806,11 +806,31 @@ def test_escape_views_equal_a_reference_decoding() -> None:
         return re.sub(rb"\\u([0-9A-Fa-f]{4})", one, data)
 
     pieces = [b"%", b"\\", b"u", b"0", b"0", b"4", b"1", b"e9", b"%4", b"%41", b"%e9",
-              b"\\u0041", b"\\u00e9", b"\\u4e2d", b"\\u007", b"x", b" "]
+              b"\\u0041", b"\\u00e9", b"\\u4e2d", b"\\u007", b"x", b" ", b"\\x", b"\\\\",
+              b"%%", b"\n", b"\xe9", b"%Fg", b"%fF"]
     rng = random.Random(2)
     for _ in range(20_000):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
         assert decode.escape_view(data, "unicode") == unicode_reference(data), data
+        assert decode.escape_view(data, "percent") == unquote_to_bytes(data), data
+
+
+def test_percent_view_fast_path_equals_unquote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text whose every ``%`` starts an escape is decoded without `unquote_to_bytes`
+    (decode._unquote's codec path): the same bytes, backslashes and all."""
+    from urllib.parse import unquote_to_bytes
+
+    from cellblock.redact import decode
+
+    def no_fallback(data: bytes) -> bytes:
+        raise AssertionError(f"fell back to unquote_to_bytes on {data!r}")
+
+    monkeypatch.setattr(decode, "unquote_to_bytes", no_fallback)
+    pieces = [b"%41", b"%e9", b"%fF", b"%00", b"%5c", b"%5C", b"%25", b"%0a", b"\\", b"\\x",
+              b"\\\\", b"\\u0041", b"x", b"4", b"1", b"\n", b"\xe9", b"\x00", b" "]
+    rng = random.Random(3)
+    for _ in range(20_000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
         assert decode.escape_view(data, "percent") == unquote_to_bytes(data), data
 
 

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from typing import cast
 from urllib.parse import unquote_to_bytes
 
 import hyperscan
@@ -171,11 +173,27 @@ def escape_view(data: bytes, kind: str) -> bytes:
     character of a ``\\uXXXX`` if ASCII and SUB if not (as scan_bytes has it). The escapes of
     non-ASCII characters (the usual ones: ``\\u00e9``) go in one pass without a callback."""
     if kind == "percent":
-        return unquote_to_bytes(data)
+        return _unquote(data)
     data = _UESCAPE_WIDE.sub(b"\x1a", data)
     if b"\\u" not in data:
         return data
     return _UESCAPE.sub(lambda m: _VIEW_BYTE[m[0]], data)
+
+
+def _unquote(data: bytes) -> bytes:
+    """`urllib.parse.unquote_to_bytes`, at C speed when every ``%`` starts an escape (the
+    usual case: URLs and query strings), with no Python step per escape: each backslash is
+    doubled (so it stands for itself) and each ``%`` becomes ``\\x``, which the bytes-escape
+    codec decodes with the two hex digits after it (either case) into the byte they spell, as
+    `unquote_to_bytes` does. A ``%`` without two hex digits after it makes that codec fail,
+    and then `unquote_to_bytes` decodes the text (it leaves such a ``%`` as it is)."""
+    if b"%" not in data:
+        return data
+    try:
+        decoded = codecs.escape_decode(data.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+    except ValueError:
+        return unquote_to_bytes(data)
+    return cast("bytes", decoded)  # bytes in, bytes out (typeshed says str)
 
 
 def _run_around(data: bytes, end: int) -> tuple[int, int]:
