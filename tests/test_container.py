@@ -93,3 +93,19 @@ def test_containment_suite_in_a_container(image: str) -> None:
                               "CELLBLOCK_CAPS": "SYS_ADMIN"},  # for directory datasets
                          capture_output=True, text=True, timeout=1700, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("engine", ["eg", "gp"])
+def test_enterprise_gateway_starts_jailed_kernels_in_containers(image: str, engine: str) -> None:
+    """deploy/eg-demo.sh: the gateway (Enterprise Gateway 3.3's DockerProcessProxy, or Kernel
+    Gateway with gateway_provisioners' DockerProvisioner) against podman's Docker API starts
+    a localhost/cellblock-kernel container per kernel; a client executes over the
+    WebSocket; DELETE leaves no container."""
+    import sys
+
+    out = subprocess.run(["sh", str(DEPLOY / "eg-demo.sh")], capture_output=True, text=True,
+                         env={**ENV, "ENGINE": engine, "CELLBLOCK_VENV": sys.prefix},
+                         timeout=1200, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].endswith("demo passed")
+    assert "ok: no container of the kernel is left" in out.stdout
