@@ -122,8 +122,9 @@ async def client(base: str, token: str, env: dict[str, str]) -> None:
     started = time.monotonic()
     resp = await http.fetch(f"http://{base}/api/kernels", method="POST", headers=auth,
                             request_timeout=300, body=json.dumps({
-                                "name": SPEC, "env": {"KERNEL_USERNAME": "analyst1",
-                                                      "KERNEL_MEMORY": "64Gi"}}))
+                                "name": SPEC, "env": {
+                                    "KERNEL_USERNAME": "analyst1", "KERNEL_MEMORY": "64Gi",
+                                    "KERNEL_IMAGE": "localhost/cellblock-base:bookworm"}}))
     kernel_id = json.loads(resp.body)["id"]
     say(f"kernel {kernel_id} started in {time.monotonic() - started:.1f} s; containers: "
         f"{containers(kernel_id, env)}")
@@ -136,6 +137,8 @@ async def client(base: str, token: str, env: dict[str, str]) -> None:
         f"{sorted(k.split('=')[0] for k in inspect['Config']['Env'])}")
     check(hc["Memory"] == 2 * 1024**3, "the memory limit is the profile's (kernel + warden), "
           "not the request's KERNEL_MEMORY=64Gi")
+    check(inspect["ImageName"] == IMAGE, f"the image is the kernelspec's {IMAGE}, not the "
+          "request's KERNEL_IMAGE")
     ws = await websocket_connect(HTTPRequest(
         f"ws://{base}/api/kernels/{kernel_id}/channels?session_id=demo", headers=auth))
     try:
@@ -206,7 +209,8 @@ def main() -> int:
                      "--response-address", "{response_address}",
                      "--public-key", "{public_key}", "--memory", str(pod["memory"]),
                      "--cpus", str(pod["cpus"]), "--pids", str(pod["pids"]),
-                     "--seccomp", str(REPO / "deploy" / "seccomp.json")]}, indent=1))
+                     "--seccomp", str(REPO / "deploy" / "seccomp.json"),
+                     "--image", IMAGE]}, indent=1))
         port, token = free_port(), uuid.uuid4().hex
         gw_env = {**env, "DOCKER_HOST": f"unix://{sock}",
                   "JUPYTER_PATH": str(work / "share" / "jupyter"),

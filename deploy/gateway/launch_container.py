@@ -12,6 +12,8 @@ own launch_docker.py in what a jailed kernel needs and what it keeps out:
 
 - security options: deploy/seccomp.json (--seccomp) and /proc unmasked, nothing
   privileged, the runtime's default capabilities (deploy/README.md says why each);
+- the image is --image, from the kernelspec: Enterprise Gateway 3 lets a request's
+  KERNEL_IMAGE override the kernelspec's image_name, and launch_docker.py runs that;
 - the container's environment is the protocol's four values: not the gateway's own
   environment and not the request's KERNEL_* values (launch_docker.py passes both);
 - the user is root in the container (the warden maps each jail to a uid of its own):
@@ -42,6 +44,7 @@ def main() -> int:
     p.add_argument("--cpus", type=float, required=True)
     p.add_argument("--pids", type=int, required=True)
     p.add_argument("--seccomp", required=True, help="path of deploy/seccomp.json")
+    p.add_argument("--image", required=True, help="the cellblock-kernel image")
     for ignored in ("--spark-context-initialization-mode", "--kernel-class-name",
                     "--transport-encryption"):
         p.add_argument(ignored, help=argparse.SUPPRESS)
@@ -49,11 +52,7 @@ def main() -> int:
     if not NAME.fullmatch(a.kernel_id):
         print(f"launch_container.py: kernel id {a.kernel_id!r} is not a name", file=sys.stderr)
         return 2
-    image = os.environ.get("KERNEL_IMAGE") or os.environ.get("GP_IMAGE_NAME")
-    if not image:
-        print("launch_container.py: KERNEL_IMAGE is not set (the kernelspec's image_name)",
-              file=sys.stderr)
-        return 2
+    image = a.image  # never $KERNEL_IMAGE: a request may set it
     network = os.environ.get("EG_DOCKER_NETWORK") or os.environ.get("GP_DOCKER_NETWORK") \
         or "bridge"
 
