@@ -109,3 +109,18 @@ def test_enterprise_gateway_starts_jailed_kernels_in_containers(image: str, engi
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert out.stdout.splitlines()[-1].endswith("demo passed")
     assert "ok: no container of the kernel is left" in out.stdout
+
+
+def test_the_kernel_pod_under_kube_play_answers_a_kernel_request(image: str) -> None:
+    """deploy/kube-play.sh: deploy/k8s/'s kernel pod template, rendered as Enterprise
+    Gateway renders it (hostile KERNEL_* values included), played by podman (privileged:
+    podman 4.3.1 ignores seccompProfile and procMount), sends its encrypted connection info
+    to a response address; a client executes in the pod's jail; shutdown on the comm port
+    ends it; kube down leaves no pod."""
+    import sys
+
+    out = subprocess.run(["sh", str(DEPLOY / "kube-play.sh")], capture_output=True, text=True,
+                         env={**ENV, "CELLBLOCK_VENV": sys.prefix}, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].endswith("kube play passed")
+    assert "ok: no KERNEL_* value reached the jail" in out.stdout
