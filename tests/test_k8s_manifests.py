@@ -49,7 +49,7 @@ def documents(name: str) -> list[dict[str, Any]]:
 def render_kernel_pod(values: dict[str, Any]) -> dict[str, Any]:
     """What launch_kubernetes.py does with the template (generate_kernel_pod_yaml)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(K8S / "kernelspec"),
-                             autoescape=False)  # noqa: S701  (YAML, as the gateway renders it)
+                             autoescape=False)  # YAML, as the gateway renders it
     (pod,) = [d for d in yaml.safe_load_all(
         env.get_template("kernel-pod.yaml.j2").render(**values)) if d]
     return dict(pod)

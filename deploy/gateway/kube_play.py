@@ -105,7 +105,7 @@ def receive(server: socket.socket, key: Any) -> dict[str, Any]:
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cellblock-kube-play-"))
     kernel_id = str(uuid.uuid4())
-    key = RSA.generate(1024)
+    key = RSA.generate(2048)  # the gateways use 1024 (it wraps one AES key); 2048 here
     public = "".join(x for x in key.publickey().export_key().decode().splitlines()
                      if "-----" not in x)
     ip = public_ips()[0]  # as the gateway picks its response address
