@@ -113,7 +113,7 @@ async def test_launcher_speaks_the_gateway_protocol(responses: Any, no_leftovers
                 "key", "signature_scheme", "transport"} <= set(info)
         kc = AsyncKernelClient()
         kc.load_connection_info({**info, "ip": "127.0.0.1"})  # the server's own ip for it
-        kc.start_channels()
+        kc.start_channels(hb=False)  # no heartbeat race: wait_for_ready asks kernel_info
         try:
             await kc.wait_for_ready(timeout=60)
             out, status = await run_cell(kc, PROBE)

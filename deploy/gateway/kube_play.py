@@ -137,9 +137,11 @@ def main() -> int:
               "(the profile's kernel + warden), not the request's KERNEL_MEMORY=64Gi")
         networks = json.loads(podman("inspect", container))[0]["NetworkSettings"]["Networks"]
         pod_ip = next(iter(networks.values()))["IPAddress"]  # kube play's own network
+        say("pod memory with its idle kernel (launcher, spawner, warden, nsjail, kernel): "
+            + podman("stats", "--no-stream", "--format", "{{.MemUsage}}", container).strip())
         kc = BlockingKernelClient()
         kc.load_connection_info({**info, "ip": pod_ip})
-        kc.start_channels()
+        kc.start_channels(hb=False)  # no heartbeat race: wait_for_ready asks kernel_info
         try:
             kc.wait_for_ready(timeout=60)
             out: list[str] = []
