@@ -206,7 +206,11 @@ def kernel_gateway(tmp_path: Path, jupyter_env: dict[str, str],
                                             "config": {"remote_hosts": ["localhost"]}}},
         "argv": [LAUNCHER, "--kernel-id", "{kernel_id}", "--port-range", "{port_range}",
                  "--response-address", "{response_address}", "--public-key", "{public_key}",
-                 "--profile", "agent"]}))
+                 "--profile", "agent"],
+        # The gateway launches with the request's env, not its own: the host's cellblock
+        # settings (this session's policy, run dir, cgroup parent) come from the spec, as an
+        # operator's would.
+        "env": {k: v for k, v in os.environ.items() if k.startswith("CELLBLOCK_")}}))
     port = free_port()
     token = uuid.uuid4().hex
     argv = [str(BIN / "jupyter"), "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",
@@ -215,6 +219,7 @@ def kernel_gateway(tmp_path: Path, jupyter_env: dict[str, str],
             "--KernelSpecManager.allowed_kernelspecs=cellblock-eg"]
     env_before = dict(os.environ)
     os.environ["GP_RESPONSE_PORT"] = str(free_port())  # not the shared default 8877
+    os.environ["GP_KERNEL_LOG_DIR"] = str(tmp_path)  # the launcher's output (not /tmp)
     try:
         with jupyter_app(argv, port, token, tmp_path, "kernelgateway",
                          ready="/api/kernelspecs"):
@@ -225,15 +230,21 @@ def kernel_gateway(tmp_path: Path, jupyter_env: dict[str, str],
 
 
 async def test_kernel_gateway_starts_it_through_gateway_provisioners(
-        kernel_gateway: str) -> None:
+        kernel_gateway: str, tmp_path: Path) -> None:
     base, token = kernel_gateway.split()
     http = AsyncHTTPClient()
     auth = {"Authorization": f"token {token}"}
     # gateway_provisioners refuses a kernel for the user root (its unauthorized_users):
     # the request names its user, as a gateway client does
-    resp = await http.fetch(f"http://{base}/api/kernels", method="POST", headers=auth,
-                            body=json.dumps({"name": "cellblock-eg",
-                                             "env": {"KERNEL_USERNAME": "analyst1"}}))
+    try:
+        resp = await http.fetch(f"http://{base}/api/kernels", method="POST", headers=auth,
+                                body=json.dumps({"name": "cellblock-eg",
+                                                 "env": {"KERNEL_USERNAME": "analyst1"}}),
+                                request_timeout=120)
+    except Exception as e:
+        logs = "".join(f"--- {p.name}\n{p.read_text()[-3000:]}\n"
+                       for p in sorted(tmp_path.glob("*.log")))
+        raise AssertionError(f"POST /api/kernels: {e}\n{logs}") from None
     kernel_id = json.loads(resp.body)["id"]
     try:
         ws = await open_channels(base, kernel_id, token, "eg")
