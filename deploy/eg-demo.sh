@@ -11,15 +11,16 @@
 #
 # Each gateway gets a venv of its own (Enterprise Gateway 3.3 pins jupyter_client < 7,
 # jupyter_server < 2 and pyzmq < 25, which cellblock's venv cannot hold); the client and
-# cellblock-eg-launcher --pod-resources run with $CELLBLOCK_VENV.
+# cellblock-eg-launcher --pod-resources run with $CELLBLOCK_VENV. $EG_VENV, $GP_VENV: the
+# gateways' venvs (made here if missing).
 set -eu
 cd "$(dirname "$0")/.."
 ENGINE=${ENGINE:-eg}
 CELLBLOCK_VENV=${CELLBLOCK_VENV:-/opt/cellblock/venv}
 case "$ENGINE" in
-    eg) GW_VENV=${GATEWAY_VENV:-/opt/cellblock/venv-eg}
+    eg) GW_VENV=${EG_VENV:-/opt/cellblock/venv-eg}
         PKGS='jupyter-enterprise-gateway==3.3.0 docker>=7,<8' ;;
-    gp) GW_VENV=${GATEWAY_VENV:-/opt/cellblock/venv-gp}
+    gp) GW_VENV=${GP_VENV:-/opt/cellblock/venv-gp}
         PKGS='jupyter-kernel-gateway>=3,<4 gateway-provisioners[docker]==0.5.0' ;;
     *) echo "ENGINE=$ENGINE: eg or gp" >&2; exit 2 ;;
 esac

@@ -183,6 +183,55 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--transport-encryption required" in out.stderr
 
 
+def test_comm_requests_are_checked() -> None:
+    from cellblock.eg_protocol import MAX_REQUEST, parse_request
+
+    assert parse_request(b'{"signum": 2}') == (2, False)
+    assert parse_request(b'{"shutdown": 1}') == (None, True)
+    assert parse_request(b'{"signum": 0}') == (0, False)
+    for bad in (b'{"signum": "9"}', b'{"signum": true}', b'{"signum": 99}',
+                b'{"signum": -1}', b'{"exec": "rm -rf /"}', b'[2]', b'not json',
+                b'{"signum": 2, "x": ' + b"1" * MAX_REQUEST + b"}"):
+        with pytest.raises(ValueError):
+            parse_request(bad)
+
+
+def test_the_request_and_the_protocol_never_reach_the_warden(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the gateway sets in the launcher's environment (the request's KERNEL_* values,
+    the protocol's address and key, its own EG_/GP_ settings) is not the warden's env."""
+    from cellblock.eg_launcher import _warden_env
+
+    for name in ("KERNEL_MEMORY", "KERNEL_IMAGE", "RESPONSE_ADDRESS", "PUBLIC_KEY",
+                 "PORT_RANGE", "EG_DOCKER_NETWORK", "GP_DOCKER_NETWORK"):
+        monkeypatch.setenv(name, "from-the-request")
+    monkeypatch.setenv("CELLBLOCK_PROFILE", "agent")
+    env = _warden_env()
+    assert "from-the-request" not in env.values()
+    assert env["CELLBLOCK_PROFILE"] == "agent" and env["PATH"] == os.environ["PATH"]
+
+
+def test_connection_info_round_trip_with_the_gateways_decoder() -> None:
+    """The payload decodes with gateway_provisioners' own _decode_payload (the gateway's
+    side), and not with another key."""
+    from gateway_provisioners.response_manager import ResponseManager
+
+    from cellblock.eg_protocol import decrypt_payload, encrypt_payload
+
+    rm = ResponseManager.instance()
+    try:
+        info = {"kernel_id": "k1", "key": "k3y", "shell_port": 1, "comm_port": 2}
+        payload = encrypt_payload(info, rm.public_key)
+        assert rm._decode_payload(payload) == {**info, "key": b"k3y"}
+        from Cryptodome.PublicKey import RSA
+
+        with pytest.raises(ValueError):
+            decrypt_payload(payload, RSA.generate(1024))
+    finally:
+        rm.stop_response_manager()
+        ResponseManager.clear_instance()
+
+
 def test_pod_resources_are_the_profile_and_its_warden() -> None:
     out = subprocess.run([LAUNCHER, "--pod-resources", "agent"], capture_output=True,
                          text=True, check=True, timeout=60)
