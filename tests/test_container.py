@@ -78,7 +78,9 @@ def test_a_jail_in_a_user_namespaced_container(image: str) -> None:
         "namespace" in out.stdout
     script = ("cellblock run --profile agent --output /tmp/out.ipynb >&2 && "
               "cat /tmp/out.ipynb")
-    out = podman_run(*LEAST, *USERNS, image, "sh", "-c", script)
+    # the quickstart reads the sample dataset, a directory: its view needs CAP_SYS_ADMIN
+    # (open_tree; deploy/README.md), here the container user namespace's
+    out = podman_run(*LEAST, *USERNS, "--cap-add", "SYS_ADMIN", image, "sh", "-c", script)
     assert out.returncode == 0, out.stderr
     first = json.loads(out.stdout)["cells"]
     text = "".join("".join(o.get("text", "")) for c in first for o in c.get("outputs", []))
