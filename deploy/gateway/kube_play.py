@@ -124,8 +124,8 @@ def main() -> int:
         started = time.monotonic()
         podman("kube", "play", str(path))
         played = True
-        say(f"podman kube play: pod {name} "
-            f"{podman('pod', 'ps', '--filter', f'name={name}', '--format', '{{.Status}}')}")
+        status = podman("pod", "ps", "--filter", f"name={name}", "--format", "{{.Status}}")
+        say(f"podman kube play: pod {name} {status.strip()}")
         info = receive(server, key)
         say(f"connection info after {time.monotonic() - started:.1f} s: "
             f"{ {k: ('***' if k == 'key' else v) for k, v in info.items()} }")
