@@ -3,8 +3,11 @@
 #   1. the host tools (podman, buildah, runc, uidmap, iptables, debootstrap) from apt;
 #   2. a Debian bookworm base made by debootstrap --variant=minbase and `podman import`d
 #      (no registry);
-#   3. deploy/Containerfile's two targets: localhost/cellblock:dev (the kernel/server
-#      image) and localhost/cellblock-test:dev (plus pytest, for deploy/run-tests.sh).
+#   3. deploy/Containerfile's targets: localhost/cellblock:dev (the kernel/server image),
+#      localhost/cellblock-kernel:dev (a kernel per pod for Enterprise Gateway: its command
+#      is cellblock-eg-launcher), localhost/cellblock-singleuser:dev (JupyterHub's
+#      single-user server for analysts) and localhost/cellblock-test:dev (plus pytest, for
+#      deploy/run-tests.sh). TARGETS="cellblock cellblock-kernel" builds only those.
 # pip inside the build reaches PyPI through the host's CA bundle, mounted at build time.
 # Opt-in: CI's default test run never calls this. Run as root from the repo's top.
 #
@@ -37,7 +40,7 @@ if [ -n "${REBUILD_BASE:-}" ] || ! podman image exists "$BASE"; then
     rm -rf "$WORK/rootfs"
 fi
 
-for target in cellblock cellblock-test; do
+for target in ${TARGETS:-cellblock cellblock-kernel cellblock-singleuser cellblock-test}; do
     podman build --target "$target" -t "localhost/$target:dev" -f deploy/Containerfile \
         --build-arg BASE="$BASE" -v "$CA:/etc/ssl/certs/host-ca.crt:ro" .
 done
