@@ -17,6 +17,9 @@ only known when a client adopts it: ``warden.json`` always names the current ker
     pkg/          a copy of cellblock_kernel, bound read-only at /opt/cellblock-kernel
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
     broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
+    inbox/        the client's uploads (cellblock.files), bound read-only at /inbox
+    inbox.tmp/    0700, never mounted: an upload is written here, then renamed into inbox/
+    files.sock    the client's file requests to the warden (0600), never mounted in the jail
     control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
     mnt/<name>    empty on the host; as root, a directory dataset's read-only view is
                   attached here in nsjail's private mount namespace (cellblock.broker)
@@ -42,7 +45,14 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import HostUnsupported
-from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout, run_dir_layout
+from .jailcmd import (
+    JAIL_HOME,
+    JAIL_UID,
+    RUN_INBOX,
+    RUN_INBOX_TMP,
+    JailLayout,
+    run_dir_layout,
+)
 from .jailuids import AUTO, claim_uid, jail_uid_range, release_uids, sweep_claims
 from .names import KERNEL_ID, check_kernel_id
 
@@ -163,6 +173,9 @@ class RunDir:
         group.write_text(f"jovyan:x:{JAIL_UID}:\n")
         hosts = self.path / "hosts"
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
+        (self.path / RUN_INBOX).mkdir()
+        (self.path / RUN_INBOX_TMP).mkdir(mode=0o700)
+        os.chmod(self.path / RUN_INBOX, 0o755)  # noqa: S103 - the jail lists and reads it
         for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group, hosts):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         return run_dir_layout(self.path, uid, gid)

@@ -26,6 +26,7 @@ def test_all_is_pinned() -> None:
         "BadKernelId",
         "CellTimeout",
         "CellblockError",
+        "FileRefused",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",
