@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--datasets", default="", help="comma-separated datasets the profile "
                      "allows (default: its default_datasets)")
     mcp.set_defaults(func=_cmd_mcp)
+    from .files.cli import add_commands as add_file_commands  # upload, files, download
+
+    add_file_commands(sub)
     return p
 
 

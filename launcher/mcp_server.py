@@ -18,6 +18,8 @@ Tools:
 - ``list_datasets()``: the datasets the profile allows, which this session was granted,
   and how to read them (``cellblock_kernel.datasets``). Never a host path.
 - ``restart()``: a fresh kernel; every variable is gone.
+- ``upload_file(name, text|base64)``, ``list_files()``, ``read_file(name)``: the session's
+  /inbox and /outbox (:mod:`cellblock.files.mcp`).
 
 Nothing but MCP is written to stdout: the SDK's ``stdio_server`` points fd 1 at stderr
 while it serves (the warden and anything else started then inherit that), and logs go to
@@ -93,7 +95,7 @@ def _tools(profile: str) -> list[Any]:
     ]
 
 
-TOOLS = ("run_python", "list_datasets", "restart")
+TOOLS = ("run_python", "list_datasets", "restart", "upload_file", "list_files", "read_file")
 
 
 def _text(text: str) -> Any:
@@ -228,7 +230,9 @@ def build_server(session: Session) -> Any:
     from mcp.shared.exceptions import MCPError
     from mcp.types import INVALID_PARAMS, ListToolsResult
 
-    tools = _tools(session.profile)
+    from .files.mcp import FILE_TOOLS, call_file_tool, file_tools
+
+    tools = _tools(session.profile) + file_tools(session.profile)
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: Any) -> AsyncIterator[Session]:
@@ -250,6 +254,8 @@ def build_server(session: Session) -> Any:
             return await session.list_datasets()
         if params.name == "restart":
             return await session.restart()
+        if params.name in FILE_TOOLS:  # upload_file, list_files, read_file (cellblock.files)
+            return await call_file_tool(session.sandbox, params.name, arguments)
         raise MCPError(code=INVALID_PARAMS, message=f"unknown tool {params.name!r}; tools: "
                        f"{', '.join(TOOLS)}")
 

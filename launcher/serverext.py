@@ -5,6 +5,8 @@ Enable it with ``jupyter server extension enable cellblock`` (or
 spawner to fill the pool of every profile with ``warm_pool > 0``, in the background, so
 that even the first kernel a user starts is adopted from the pool. Without it the pools
 fill after each profile's first start.
+
+It also adds cellblock's REST routes beside ``/api/kernels`` (:mod:`cellblock.rest`).
 """
 
 from __future__ import annotations
@@ -36,5 +38,8 @@ def _fill(log: Any) -> None:
 
 def load_jupyter_server_extension(serverapp: Any) -> None:
     """Called by Jupyter Server once, at start."""
+    from .rest import register  # /api/cellblock/...: a kernel's files (cellblock.rest)
+
+    register(serverapp)
     threading.Thread(target=_fill, args=(serverapp.log,), name="cellblock-warm-pools",
                      daemon=True).start()

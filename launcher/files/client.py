@@ -24,7 +24,8 @@ from ..names import check_kernel_id
 from .inbox import check_name
 from .wire import FILES_SOCKET, read_body, read_json_line, send_json
 
-__all__ = ["DownloadedFile", "download", "inbox", "outbox", "run_dir_of", "upload"]
+__all__ = ["DownloadedFile", "check_name", "download", "inbox", "outbox", "run_dir_of",
+           "upload"]
 
 TIMEOUT = 60.0
 CHUNK = 1 << 16
@@ -106,7 +107,9 @@ def upload(kernel_id: str, name: str, source: bytes | str | os.PathLike[str] | I
         else:
             f = (stack.enter_context(open(source, "rb"))
                  if isinstance(source, str | os.PathLike) else source)
-            size = os.fstat(f.fileno()).st_size
+            start = f.tell()
+            size = f.seek(0, os.SEEK_END) - start
+            f.seek(start)
             chunks = iter(lambda: f.read(CHUNK), b"")
         with _ask(kernel_id, {"op": "upload", "name": name, "size": size}) as (sock, pending):
             _reply(kernel_id, sock, pending)  # the caps allow it: send

@@ -60,19 +60,23 @@ class SandboxFiles:
 class SyncSandboxFiles:
     """The same methods, blocking, for :class:`cellblock.sandbox.SyncSandbox`."""
 
-    sandbox: SandboxFiles
+    @property
+    def _box(self) -> SandboxFiles:
+        box = self.__dict__["sandbox"]  # the SyncSandbox's Sandbox
+        assert isinstance(box, SandboxFiles)
+        return box
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         raise NotImplementedError  # the SyncSandbox's
 
     def upload(self, name: str, data_or_path: Source) -> dict[str, Any]:
-        return self._call(self.sandbox.upload(name, data_or_path))
+        return self._call(self._box.upload(name, data_or_path))
 
     def inbox(self) -> list[dict[str, Any]]:
-        return self._call(self.sandbox.inbox())
+        return self._call(self._box.inbox())
 
     def files(self) -> list[dict[str, Any]]:
-        return self._call(self.sandbox.files())
+        return self._call(self._box.files())
 
     def download(self, name: str) -> DownloadedFile:
-        return self._call(self.sandbox.download(name))
+        return self._call(self._box.download(name))
