@@ -36,8 +36,7 @@ class ServesFiles:
         raise NotImplementedError  # Bookkeeping's
 
     def _serve_files(self) -> None:
-        files = self.profile.files
-        if self.files_service is not None or not (files.inbox or files.outbox):
+        if self.files_service is not None:  # (it answers "disabled" for a profile without)
             return
         from ..files.service import FileService
         from ..output.filter import build_redactor
