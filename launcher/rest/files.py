@@ -125,13 +125,12 @@ class OutboxFileHandler(CellblockKernelHandler):
             got = await asyncio.to_thread(client.download, kernel_id, name)
         except FileRefused as exc:
             raise _fail(exc) from None
-        self.set_header("Content-Type", got.mime + ("; charset=utf-8" if got.kind == "text"
-                                                    else ""))
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Content-Disposition", f'attachment; filename="{got.name}"')
         self.set_header("X-Cellblock-Sha256", got.sha256)
         self.set_header("X-Cellblock-Redactions", ",".join(got.redactions))
-        self.finish(got.data)
+        self.finish(got.data, set_content_type=got.mime + (
+            "; charset=utf-8" if got.kind == "text" else ""))
 
 
 def routes() -> list[tuple[str, Any]]:
