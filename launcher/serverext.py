@@ -38,8 +38,9 @@ def _fill(log: Any) -> None:
 
 def load_jupyter_server_extension(serverapp: Any) -> None:
     """Called by Jupyter Server once, at start."""
-    from .rest import register  # /api/cellblock/...: a kernel's files (cellblock.rest)
+    from .rest import register  # /api/cellblock/... (cellblock.rest)
+    from .rest.files import routes as file_routes  # a kernel's inbox and outbox
 
-    register(serverapp)
+    register(serverapp, file_routes())
     threading.Thread(target=_fill, args=(serverapp.log,), name="cellblock-warm-pools",
                      daemon=True).start()

@@ -70,6 +70,7 @@ def test_errors_all_is_pinned() -> None:
         "BadKernelId",
         "CellTimeout",
         "CellblockError",
+        "FileRefused",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",

@@ -1,7 +1,8 @@
 """cellblock's REST API beside Jupyter Server's ``/api/kernels``, behind its own auth.
 
 Routes (``<base_url>api/cellblock/kernels/<kernel id>/...``) are registered by
-:func:`register`, which :mod:`cellblock.serverext` calls when the extension loads. Every
+:func:`register`, which :mod:`cellblock.serverext` calls with each route module's
+``routes()`` when the extension loads. Every
 handler derives from :class:`CellblockKernelHandler`: Jupyter Server's ``APIHandler``
 (token or identity-provider authentication, XSRF rules, JSON errors), authorised on the
 ``kernels`` resource like ``/api/kernels`` itself, and only for a kernel id that is a valid
@@ -44,10 +45,8 @@ class CellblockKernelHandler(APIHandler):
         return kernel_id
 
 
-def register(serverapp: Any) -> None:
-    """Add every cellblock route to ``serverapp``'s web application."""
-    from .files import routes as file_routes
-
+def register(serverapp: Any, routes: list[tuple[str, Any]]) -> None:
+    """Add ``routes`` (``(pattern below base_url, handler class)``) to ``serverapp``."""
     base = serverapp.web_app.settings.get("base_url", "/")
     serverapp.web_app.add_handlers(".*$", [(url_path_join(base, route), handler)
-                                          for route, handler in file_routes()])
+                                          for route, handler in routes])
