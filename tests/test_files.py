@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cellblock.audit import EVENT_FIELDS
 from cellblock.errors import FileRefused, SandboxStopped
 from cellblock.files.client import run_dir_of
 from cellblock.sandbox import Sandbox, SyncSandbox
@@ -77,7 +78,11 @@ def filebox(operator: Any, jupyter_env: dict[str, str]) -> None:
 
 
 def events(kernel_id: str, prefix: str) -> list[Any]:
-    return [e for e in audit_events(kernel_id) if e.event.startswith(prefix)]
+    found = [e for e in audit_events(kernel_id) if e.event.startswith(prefix)]
+    for e in found:  # each matches its published model (cellblock audit --schema)
+        if e.event.startswith("files."):
+            EVENT_FIELDS[e.event].model_validate(e.fields)
+    return found
 
 
 async def test_upload_analyse_and_fetch_a_chart_and_a_csv(jupyter_env: dict[str, str]) -> None:
