@@ -20,6 +20,7 @@ import asyncio
 import tempfile
 from typing import IO, Any
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
@@ -56,9 +57,15 @@ class InboxFileHandler(CellblockKernelHandler):
     _left = 0
 
     async def prepare(self) -> None:  # type: ignore[override]
-        await super().prepare()  # authentication
+        await super().prepare()
         if self.request.method != "PUT":
             return
+        # Before a byte of the body is spooled: the same checks as @web.authenticated and
+        # @authorized on put(), which tornado runs only after the whole body arrived.
+        user = self.current_user
+        if not user or not await ensure_async(
+                self.authorizer.is_authorized(self, user, "write", self.auth_resource)):
+            raise web.HTTPError(403)
         kernel_id = self.checked_kernel(self.path_kwargs["kernel_id"])
         try:
             client.check_name(self.path_kwargs["name"])
@@ -85,6 +92,7 @@ class InboxFileHandler(CellblockKernelHandler):
         if self._spool is not None:
             self._spool.close()
 
+    @web.authenticated
     @authorized
     async def put(self, kernel_id: str, name: str) -> None:
         kernel_id = self.checked_kernel(kernel_id)
