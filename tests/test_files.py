@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +171,12 @@ async def test_what_the_kernel_plants_in_the_outbox_is_refused_cleanly(filebox: 
             "nothere.txt": ("not_found", "no file"),
         }
         for name, (code, words) in expected.items():
-            started = time.monotonic()
+            # (a FIFO opened without O_NONBLOCK would block the warden: the client would
+            # time out with "not_running", not "not_regular")
             with pytest.raises(FileRefused) as info:
                 await sb.download(name)
             assert (info.value.code, name) == (code, name), info.value
             assert words in str(info.value), str(info.value)
-            assert time.monotonic() - started < 30  # a FIFO never blocks the warden
         assert (await sb.download("fine.txt")).text == "fine\n"
         # the warden is still serving, and the kernel still runs
         assert (await sb.run("1 + 1")).results == [{"text/plain": "2"}]
