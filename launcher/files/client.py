@@ -153,7 +153,7 @@ def download(kernel_id: str, name: str) -> DownloadedFile:
         reply = _reply(kernel_id, sock, pending)
         size = int(reply["size"])
         try:
-            data = b"".join(read_body(sock, pending, size))
+            data = b"".join(read_body(sock, pending, size, 1 << 20))
         except OSError as exc:
             raise FileRefused(f"kernel {kernel_id}: {name!r} arrived cut short ({exc})",
                               "incomplete") from None

@@ -45,7 +45,7 @@ from ..roview import (
 __all__ = ["OutboxEntry", "jail_outbox", "list_outbox", "read_outbox"]
 
 OUTBOX_NAME = "outbox"  # below the jail's root (cellblock_kernel.files.OUTBOX)
-READ_CHUNK = 1 << 16
+READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
