@@ -252,6 +252,14 @@ def test_sync_sandbox_and_a_stopped_one(tmp_path: Path) -> None:
         assert kernel_id is not None
         run = run_dir_of(kernel_id)
         assert oct(os.stat(run / "files.sock").st_mode & 0o777) == "0o600"
+        # the uploads are the jail's to read and nobody else's (as root: its own group)
+        inbox, upload = os.stat(run / "inbox"), os.stat(run / "inbox" / "in.csv")
+        if os.geteuid() == 0:
+            assert (oct(inbox.st_mode & 0o777), oct(upload.st_mode & 0o777)) == (
+                "0o750", "0o640")
+            assert inbox.st_gid == upload.st_gid != 0
+        else:
+            assert oct(inbox.st_mode & 0o777) == "0o700"
     with pytest.raises(FileRefused) as info:
         run_dir_of(kernel_id)
     assert info.value.code == "not_found"

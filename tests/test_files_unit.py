@@ -139,7 +139,7 @@ def inbox(tmp_path: Path) -> Inbox:
 def test_inbox_writes_whole_files_and_keeps_its_caps(inbox: Inbox, tmp_path: Path) -> None:
     assert len(inbox.receive("a.csv", 3, iter([b"a", b"bc"]))) == 64
     assert (tmp_path / "inbox" / "a.csv").read_bytes() == b"abc"
-    assert oct((tmp_path / "inbox" / "a.csv").stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "inbox" / "a.csv").stat().st_mode & 0o777) == "0o640"
     cases = [
         ("b.csv", 101, [b"x" * 101], "too_large", "at most 100 B (100 bytes, files.max_upload)"),
         ("b.csv", 5, [b"xx"], "incomplete", "ended after 2 of the 5 bytes"),

@@ -48,6 +48,8 @@ class Inbox:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         self._dir = os.open(run_path / RUN_INBOX, flags)
         self._tmp = os.open(run_path / RUN_INBOX_TMP, flags)
+        # files get the inbox's group (the jail's, as root: cellblock.rundir), read-only
+        self._group = os.fstat(self._dir).st_gid if os.geteuid() == 0 else -1
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # uploads under way: their declared sizes
 
@@ -103,7 +105,7 @@ class Inbox:
         try:
             accepted()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=self._tmp)
+                         | os.O_CLOEXEC, 0o600, dir_fd=self._tmp)
             try:
                 got = 0
                 for chunk in chunks:
@@ -116,7 +118,9 @@ class Inbox:
                 if got != size:
                     raise FileRefused(f"upload {name!r} ended after {got} of the {size} bytes "
                                       "it declared", "incomplete")
-                os.fchmod(fd, 0o644)  # the jail's uid reads it (another uid, as root)
+                if self._group >= 0:
+                    os.fchown(fd, -1, self._group)
+                os.fchmod(fd, 0o640)  # the jail reads it (by its group, as root)
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=self._tmp, dst_dir_fd=self._dir)

@@ -135,7 +135,10 @@ class FileService:
                 os.close(fd)
         with contextlib.suppress(OSError):
             self.path.unlink()
-        if self.inbox is not None:
+        # the inbox's descriptors are closed only once no client uses them (a number reused
+        # by another open must never be written to); else the process's exit closes them
+        held = [self._slots.acquire(timeout=CLIENT_TIMEOUT / 12) for _ in range(MAX_CLIENTS)]
+        if self.inbox is not None and all(held):
             self.inbox.close()
 
     def _serve(self) -> None:
