@@ -51,6 +51,14 @@ description = "no inbox, no outbox (the default)"
 [profiles.pooledfiles]
 warm_pool = 1
 
+[profiles.restartfiles.budgets]
+cell_seconds = 1.5
+grace_seconds = 1
+
+[profiles.restartfiles.files]
+inbox = true
+outbox = true
+
 [profiles.pooledfiles.files]
 inbox = true
 outbox = true
@@ -279,3 +287,19 @@ async def test_an_adopted_pooled_kernel_has_its_files(filebox: None) -> None:
             assert (await sb.download("out.txt")).text == "pooled\n"
     finally:
         assert warm("pooledfiles", size=0)["size"] == 0
+
+
+async def test_a_jail_restarted_in_place_is_read_not_the_old_one(filebox: None) -> None:
+    """The warden kills a cell past its grace and starts a new jail in the same run dir:
+    the inbox stays (the host's), the outbox is the new jail's, found anew by its nsjail."""
+    async with Sandbox("restartfiles") as sb:
+        await sb.upload("in.txt", b"kept\n")
+        assert (await sb.run("open('/outbox/old.txt', 'w').write('old')")).ok
+        r = await sb.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                         "while True:\n    pass")
+        assert not r.ok and "restarted" in str([e.value for e in r.errors])
+        assert await sb.files() == []
+        r = await sb.run("open('/outbox/new.txt', 'w').write(open('/inbox/in.txt').read())")
+        assert r.ok, r.errors
+        assert [f["name"] for f in await sb.files()] == ["new.txt"]
+        assert (await sb.download("new.txt")).text == "kept\n"
