@@ -98,9 +98,10 @@ async def test_rest_routes_behind_jupyter_server_auth(server: str) -> None:
 
     async def fetch(path: str, method: str = "GET", body: bytes | None = None,
                     headers: dict[str, str] | None = None) -> Any:
+        # a kernel's start under load may take longer than tornado's default 20 s
         return await http.fetch(HTTPRequest(f"{server}{path}", method=method, body=body,
-                                            headers={**auth, **(headers or {})}),
-                                raise_error=False)
+                                            headers={**auth, **(headers or {})},
+                                            request_timeout=180), raise_error=False)
 
     resp = await fetch("/api/kernels", "POST", json.dumps({"name": "cellblock-agent"}).encode())
     assert resp.code == 201, resp.body
@@ -112,7 +113,8 @@ async def test_rest_routes_behind_jupyter_server_auth(server: str) -> None:
                                    ("GET", f"{base}/outbox", None),
                                    ("GET", f"{base}/outbox/a.csv", None)):
             with pytest.raises(HTTPClientError) as info:
-                await http.fetch(HTTPRequest(f"{server}{path}", method=method, body=body))
+                await http.fetch(HTTPRequest(f"{server}{path}", method=method, body=body,
+                                             request_timeout=180))
             assert info.value.code == 403, path
         resp = await fetch(f"{base}/inbox/sales.csv", "PUT", SALES.encode())
         assert resp.code == 201 and json.loads(resp.body)["size"] == len(SALES)
