@@ -193,6 +193,33 @@ class OutputCell(_Closed):
     notes_omitted: int = 0
 
 
+class FilesUpload(_Closed):
+    """A client's upload reached the inbox (cellblock.files): never its contents."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class FilesDownload(_Closed):
+    """An outbox file was sent: what was sent, and what the kernel wrote (before redaction)."""
+
+    name: str
+    size: int
+    sha256: str
+    read_size: int
+    read_sha256: str
+    kind: Literal["text", "image"]
+    redactions: list[str]
+
+
+class FilesRefused(_Closed):
+    op: Literal["upload", "download"]
+    name: str | None = Field(description="null when the name was refused or holds a finding")
+    code: str
+    size: int | None = None
+
+
 #: event name -> the model of its ``fields``
 EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "kernel.start": KernelStart,
@@ -213,6 +240,9 @@ EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "gate.refuse": GateEvent,
     "gate.drop_counts": GateDropCounts,
     "output.cell": OutputCell,
+    "files.upload": FilesUpload,
+    "files.download": FilesDownload,
+    "files.refused": FilesRefused,
 }
 
 

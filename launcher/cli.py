@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "allows (default: its default_datasets)")
     mcp.set_defaults(func=_cmd_mcp)
     add_output_command(sub)
+    from .files.cli import add_commands as add_file_commands  # upload, files, download
+
+    add_file_commands(sub)
     return p
 
 

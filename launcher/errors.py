@@ -14,6 +14,10 @@ The tree::
     │                                                  which piece and how to fix it
     ├── JailStartError(CellblockError, RuntimeError) the warden or nsjail failed to start
     │   └── JailStartTimeout(JailStartError, TimeoutError)
+    ├── FileRefused(CellblockError, ValueError)     an inbox or outbox file the profile does
+    │                                                  not let through (a bad name, over a cap,
+    │                                                  not a plain file, missing); ``code``
+    │                                                  says which (cellblock.files)
     ├── CellTimeout(CellblockError, TimeoutError)    Sandbox.run: a cell outlived the client's
     │                                                  timeout (it was interrupted; the kernel
     │                                                  and its state are kept)
@@ -36,6 +40,7 @@ __all__ = [
     "BadOutputRequest",
     "CellTimeout",
     "CellblockError",
+    "FileRefused",
     "HostUnsupported",
     "JailStartError",
     "JailStartTimeout",
@@ -53,6 +58,15 @@ class CellblockError(Exception):
 
 class BadKernelId(CellblockError, ValueError):
     """A kernel id that is not a short ``[A-Za-z0-9_-]`` name (a UUID is one)."""
+
+
+class FileRefused(CellblockError, ValueError):
+    """A file the profile does not let into the inbox or out of the outbox. ``code`` is one
+    of :data:`cellblock.files.wire.CODES` (``bad_name``, ``too_large``, ``not_found``...)."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PolicyError(CellblockError, ValueError):

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from cellblock_kernel.datasets import BROKER_DIR, DATA_ROOT
+from cellblock_kernel.files import INBOX, OUTBOX
 
 from .errors import HostUnsupported, PolicyError
 from .names import DATASET_NAME
@@ -60,6 +61,7 @@ class JailLayout:
     outside_gid: int
     hosts: Path | None = None  # bound read-only at /etc/hosts (localhost only)
     broker_dir: Path | None = None  # holds the broker's socket; bound read-only at JAIL_BROKER
+    inbox: Path | None = None  # the client's uploads (cellblock.files); read-only at INBOX
 
 
 def _checked(path: Path | str, what: str) -> str:
@@ -202,6 +204,7 @@ def nsjail_argv(
         if not DATASET_NAME.fullmatch(name):
             raise PolicyError(f"dataset name {name!r} cannot be a mount point")
         argv += ["--bindmount_ro", f"{_checked(source, f'dataset {name!r}')}:{DATA_ROOT}/{name}"]
+    argv += _files_mounts(profile, layout)
     argv += [
         "--bindmount_ro", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
         "--env", f"PYTHONPATH={JAIL_PKG}",
@@ -211,8 +214,25 @@ def nsjail_argv(
     return argv
 
 
+def _files_mounts(profile: Profile, layout: JailLayout) -> list[str]:
+    """The inbox (the host's directory, read-only) and the outbox (a tmpfs capped in bytes
+    and in inodes, the jail's to write), when the profile has them (cellblock.files)."""
+    files = profile.files
+    argv: list[str] = []
+    if files.inbox and layout.inbox is not None:
+        argv += ["--bindmount_ro", f"{_checked(layout.inbox, 'run dir')}:{INBOX}"]
+    if files.outbox:
+        argv += ["--mount", f"none:{OUTBOX}:tmpfs:size={files.outbox_size},"
+                            f"nr_inodes={files.outbox_files},mode=700,"
+                            f"uid={JAIL_UID},gid={JAIL_UID}"]
+    return argv
+
+
 #: the broker's socket dir in a run dir (:mod:`cellblock.broker` makes it)
 RUN_BROKER = "broker"
+#: the inbox in a run dir, and the directory uploads are written in before their rename
+RUN_INBOX = "inbox"
+RUN_INBOX_TMP = "inbox.tmp"
 
 
 def run_dir_layout(run: Path, outside_uid: int, outside_gid: int) -> JailLayout:
@@ -221,7 +241,7 @@ def run_dir_layout(run: Path, outside_uid: int, outside_gid: int) -> JailLayout:
     return JailLayout(
         ipc_dir=run / "ipc", pkg_dir=run / "pkg", passwd=run / "passwd", group=run / "group",
         outside_uid=outside_uid, outside_gid=outside_gid, hosts=run / "hosts",
-        broker_dir=run / RUN_BROKER,
+        broker_dir=run / RUN_BROKER, inbox=run / RUN_INBOX,
     )
 
 

@@ -19,6 +19,8 @@ Tools:
 - ``list_datasets()``: the datasets the profile allows, which this session was granted,
   and how to read them (``cellblock_kernel.datasets``). Never a host path.
 - ``restart()``: a fresh kernel; every variable is gone.
+- ``upload_file(name, text|base64)``, ``list_files()``, ``read_file(name)``: the session's
+  /inbox and /outbox (:mod:`cellblock.files.mcp`).
 - ``read_output(execution, offset, size, stream)``: a page of what the stream budget cut
   from a cell, as its cut marker says (``read_output(execution=7, offset=16384)``); the text
   was redacted by the warden before it was kept (:mod:`cellblock.mcp_output`).
@@ -103,7 +105,8 @@ def _tools(profile: str) -> list[Any]:
     ]
 
 
-TOOLS = ("run_python", "list_datasets", "restart", "read_output")
+TOOLS = ("run_python", "list_datasets", "restart", "read_output", "upload_file", "list_files",
+         "read_file")
 
 
 def _text(text: str) -> Any:
@@ -242,7 +245,9 @@ def build_server(session: Session) -> Any:
     from mcp.shared.exceptions import MCPError
     from mcp.types import INVALID_PARAMS, ListToolsResult
 
-    tools = _tools(session.profile)
+    from .files.mcp import FILE_TOOLS, call_file_tool, file_tools
+
+    tools = _tools(session.profile) + file_tools(session.profile)
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: Any) -> AsyncIterator[Session]:
@@ -266,6 +271,8 @@ def build_server(session: Session) -> Any:
             return await session.restart()
         if params.name == "read_output":
             return await read_output_call(session.sandbox, arguments)
+        if params.name in FILE_TOOLS:  # upload_file, list_files, read_file (cellblock.files)
+            return await call_file_tool(session.sandbox, params.name, arguments)
         raise MCPError(code=INVALID_PARAMS, message=f"unknown tool {params.name!r}; tools: "
                        f"{', '.join(TOOLS)}")
 

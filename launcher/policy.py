@@ -41,6 +41,7 @@ from .jailuids import JAIL_UIDS_ENV, parse_uid_range
 __all__ = [
     "AuditSettings",
     "Budgets",
+    "FilesPolicy",
     "HostSettings",
     "Limits",
     "OutputPolicy",
@@ -169,6 +170,38 @@ class OutputPolicy(_Model):
         return self
 
 
+class FilesPolicy(_Model):
+    """Files between the client and the jail (launcher/files/): an inbox the client fills
+    and the jail reads at /inbox, an outbox the jail fills at /outbox and the client reads.
+    Off unless a profile turns it on."""
+
+    inbox: bool = Field(False, description="the client may upload files, read-only at /inbox")
+    max_upload: Size = Field(16 * 1024**2, ge=1, description="one inbox file")
+    max_inbox_files: int = Field(16, ge=1, le=10_000, description="files in the inbox")
+    max_inbox_bytes: Size = Field(64 * 1024**2, ge=1, description="all inbox files together")
+    outbox: bool = Field(False, description="a capped tmpfs at /outbox the client may read")
+    outbox_size: Size = Field(16 * 1024**2, ge=1024**2, description="tmpfs size of /outbox")
+    outbox_files: int = Field(64, ge=4, le=100_000, description="tmpfs nr_inodes of /outbox")
+    max_download: Size = Field(8 * 1024**2, ge=1, description="one outbox file the client "
+                               "may fetch (by its size, before reading)")
+    text_suffixes: tuple[str, ...] = Field(
+        (".csv", ".tsv", ".txt", ".json", ".md"), description="outbox files sent as UTF-8 "
+        "text (redacted when redact_text)")
+    image_suffixes: tuple[Literal[".png", ".jpg", ".jpeg", ".gif", ".webp"], ...] = Field(
+        (".png",), description="outbox files sent as image bytes (checked by their magic "
+        "number, never decoded)")
+    redact_text: bool = Field(True, description="text files pass the profile's redaction "
+                              "([profiles.NAME.output]) before they leave")
+
+    @field_validator("text_suffixes")
+    @classmethod
+    def _suffixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for suffix in value:
+            if not re.fullmatch(r"\.[a-z0-9]{1,10}", suffix):
+                raise ValueError(f"suffix {suffix!r}: a dot and 1-10 of a-z 0-9, like '.csv'")
+        return value
+
+
 class Budgets(_Model):
     """What one kernel may spend, enforced by the warden and the gate (docs/operations.md).
 
@@ -228,6 +261,7 @@ class Profile(_Model):
     audit_code_text: bool = Field(False, description="keep each cell's code text in the audit "
                                   "log (else only its sha256)")
     output: OutputPolicy = OutputPolicy()
+    files: FilesPolicy = FilesPolicy()
     datasets: tuple[str, ...] = Field((), description="names in [datasets] this profile allows")
     default_datasets: tuple[str, ...] = Field(
         (), description="granted when a launch asks for none (a subset of datasets)"

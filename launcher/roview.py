@@ -78,9 +78,11 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def openat2_beneath(dirfd: int, relative: str, flags: int = SAFE_OPEN_FLAGS) -> int:
-    """Open ``relative`` beneath ``dirfd`` with every RESOLVE_ restriction; return the fd."""
-    how = _OpenHow(flags, 0, RESOLVE_ALL)
+def openat2_beneath(dirfd: int, relative: str, flags: int = SAFE_OPEN_FLAGS,
+                    resolve: int = RESOLVE_ALL) -> int:
+    """Open ``relative`` beneath ``dirfd`` with every RESOLVE_ restriction (or ``resolve``);
+    return the fd."""
+    how = _OpenHow(flags, 0, resolve)
     return _check(_libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(relative), ctypes.byref(how),
                                 ctypes.sizeof(how)), "openat2")
 

@@ -17,6 +17,10 @@ only known when a client adopts it: ``warden.json`` always names the current ker
     pkg/          a copy of cellblock_kernel, bound read-only at /opt/cellblock-kernel
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
     broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
+    inbox/        the client's uploads (cellblock.files), bound read-only at /inbox; mode
+                  0750 and the jail's group as root (0700 unprivileged), files 0640 likewise
+    inbox.tmp/    0700, never mounted: an upload is written here, then renamed into inbox/
+    files.sock    the client's file requests to the warden (0600), never mounted in the jail
     control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
     output/       stream text the budget cut, kept redacted for read_output (0700, the
                   warden's, never mounted in the jail; cellblock.output.spool)
@@ -44,7 +48,14 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import HostUnsupported
-from .jailcmd import JAIL_HOME, JAIL_UID, JailLayout, run_dir_layout
+from .jailcmd import (
+    JAIL_HOME,
+    JAIL_UID,
+    RUN_INBOX,
+    RUN_INBOX_TMP,
+    JailLayout,
+    run_dir_layout,
+)
 from .jailuids import AUTO, claim_uid, jail_uid_range, release_uids, sweep_claims
 from .names import KERNEL_ID, check_kernel_id
 
@@ -165,6 +176,13 @@ class RunDir:
         group.write_text(f"jovyan:x:{JAIL_UID}:\n")
         hosts = self.path / "hosts"
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
+        # The inbox: the jail's group reads it (as root the jail's uid and gid are its own),
+        # nobody else; the jail's uid unprivileged is ours. Uploads are written in inbox.tmp.
+        (self.path / RUN_INBOX).mkdir(mode=0o700)
+        (self.path / RUN_INBOX_TMP).mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            os.chown(self.path / RUN_INBOX, 0, gid)
+            os.chmod(self.path / RUN_INBOX, 0o750)  # noqa: S103 - owner rwx, jail group rx
         for p in (self.path / "pkg", pkg, *pkg.iterdir(), passwd, group, hosts):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         return run_dir_layout(self.path, uid, gid)

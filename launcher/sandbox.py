@@ -49,6 +49,7 @@ from .audit import audit_dir
 from .cell_cost import cell_cost
 from .datasets import DATASETS_ENV, parse_selection, select_datasets
 from .errors import CellTimeout, JailStartError, PolicyError, ProfileDisabled, SandboxStopped
+from .files.sandbox import SandboxFiles, SyncSandboxFiles
 from .output_pages import DEFAULT_PAGE, Page, read_output
 from .policy import Policy, load_policy
 from .run_result import (
@@ -106,7 +107,7 @@ def check_launch(policy: Policy, profile: str, datasets: Sequence[str] | str | N
     return select_datasets(policy, profile, ",".join(_names(datasets)))
 
 
-class Sandbox:
+class Sandbox(SandboxFiles):
     """One jailed kernel of a cellblock profile (see the module docstring).
 
     ``datasets``: names the profile allows (None or empty: its ``default_datasets``).
@@ -398,7 +399,7 @@ async def _release(km: Any, kc: Any) -> None:
             await km.cleanup_resources()
 
 
-class SyncSandbox:
+class SyncSandbox(SyncSandboxFiles):
     """:class:`Sandbox` for code without an event loop: the same methods, blocking.
 
     The async sandbox runs on an event loop of its own, in a thread this object owns

@@ -4,8 +4,9 @@ Enable it with ``jupyter server extension enable cellblock`` (or
 ``--ServerApp.jpserver_extensions=cellblock=True``). At start it asks this server's
 spawner to fill the pool of every profile with ``warm_pool > 0``, in the background, so
 that even the first kernel a user starts is adopted from the pool. Without it the pools
-fill after each profile's first start. It also adds cellblock's REST routes
-(:mod:`cellblock.rest`), e.g. ``GET /api/cellblock/kernels/<id>/output/<execution>``.
+fill after each profile's first start. It also adds cellblock's REST routes beside
+``/api/kernels`` (:mod:`cellblock.rest`): a kernel's inbox and outbox, and the rest of a cut
+output (``GET /api/cellblock/kernels/<id>/output/<execution>``).
 """
 
 from __future__ import annotations

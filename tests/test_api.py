@@ -27,6 +27,7 @@ def test_all_is_pinned() -> None:
         "BadOutputRequest",
         "CellTimeout",
         "CellblockError",
+        "FileRefused",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",

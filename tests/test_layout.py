@@ -71,6 +71,7 @@ def test_errors_all_is_pinned() -> None:
         "BadOutputRequest",
         "CellTimeout",
         "CellblockError",
+        "FileRefused",
         "HostUnsupported",
         "JailStartError",
         "JailStartTimeout",

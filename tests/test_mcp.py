@@ -65,7 +65,8 @@ async def session(env: dict[str, str], *args: str) -> AsyncIterator[ClientSessio
 async def test_tools_state_errors_images_and_redaction(jupyter_env: dict[str, str]) -> None:
     async with session(jupyter_env, "--profile", "agent") as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert sorted(tools) == ["list_datasets", "read_output", "restart", "run_python"]
+        assert sorted(tools) == ["list_datasets", "list_files", "read_file", "read_output",
+                                 "restart", "run_python", "upload_file"]
         assert tools["run_python"].input_schema["required"] == ["code"]
 
         r = await client.call_tool("run_python", {"code": "x = 41"})

@@ -10,6 +10,7 @@ from cellblock.errors import PolicyError, UnknownProfile
 from cellblock.policy import (
     POLICY_ENV,
     Budgets,
+    FilesPolicy,
     HostSettings,
     Limits,
     OutputPolicy,
@@ -96,7 +97,7 @@ def test_builtin_profiles(operator) -> None:
     for name, limits in BUILTIN_LIMITS.items():
         assert policy.profile(name).limits.model_dump() == limits
     agent, analyst = policy.profile("agent"), policy.profile("analyst")
-    assert agent.model_dump(exclude={"limits", "budgets", "output"}) == {
+    assert agent.model_dump(exclude={"limits", "budgets", "output", "files"}) == {
         "display_name": "Python (cellblock: agent)",
         "description": "For LLM agents: small limits, no stdin, no comms or debugger.",
         "python": "auto",
@@ -197,7 +198,7 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
     assert f"invalid policy (builtin + {path})" in text
     assert ("profiles.agent.memmory: unknown key; allowed keys here: allow_stdin, "
             "allowed_requests, audit_code_text, budgets, cgroups, datasets, default_datasets, "
-            "description, display_name, enabled, limits, nsjail_config, output, "
+            "description, display_name, enabled, files, limits, nsjail_config, output, "
             "python, seccomp_policy, startup_timeout") in text
 
 
@@ -307,7 +308,8 @@ def test_env_variable_beats_jupyter_config_path(
 
 # -- docs/policy.md names every key ---------------------------------------------------------
 
-@pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets, OutputPolicy])
+@pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets, OutputPolicy,
+                                   FilesPolicy])
 def test_docs_name_every_key(model: type) -> None:
     text = (ROOT / "docs" / "policy.md").read_text()
     missing = [name for name in model.model_fields if f"`{name}`" not in text]

@@ -72,7 +72,8 @@ def mcp_config(env: dict[str, str], text: str) -> None:
                 ClientSession(read, write) as session:
             await session.initialize()
             names = sorted(t.name for t in (await session.list_tools()).tools)
-            assert names == ["list_datasets", "read_output", "restart", "run_python"]
+            assert names == ["list_datasets", "list_files", "read_file", "read_output", "restart",
+                             "run_python", "upload_file"]
             result = await session.call_tool("run_python", {"code": "6 * 7"})
             assert not result.is_error
             assert [c.text for c in result.content if isinstance(c, TextContent)] == ["42"]

@@ -1,11 +1,16 @@
-"""cellblock's REST routes in Jupyter Server, under ``/api/cellblock/``.
+"""cellblock's REST API beside Jupyter Server's ``/api/kernels``, behind its own auth.
 
-Who calls what: :func:`cellblock.serverext.load_jupyter_server_extension` calls
-:func:`register` once at start; each route is a handler of :func:`handlers`, built on
-:class:`~.base.CellblockHandler`: Jupyter Server's ``APIHandler`` (JSON errors, XSRF),
-behind its authentication (``@web.authenticated``) and authorization (``@authorized``, on
-the ``kernels`` resource), and limited to kernels this server's kernel manager runs: a
-user of one server never reaches another server's kernels through these routes.
+Routes (``<base_url>api/cellblock/kernels/<kernel id>/...``) are registered by
+:func:`register`, which :func:`cellblock.serverext.load_jupyter_server_extension` calls once
+at start. Every handler derives from :class:`~.base.CellblockKernelHandler`: Jupyter
+Server's ``APIHandler`` (token or identity-provider authentication, XSRF rules, JSON errors),
+authorised on the ``kernels`` resource like ``/api/kernels`` itself, and only for a kernel id
+that is a valid name (:func:`cellblock.names.check_kernel_id`) of a kernel *this server*
+runs: another user's or another server's kernel on the same host is a 404, like an unknown
+one.
+
+Modules: :mod:`.base` (the handler base), :mod:`.files` (inbox and outbox), :mod:`.output`
+(the rest of a cut output, in pages).
 """
 
 from __future__ import annotations
@@ -14,20 +19,22 @@ from typing import Any
 
 from jupyter_server.utils import url_path_join
 
-from .base import CellblockHandler
-from .output import OutputHandler
+from .base import KERNEL_ROUTE, CellblockHandler, CellblockKernelHandler
 
-__all__ = ["CellblockHandler", "handlers", "register"]
-
-KERNEL = r"(?P<kernel_id>[A-Za-z0-9_-]{1,64})"
+__all__ = ["KERNEL_ROUTE", "CellblockHandler", "CellblockKernelHandler", "handlers",
+           "register"]
 
 
 def handlers() -> list[tuple[str, type[Any]]]:
     """Every cellblock route, relative to the server's base URL."""
-    return [(rf"/api/cellblock/kernels/{KERNEL}/output/(?P<execution>[^/]+)", OutputHandler)]
+    from .files import routes as file_routes
+    from .output import OutputHandler
+
+    return [(rf"{KERNEL_ROUTE}/output/(?P<execution>[^/]+)", OutputHandler), *file_routes()]
 
 
-def register(serverapp: Any) -> None:
+def register(serverapp: Any, routes: list[tuple[str, Any]] | None = None) -> None:
+    """Add ``routes`` (default: :func:`handlers`) to ``serverapp``."""
     base = serverapp.web_app.settings.get("base_url", "/")
-    serverapp.web_app.add_handlers(".*$", [(url_path_join(base, path), handler)
-                                           for path, handler in handlers()])
+    serverapp.web_app.add_handlers(".*$", [(url_path_join(base, route), handler)
+                                          for route, handler in (routes or handlers())])

@@ -8,6 +8,7 @@ tail for start failures, stops it, and asks :func:`death_reason` why it ended.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -41,6 +42,10 @@ class JailProcess:
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
+        # Taken while nsjail is surely our unreaped child: names it for good (cellblock.files
+        # checks it is still alive before trusting nsjail's pid to name its jail).
+        self._pidfd = os.pidfd_open(proc.pid)
+        self._pidfd_lock = threading.Lock()
         self.tail: deque[bytes] = deque()
         self.tail_bytes = 0
         threading.Thread(target=self._drain, name="nsjail-output", daemon=True).start()
@@ -83,8 +88,20 @@ class JailProcess:
     def output_tail(self, limit: int = 2000) -> str:
         return b"".join(self.tail).decode("utf-8", "replace")[-limit:]
 
+    def pidfd(self) -> int:
+        """A new descriptor of nsjail's pidfd (the caller closes it), or -1 once stopped."""
+        with self._pidfd_lock:
+            return os.dup(self._pidfd) if self._pidfd >= 0 else -1
+
     def stop(self) -> None:
         """SIGTERM (nsjail kills the jail and cleans up), SIGKILL after STOP_GRACE."""
+        self._stop()
+        with self._pidfd_lock:
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()

@@ -3,30 +3,29 @@
 Forked by the spawner (:mod:`cellblock.warden.spawner`) for each launch the provisioner asks
 for (:func:`cellblock.warden.life.run_forked`). It
 
-1. dies with the client: it watches the client process through a pidfd (inherited from
-   the spawner), so a killed client leaves nothing, even if the spawner died first;
-2. makes the run dir, a fresh kernel HMAC key and the inner connection file, and binds
-   the five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the
-   kernel connects, the host never follows a path the jail can write);
+1. dies with the client: it watches the client process through a pidfd (inherited from the
+   spawner), so a killed client leaves nothing, even if the spawner died first;
+2. makes the run dir, a fresh kernel HMAC key and the inner connection file, and binds the
+   five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the kernel
+   connects, the host never follows a path the jail can write);
 3. makes the kernel's cgroup and starts nsjail inside it;
-4. runs the gate between the client's connection (tcp, client key) and the
-   kernel's (ipc, kernel key);
-5. reports ``ready`` (or the error, in words) on the launch's socket to the provisioner;
-6. watches nsjail; when the jail ends it tells the client why on iopub
-   ("cellblock: kernel stopped, memory limit 1 GiB exceeded");
-7. runs the profile's budgets (:mod:`cellblock.budgets`) from what the gate's observer
-   sees: interrupts a cell past ``cell_seconds``, kills the jail after the grace and
-   restarts it in place (same run dir, same client sockets, a fresh kernel key), stops the
-   kernel past its lifetime, idle or output budget; SIGUSR1 (``cellblock kill``) stops it
-   "by operator"; every execution, interrupt, restart and exit is an audit event;
-8. on every way out (shutdown, SIGTERM from the client, crash, the client's death)
-   removes the processes, the cgroup and the run dir.
+4. runs the gate between the client's connection (tcp, client key) and the kernel's (ipc);
+5. reports ``ready`` (or the error, in words) on the launch's socket to the provisioner, and
+   serves the client's file requests (inbox, outbox: :mod:`cellblock.warden.files`);
+6. watches nsjail; when the jail ends it tells the client why on iopub ("cellblock: kernel
+   stopped, memory limit 1 GiB exceeded");
+7. runs the profile's budgets (:mod:`cellblock.budgets`) from what the gate's observer sees:
+   interrupts a cell past ``cell_seconds``, kills the jail after the grace and restarts it in
+   place (same run dir, same client sockets, a fresh kernel key), stops the kernel past its
+   lifetime, idle or output budget; SIGUSR1 (``cellblock kill``) stops it "by operator";
+   every execution, interrupt, restart and exit is an audit event;
+8. on every way out (shutdown, SIGTERM from the client, crash, the client's death) removes
+   the processes, the cgroup and the run dir.
 
-A warden for the warm pool does 2 and 3 ahead of time, under a ``pool-<hex>`` slot name,
-then waits: for a launch to adopt it (:meth:`Warden.adopt`: the kernel id, the client's
-connection and key, the grants; then 4 and 5), for its jail to end, or to be retired.
-Until it is adopted its audit events are held in memory and written to the kernel's log
-at adoption.
+A warden for the warm pool does 2 and 3 ahead of time, under a ``pool-<hex>`` slot name, then
+waits: for a launch to adopt it (:meth:`Warden.adopt`: the kernel id, the client's connection and
+key, the grants; then 4 and 5), for its jail to end, or to be retired. Until it is adopted its
+audit events are held in memory and written to the kernel's log at adoption.
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from ..staging import DatasetSetup, setup_datasets
 from ..telemetry import Telemetry
 from .budgeting import Bookkeeping, HeldAudit
 from .channel import LineBuffer, recv_fds
+from .files import ServesFiles
 from .jail import JailProcess, death_reason
 from .process import cap_address_space
 from .request import LaunchRequest
@@ -85,23 +85,21 @@ WELCOME_WAIT = 2.0
 WELCOME_POLL = 0.05  # seconds between checks of the jail while waiting for the welcome
 
 
-class Warden(Bookkeeping):
-    """Owns one kernel's jail for its whole life. Not reusable across restarts:
-    jupyter_client restarts a kernel by starting a new warden on the same ports. The one
-    restart a warden does itself is in place, when a cell outlives its grace
-    (:meth:`_restart_in_place`): same run dir, cgroup, gate and client sockets.
+class Warden(Bookkeeping, ServesFiles):
+    """Owns one kernel's jail for its whole life. Not reusable across restarts: jupyter_client
+    restarts a kernel by starting a new warden on the same ports. The one restart a warden
+    does itself is in place, when a cell outlives its grace (:meth:`_restart_in_place`): same
+    run dir, cgroup, gate and client sockets.
 
     A cold launch calls :meth:`start`; the warm pool calls :meth:`start_pooled` and later
-    :meth:`adopt`. ``kernel_id`` is the slot name (run dir, cgroup) and, for a cold launch,
-    the kernel id too."""
+    :meth:`adopt`. ``kernel_id`` is the slot name (run dir, cgroup) and, for a cold launch, the
+    kernel id too."""
 
     def __init__(self, kernel_id: str, profile_name: str, client_conn: dict[str, Any] | None,
                  datasets: tuple[str, ...] = (), *, pooled: bool = False,
                  policy: Policy | None = None) -> None:
-        self.kernel_id = kernel_id
-        self.slot = kernel_id
-        self.profile_name = profile_name
-        self.client_conn = client_conn
+        self.kernel_id = self.slot = kernel_id
+        self.profile_name, self.client_conn = profile_name, client_conn
         self.policy = load_policy() if policy is None else policy
         self.profile: Profile = self.policy.profile(profile_name)
         self.run = RunDir(runtime_base(), kernel_id)
@@ -127,9 +125,7 @@ class Warden(Bookkeeping):
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self.record: WardenRecord | None = None
-        self.restarts = 0
-        self._oom_base = 0
-        self._pids_base = 0
+        self.restarts = self._oom_base = self._pids_base = 0
         self._argv: list[str] = []
         self._inner: dict[str, Any] = {}
         self._ids = (0, 0)
@@ -290,6 +286,7 @@ class Warden(Bookkeeping):
             self.clock = BudgetClock(self.profile.budgets, time.monotonic(),
                                      self.profile.audit_code_text)
         self._set_state("idle")
+        self._serve_files()  # cellblock.files: the client's inbox and outbox requests
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
 
     def _bound_sockets(self) -> KernelSockets:
@@ -468,6 +465,7 @@ class Warden(Bookkeeping):
         if self._closed:
             return
         self._closed = True
+        self._close_files()
         if self.jail is not None:
             self.jail.stop()
         if self.gate is not None:
