@@ -330,7 +330,7 @@ def test_resources(case: str) -> None:
 # -- output floods ----------------------------------------------------------------------
 
 MARKER = re.compile(r"\[cellblock [0-9a-f]{6}: [0-9,]+ bytes(, [0-9,]+ lines)? of stdout "
-                    r"truncated\]")
+                    r"truncated(; the rest is kept: read_output\(execution=\d+, offset=\d+\))?\]")
 AGENT_STREAM = (16 + 4) * 1024  # the agent profile's stream_head + stream_tail
 
 

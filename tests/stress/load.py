@@ -61,7 +61,7 @@ EXACT = "opreg-" + "l0ad-v4lu3-0f-a-s3cr3t-k7x"
 AKIA = "AKIA" + "QWERTYUIOPASDFGH"  # not AWS's documented example: that one is left alone
 PROFILES = ("canary", "agent", "pooled")
 MARKER = re.compile(r"\n\[cellblock [0-9a-f]+: [\d,]+ bytes(, [\d,]+ lines?)? of [^\]]* "
-                    r"truncated\]\n")
+                    r"truncated(; the rest is kept: read_output\([^)]*\))?\]\n")
 TABLE_CODE = """
 rows = [("alpha", 3, 1.5), ("beta", 14, 22.25), ("gamma", 159, 333.125), ("delta", 2, 0.5)]
 print(f"{'name':<8}|{'count':>6}|{'value':>10}")
