@@ -272,7 +272,8 @@ def build_server(session: Session) -> Any:
         if params.name == "read_output":
             return await read_output_call(session.sandbox, arguments)
         if params.name in FILE_TOOLS:  # upload_file, list_files, read_file (cellblock.files)
-            return await call_file_tool(session.sandbox, params.name, arguments)
+            return await call_file_tool(session.sandbox, params.name, arguments,
+                                        load_policy().profile(session.profile).output)
         raise MCPError(code=INVALID_PARAMS, message=f"unknown tool {params.name!r}; tools: "
                        f"{', '.join(TOOLS)}")
 

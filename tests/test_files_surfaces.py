@@ -60,6 +60,15 @@ async def test_mcp_tools_upload_list_and_read(jupyter_env: dict[str, str]) -> No
         image = r.content[0]
         assert isinstance(image, ImageContent) and image.mime_type == "image/png"
         assert base64.b64decode(image.data).startswith(b"\x89PNG\r\n\x1a\n")
+        # an outbox image over the agent's image budget never reaches the model's context
+        r = await client.call_tool("run_python", {"code": (
+            "import matplotlib; matplotlib.use('agg'); import matplotlib.pyplot as plt\n"
+            "fig = plt.figure(figsize=(10, 6)); plt.plot([1, 2])\n"
+            "fig.savefig('/outbox/big.png', dpi=300)")})
+        assert not r.is_error, texts(r)
+        r = await client.call_tool("read_file", {"name": "big.png"})
+        assert r.is_error and not any(isinstance(c, ImageContent) for c in r.content)
+        assert "image/png 3000x1800 px" in texts(r) and "image budget" in texts(r)
         r = await client.call_tool("read_file", {"name": "secret.txt"})
         assert not r.is_error and SECRET not in texts(r)
         assert texts(r).startswith("the token is [REDACTED:")

@@ -14,6 +14,8 @@ import json
 from typing import Any
 
 from ..errors import CellblockError
+from ..output.imagefit import has_image_budget, image_over_budget
+from ..policy import OutputPolicy
 from .sandbox import SandboxFiles
 
 __all__ = ["FILE_TOOLS", "call_file_tool", "file_tools"]
@@ -79,8 +81,12 @@ def _error(text: str) -> Any:
     return CallToolResult(content=[_text(text)], is_error=True)
 
 
-async def call_file_tool(sandbox: Any, name: str, arguments: dict[str, Any]) -> Any:
-    """One call of a tool in :data:`FILE_TOOLS` on ``sandbox`` (a Sandbox)."""
+async def call_file_tool(sandbox: Any, name: str, arguments: dict[str, Any],
+                         output: OutputPolicy | None = None) -> Any:
+    """One call of a tool in :data:`FILE_TOOLS` on ``sandbox`` (a Sandbox). ``output``: the
+    profile's output policy; an outbox image over its image budget (docs/policy.md, "Images
+    sized for a model") is refused as a tool error saying its size and the budget, as the
+    gate does for a displayed one: what reaches the model's context fits it either way."""
     from mcp.types import CallToolResult, ImageContent
 
     assert isinstance(sandbox, SandboxFiles)
@@ -112,8 +118,13 @@ async def call_file_tool(sandbox: Any, name: str, arguments: dict[str, Any]) -> 
     except CellblockError as exc:
         return _error(str(exc))
     if got.kind == "image":
-        return CallToolResult(content=[ImageContent(
-            type="image", data=base64.b64encode(got.data).decode("ascii"), mime_type=got.mime)])
+        b64 = base64.b64encode(got.data).decode("ascii")
+        if output is not None and has_image_budget(output):
+            why = image_over_budget(got.mime, b64, output)
+            if why is not None:
+                return _error(f"read_file: /outbox/{fname} not sent: {got.mime} {why}")
+        return CallToolResult(content=[ImageContent(type="image", data=b64,
+                                                    mime_type=got.mime)])
     content = [_text(got.text)]
     if got.redactions:
         content.append(_text(f"[cellblock policy: redacted {', '.join(got.redactions)}]"))
