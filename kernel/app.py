@@ -90,6 +90,12 @@ class CellblockKernelApp(IPKernelApp):
             hb_ctx, (self.transport, self.ip, self.hb_port))
         self.heartbeat.start()
 
+    def init_shell(self) -> None:
+        super().init_shell()  # type: ignore[no-untyped-call]
+        from cellblock_kernel.egress import install_pip_magic
+
+        install_pip_magic(self.shell)
+
     def write_connection_file(self, **kwargs: Any) -> None:
         """The warden wrote it, in a directory this kernel cannot write."""
 

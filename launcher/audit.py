@@ -184,6 +184,28 @@ class OutputCell(_Closed):
     notes_omitted: int = 0
 
 
+class NetConnection(_Closed):
+    """One connection through the egress proxy (cellblock.egress.proxy); never a payload."""
+
+    verdict: Literal["allowed", "denied"]
+    host: str = Field(description="the normalised host asked for ('' before it was read)")
+    port: int
+    address: str = Field(description="the checked address connected to ('' if none)")
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    reason: str | None = Field(None, description="denied: why, in words")
+    status: int | None = Field(None, description="denied: the HTTP status answered")
+    end: str | None = Field(None, description="allowed: the error that ended it, if one did")
+
+
+class NetLock(_Closed):
+    reason: str
+    open: int = Field(description="connections closed by the lock")
+    bytes: int
+    connections: int
+
+
 #: event name -> the model of its ``fields``
 EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "kernel.start": KernelStart,
@@ -204,6 +226,9 @@ EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "gate.refuse": GateEvent,
     "gate.drop_counts": GateDropCounts,
     "output.cell": OutputCell,
+    "net.connection": NetConnection,
+    "net.denied": NetConnection,
+    "net.lock": NetLock,
 }
 
 
