@@ -41,7 +41,7 @@ def ip_literal(host: str) -> IPAddress | None:
 def normalise_host(raw: str) -> str:
     """The comparable form of a host name or IP literal (see the module docstring).
     Raises HostError naming the value."""
-    host = raw.strip()
+    host = raw
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         addr = ip_literal(host)

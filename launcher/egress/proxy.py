@@ -217,6 +217,10 @@ class EgressProxy:
             except HeadError as exc:
                 raise Refused(str(exc), exc.status) from None
             conn.host, conn.port = req.host, req.port
+            if self.stopped is not None:
+                raise Refused(self.stopped)
+            if self.locked is not None:
+                raise Refused(f"network locked ({self.locked})")
             addr = await self._check(req)
             conn.address = str(addr)
             up_reader, up_writer = await self._connect(addr, req.port)
@@ -241,10 +245,6 @@ class EgressProxy:
             conn.close()
 
     def _admit(self) -> None:
-        if self.stopped is not None:
-            raise Refused(self.stopped)
-        if self.locked is not None:
-            raise Refused(f"network locked ({self.locked})")
         self.connections += 1
         cap = self.net.max_connections
         if cap and self.connections > cap:
