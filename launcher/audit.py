@@ -199,6 +199,13 @@ class NetConnection(_Closed):
     end: str | None = Field(None, description="allowed: the error that ended it, if one did")
 
 
+class NetDeniedCount(_Closed):
+    """At exit, when more refusals happened than were written one by one."""
+
+    denied: int
+    not_written: int
+
+
 class NetLock(_Closed):
     reason: str
     open: int = Field(description="connections closed by the lock")
@@ -228,6 +235,7 @@ EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "output.cell": OutputCell,
     "net.connection": NetConnection,
     "net.denied": NetConnection,
+    "net.denied_count": NetDeniedCount,
     "net.lock": NetLock,
 }
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .hosts import HostError, split_authority
 
-__all__ = ["MAX_HEAD", "HeadError", "Request", "parse_head"]
+__all__ = ["MAX_HEAD", "HeadError", "ProxyRequest", "parse_head"]
 
 MAX_HEAD = 16 * 1024  # request line and headers
 MAX_HEADERS = 100
@@ -30,7 +30,7 @@ class HeadError(ValueError):
 
 
 @dataclass(frozen=True)
-class Request:
+class ProxyRequest:
     """One parsed request: CONNECT (``path`` empty) or an absolute-form plain-HTTP one."""
 
     method: str
@@ -50,7 +50,7 @@ class Request:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def parse_head(head: bytes) -> Request:
+def parse_head(head: bytes) -> ProxyRequest:
     """Parse ``head`` (up to and including the blank line). Raises HeadError."""
     if len(head) > MAX_HEAD:
         raise HeadError("request head longer than 16 KiB", 431)
@@ -88,7 +88,7 @@ def parse_head(head: bytes) -> Request:
     try:
         if method == "CONNECT":
             host, port = split_authority(target)
-            return Request(method, host, port, "", tuple(headers), length)
+            return ProxyRequest(method, host, port, "", tuple(headers), length)
         if method not in _METHODS:
             raise HeadError(f"method {method[:20]!r} is not forwarded", 405)
         if not target[:7].lower() == "http://":
@@ -105,6 +105,6 @@ def parse_head(head: bytes) -> Request:
         for value in by_name.get("host", []):
             if split_authority(value, default_port=80) != (host, port):
                 raise HeadError(f"Host header {value[:100]!r} is not the URL's host")
-        return Request(method, host, port, path, tuple(headers), length)
+        return ProxyRequest(method, host, port, path, tuple(headers), length)
     except HostError as exc:
         raise HeadError(str(exc)) from None

@@ -37,7 +37,7 @@ from typing import Any
 from ..policy import NetworkPolicy
 from .addresses import forbidden_reason
 from .hosts import ip_literal, match, normalise_host
-from .httphead import MAX_HEAD, HeadError, Request, parse_head
+from .httphead import MAX_HEAD, HeadError, ProxyRequest, parse_head
 from .resolver import Resolver, resolver_from_env
 from .sni import MAX_HELLO, SniError, needed, server_name
 
@@ -52,6 +52,7 @@ RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a connection with no byte either way for this long is closed
 CHUNK = 64 * 1024
+MAX_DENIED_EVENTS = 1000  # net.denied events written one by one; later ones only counted
 
 Audit = Callable[[str, dict[str, Any]], None]
 
@@ -108,6 +109,7 @@ class EgressProxy:
         self.bytes = 0
         self.connections = 0
         self.open: set[_Conn] = set()
+        self.denied = 0
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._socks: list[socket.socket] = []
@@ -167,6 +169,9 @@ class EgressProxy:
                 path.unlink()
         if self._thread is None or not self._thread.is_alive():
             self._loop.close()
+        if self.denied > MAX_DENIED_EVENTS:
+            self.audit("net.denied_count", {"denied": self.denied,
+                                            "not_written": self.denied - MAX_DENIED_EVENTS})
 
     def lock(self, reason: str = "locked by the operator") -> None:
         """Close the allowlist now, and every open connection (any thread)."""
@@ -253,7 +258,7 @@ class EgressProxy:
         if len(self.open) >= self.net.max_concurrent:
             raise Refused(f"more than {self.net.max_concurrent} connections at once", 503)
 
-    async def _check(self, req: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    async def _check(self, req: ProxyRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         """The address to connect to, after every check; raises Refused."""
         literal = ip_literal(req.host)
         if not match(self.rules, req.host, req.port):
@@ -370,8 +375,10 @@ class EgressProxy:
             self.on_budget(reason)
 
     def _refuse(self, conn: _Conn, writer: asyncio.StreamWriter, exc: Refused) -> None:
-        self.audit("net.denied", {"verdict": "denied", "reason": exc.reason,
-                                  "status": exc.status, **conn.fields()})
+        self.denied += 1
+        if self.denied <= MAX_DENIED_EVENTS:  # with max_connections = 0 nothing else caps it
+            self.audit("net.denied", {"verdict": "denied", "reason": exc.reason,
+                                      "status": exc.status, **conn.fields()})
         phrase = exc.reason.encode("ascii", "replace")[:300].replace(b"\r", b" ") \
             .replace(b"\n", b" ")
         body = b"cellblock egress: " + phrase + b"\n"
