@@ -317,3 +317,38 @@ def test_socket_modes(proxy: Any) -> None:
     p, _w, _seen = proxy
     assert os.stat(p.path).st_mode & 0o777 == 0o600
     assert os.stat(p.control_path).st_mode & 0o777 == 0o600
+
+
+def test_lock_after_seconds_locks_by_itself(tmp_path: Path) -> None:
+    with world(tmp_path) as w:
+        ipc = tmp_path / "ipc"
+        ipc.mkdir()
+        seen: list[tuple[str, Any]] = []
+        net = NetworkPolicy(allow=(f"pypi.test:{w.index_port}",), lock_after_seconds=0.2)
+        p = EgressProxy(net, ipc, tmp_path, owner=None, audit=lambda e, f: seen.append((e, f)),
+                        on_budget=lambda reason: None,
+                        resolver=FileResolver.load(str(w.resolver)))
+        p.start()
+        try:
+            assert wait_for(lambda: p.locked is not None)
+            out = ask(p, f"GET http://pypi.test:{w.index_port}/ HTTP/1.1\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 403 cellblock: network locked "
+                                  b"(lock_after_seconds (0.2))")
+            assert seen[0] == ("net.lock", {"reason": "lock_after_seconds (0.2)", "open": 0,
+                                            "bytes": 0, "connections": 0})
+            assert not w.requests
+        finally:
+            p.close()
+
+
+def test_byte_budget_calls_on_budget_once_and_closes(proxy: Any) -> None:
+    p, w, seen = proxy
+    stops: list[str] = []
+    p.on_budget = stops.append
+    p.net = NetworkPolicy(allow=p.net.allow, max_bytes=300_000)
+    for _ in range(3):
+        ask(p, f"GET http://pypi.test:{w.index_port}/blob/200000 HTTP/1.1\r\n\r\n".encode())
+    assert stops == ["network budget: more than 300000 bytes transferred"]
+    assert p.bytes <= 300_000 + 65536 + 1000  # stopped within one chunk of the budget
+    assert wait_for(lambda: len(seen) == 3)
+    assert [f["reason"] for e, f in seen if e == "net.denied"][-1] == stops[0]

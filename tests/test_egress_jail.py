@@ -229,3 +229,25 @@ async def test_the_wardens_memory_stays_bounded_under_a_download_loop(net: World
         assert sum(os.times()[:2]) >= cpu_before
         total = sum(e.fields["bytes_down"] for e in events(sb, "net.connection"))
         assert total > 20 * 8388608
+
+
+async def test_cellblock_net_lock_from_a_shell(net: World) -> None:
+    import subprocess
+
+    from conftest import BIN
+
+    get = (f"import urllib.request\ntry:\n    print(urllib.request.urlopen("
+           f"'{net.index_url}cbdemo/').status)\nexcept OSError as e:\n    print(e)")
+    async with Sandbox("net") as sb, Sandbox("plain") as plain:
+        assert sb.kernel_id is not None and plain.kernel_id is not None
+        assert (await sb.run(get)).stdout.strip() == "200"
+        done = subprocess.run([str(BIN / "cellblock"), "net", "lock", sb.kernel_id[:12]],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"kernel {sb.kernel_id}: network locked"
+        r = await sb.run(get)
+        assert "403: cellblock: network locked (locked by the operator)" in r.stdout, r
+        done = subprocess.run([str(BIN / "cellblock"), "net", "lock", plain.kernel_id],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        assert f"kernel {plain.kernel_id}: its profile has no network to lock" in done.stderr
