@@ -18,6 +18,8 @@ only known when a client adopts it: ``warden.json`` always names the current ker
     passwd group  one-line files bound read-only at /etc/passwd and /etc/group
     broker/       the dataset broker's socket, bound read-only at /run/cellblock-broker
     control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
+    egress.ctl    with network only: the operator's lock socket (0600, cellblock.egress);
+                  the proxy's own socket is ipc/egress.sock, owned by the jail's uid
     mnt/<name>    empty on the host; as root, a directory dataset's read-only view is
                   attached here in nsjail's private mount namespace (cellblock.broker)
 

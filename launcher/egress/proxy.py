@@ -245,6 +245,9 @@ class EgressProxy:
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             self.audit("net.connection", {"verdict": "allowed", "end": type(exc).__name__,
                                           **conn.fields()})
+        except Exception as exc:  # a bug here must end this connection, not the proxy
+            log.exception("egress: connection to %s failed", conn.host or "?")
+            self._refuse(conn, writer, Refused(f"proxy error ({type(exc).__name__})", 500))
         finally:
             self.open.discard(conn)
             conn.close()
