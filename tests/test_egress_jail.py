@@ -7,7 +7,6 @@ loopback forwarder, the proxy in the warden, pip."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,12 +220,10 @@ async def test_the_wardens_memory_stays_bounded_under_a_download_loop(net: World
         record = RunDir(runtime_base(), sb.kernel_id).read_record()
         assert record is not None
         before = _rss_kib(record.warden_pid)
-        cpu_before = sum(os.times()[:2])
         r = await sb.run(loop, timeout=300)
         assert r.error is None and r.kernel_stopped is None, r
         grown = _rss_kib(record.warden_pid) - before
         assert grown < 32 * 1024, f"the warden grew {grown} KiB over 160 MiB through it"
-        assert sum(os.times()[:2]) >= cpu_before
         total = sum(e.fields["bytes_down"] for e in events(sb, "net.connection"))
         assert total > 20 * 8388608
 
