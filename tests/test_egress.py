@@ -352,3 +352,47 @@ def test_byte_budget_calls_on_budget_once_and_closes(proxy: Any) -> None:
     assert p.bytes <= 300_000 + 65536 + 1000  # stopped within one chunk of the budget
     assert wait_for(lambda: len(seen) == 3)
     assert [f["reason"] for e, f in seen if e == "net.denied"][-1] == stops[0]
+
+
+def own_address() -> str:
+    """An address of this host that is not loopback (the one its default route uses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.200", 9))  # no packet is sent: this only picks a route
+            return str(s.getsockname()[0])
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def test_host_owns() -> None:
+    from cellblock.egress.addresses import host_owns
+
+    for addr, owned in (("127.0.0.1", True), ("::1", True), (own_address(), True),
+                        ("203.0.113.10", False), ("2001:db8::1", False)):
+        assert host_owns(ipaddress.ip_address(addr)) is owned, addr
+
+
+def test_a_name_resolving_to_this_host_is_refused(tmp_path: Path) -> None:
+    """Services of the host bound to 0.0.0.0 answer on its own public address too."""
+    me = own_address()
+    listener = socket.create_server(("0.0.0.0", 0))  # the kind of service at risk
+    port = listener.getsockname()[1]
+    (tmp_path / "r.json").write_text(f'{{"names": {{"self.test": ["{me}"]}}}}')
+    ipc = tmp_path / "ipc"
+    ipc.mkdir()
+    seen: list[tuple[str, Any]] = []
+    p = EgressProxy(NetworkPolicy(allow=(f"self.test:{port}",)), ipc, tmp_path, owner=None,
+                    audit=lambda e, f: seen.append((e, f)), on_budget=lambda r: None,
+                    resolver=FileResolver.load(str(tmp_path / "r.json")))
+    p.start()
+    try:
+        out = ask(p, f"GET http://self.test:{port}/ HTTP/1.1\r\n\r\n".encode())
+        why = forbidden_reason(ipaddress.ip_address(me)) or f"address of this host {me}"
+        assert out.startswith(f"HTTP/1.1 403 cellblock: self.test resolves to a {why}"
+                              .encode()), out
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected: it was refused before any connect
+    finally:
+        p.close()
+        listener.close()

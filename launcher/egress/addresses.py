@@ -3,14 +3,17 @@
 Checked on every address a name resolved to, after resolution (a public name that
 resolves to 127.0.0.1 is the rebinding attack), and on IP literals. IPv4-mapped,
 IPv4-compatible, 6to4, NAT64 and Teredo IPv6 addresses are checked as the IPv4 address
-they carry as well.
+they carry as well. An address of the host itself (a public address on one of its
+interfaces, where services bound to 0.0.0.0 answer) is refused too (:func:`host_owns`).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
-__all__ = ["FORBIDDEN", "forbidden_reason"]
+__all__ = ["FORBIDDEN", "forbidden_reason", "host_owns"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -69,3 +72,17 @@ def forbidden_reason(addr: IPAddress) -> str | None:
             if why4 is not None:
                 return f"{why4} (inside {addr})"
     return None
+
+
+def host_owns(addr: IPAddress) -> bool:
+    """Whether ``addr`` is an address of this host: binding a socket to it succeeds only
+    then (EADDRNOTAVAIL otherwise). With ``net.ipv4.ip_nonlocal_bind`` set every bind
+    succeeds, and every address counts as the host's: the proxy then refuses everything,
+    which is the safe failure."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((str(addr), 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True

@@ -1,6 +1,7 @@
 """A bounded parse of one proxy request's line and headers; nothing is forwarded before
 this has accepted the whole head (no request smuggling: one request per connection, the
-body by Content-Length only, ``Transfer-Encoding`` refused).
+body by Content-Length only, ``Transfer-Encoding`` refused). Errors name the host at most,
+never quote a header or the path: they are audited, and a header may hold a token.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def parse_head(head: bytes) -> ProxyRequest:
     lines = text[:-4].split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HeadError(f"request line {lines[0][:100]!r} is not 'METHOD TARGET HTTP/1.x'")
+        raise HeadError("the request line is not 'METHOD TARGET HTTP/1.x'")
     method, target, _version = parts
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.fullmatch(name):
-            raise HeadError(f"header line {line[:60]!r} is not 'Name: value' (no folding)")
+            raise HeadError("a header line is not 'Name: value' (no folding)")
         headers.append((name, value.strip(" \t")))
     if len(headers) > MAX_HEADERS:
         raise HeadError(f"more than {MAX_HEADERS} headers", 431)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policy import NetworkPolicy
-from .addresses import forbidden_reason
+from .addresses import forbidden_reason, host_owns
 from .hosts import ip_literal, match, normalise_host
 from .httphead import MAX_HEAD, HeadError, ProxyRequest, parse_head
 from .resolver import Resolver, resolver_from_env
@@ -279,6 +279,8 @@ class EgressProxy:
             raise Refused(f"{req.host} has no address", 502)
         for addr in addresses:
             why = forbidden_reason(addr)
+            if why is None and host_owns(addr):
+                why = f"address of this host {addr}"
             if why is not None:
                 raise Refused(f"{req.host} resolves to a {why}")
         return addresses[0]
