@@ -27,6 +27,8 @@ from cellblock.policy import NetworkPolicy
 
 from conftest import wait_for
 
+pytestmark = pytest.mark.nonroot  # no jail: real sockets only, as any user
+
 # -- hosts -----------------------------------------------------------------------------------
 
 
