@@ -3,6 +3,7 @@ resolver file that names them (cellblock.egress.resolver.FileResolver).
 
 - a simple package index (PEP 503) serving one wheel, ``cbdemo`` (``cbdemo.VALUE == 42``),
   and a ``/blob/<n>`` of n bytes for download loops;
+- the same index over TLS (a self-signed certificate for ``pypi.test``, made with openssl);
 - a raw TCP sink that counts the bytes it receives (a tunnel's upstream: the SNI test
   checks that nothing reached it).
 
@@ -19,6 +20,8 @@ import http.server
 import io
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -57,6 +60,8 @@ class World:
     resolver: Path
     sink_bytes: list[int] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    tls_port: int = 0  # the same index over TLS, a certificate for pypi.test
+    ca_pem: str = ""  # that certificate (self-signed), for the client to trust
 
     @property
     def index_url(self) -> str:
@@ -94,6 +99,16 @@ def world(tmp: Path) -> Iterator[World]:
 
     index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
     index.daemon_threads = True
+    key, cert = tmp / "tls-key.pem", tmp / "tls-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=pypi.test",
+                    "-addext", "subjectAltName=DNS:pypi.test"], check=True,
+                   capture_output=True)
+    tls_index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    tls_index.daemon_threads = True
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    tls_index.socket = server_ctx.wrap_socket(tls_index.socket, server_side=True)
     sink = socket.create_server(("127.0.0.1", 0))
     sink_bytes: list[int] = []
 
@@ -110,6 +125,7 @@ def world(tmp: Path) -> Iterator[World]:
                 sink_bytes.append(total)
 
     threads = [threading.Thread(target=index.serve_forever, daemon=True),
+               threading.Thread(target=tls_index.serve_forever, daemon=True),
                threading.Thread(target=serve_sink, daemon=True)]
     for t in threads:
         t.start()
@@ -124,10 +140,11 @@ def world(tmp: Path) -> Iterator[World]:
     resolver.chmod(0o644)
     try:
         yield World(index.server_address[1], sink.getsockname()[1], resolver, sink_bytes,
-                    seen)
+                    seen, tls_index.server_address[1], cert.read_text())
     finally:
-        index.shutdown()
-        index.server_close()
+        for server in (index, tls_index):
+            server.shutdown()
+            server.server_close()
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_RDWR)
         sink.close()

@@ -55,6 +55,9 @@ allow = ["pypi.test:{p}", "sink.test:{s}", "loop.test:{p}", "meta.test:{p}",
 
 [profiles.plain]
 
+[profiles.tls.network]
+allow = ["pypi.test:{w.tls_port}"]
+
 [profiles.metered.network]
 allow = ["pypi.test:{p}"]
 max_bytes = "2MiB"
@@ -99,6 +102,33 @@ async def test_pip_installs_through_an_allowing_profile_then_lock_stops_it(net: 
         assert [e.fields["reason"] for e in events(sb, "net.lock")] == ["locked by the operator"]
         denied = [e.fields for e in events(sb, "net.denied")]
         assert denied and all("network locked" in f["reason"] for f in denied)
+
+
+async def test_pip_over_https_through_a_connect_tunnel(net: World) -> None:
+    """The realistic path: an HTTPS index, pip's CONNECT, a real TLS handshake end to end
+    (the jail trusts the test certificate); then the lock, and pip says why."""
+    index = f"https://pypi.test:{net.tls_port}/simple/"
+    pip_https = (f"%pip install --retries 0 --timeout 20 --cert /tmp/ca.pem "
+                 f"--index-url {index} cbdemo")
+    async with Sandbox("tls") as sb:
+        r = await sb.run(f"open('/tmp/ca.pem', 'w').write({net.ca_pem!r})")
+        assert r.error is None
+        r = await sb.run(pip_https, timeout=120)
+        assert "Successfully installed cbdemo-1.0" in r.stdout, r.stdout + r.stderr
+        r = await sb.run("import cbdemo; print(cbdemo.VALUE)")
+        assert r.stdout == "42\n", r
+        assert any("/files/cbdemo-1.0-py3-none-any.whl" in x for x in net.requests)
+        tunnels = [e.fields for e in events(sb, "net.connection")]
+        assert tunnels and all(f["port"] == net.tls_port and f["bytes_up"] > 0
+                               for f in tunnels), tunnels
+        await sb.lock_network()
+        # one retry: pip prints why the first try failed (with none it only says "no
+        # matching distribution")
+        r = await sb.run(pip_https.replace("--retries 0", "--retries 1")
+                         .replace("cbdemo", "cbdemo==1.0 --force-reinstall"), timeout=120)
+        assert "Successfully installed" not in r.stdout
+        assert "Tunnel connection failed: 403 cellblock: network locked (locked by the " \
+               "operator)" in r.stdout, r.stdout
 
 
 async def test_pip_on_a_default_profile_fails_with_a_clear_error(net: World) -> None:
