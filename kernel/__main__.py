@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     # forwards debug_request to an agent. Without debugpy (pydevd) the kernel has no debug
     # server inside the jail, boots ~0.1 s faster and holds ~8 MiB less (docs/benchmarks.md).
     sys.modules["debugpy"] = None  # type: ignore[assignment]
+    # first: pip's target dir exists before any import caches its absence (see there)
+    from cellblock_kernel.egress import start_from_env
+
+    start_from_env()
     from cellblock_kernel.app import CellblockKernelApp
 
     CellblockKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv)

@@ -103,6 +103,9 @@ class CellblockKernelApp(IPKernelApp):
         super().init_shell()  # type: ignore[no-untyped-call]
         install(self.shell, ImageBudget(self.image_max_side, self.image_max_pixels,
                                         self.image_max_bytes))
+        from cellblock_kernel.egress import install_pip_magic
+
+        install_pip_magic(self.shell)
 
     def init_heartbeat(self) -> None:
         hb_ctx: zmq.Context[Any] = zmq.Context()

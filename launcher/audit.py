@@ -220,6 +220,35 @@ class FilesRefused(_Closed):
     size: int | None = None
 
 
+class NetConnection(_Closed):
+    """One connection through the egress proxy (cellblock.egress.proxy); never a payload."""
+
+    verdict: Literal["allowed", "denied"]
+    host: str = Field(description="the normalised host asked for ('' before it was read)")
+    port: int
+    address: str = Field(description="the checked address connected to ('' if none)")
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    reason: str | None = Field(None, description="denied: why, in words")
+    status: int | None = Field(None, description="denied: the HTTP status answered")
+    end: str | None = Field(None, description="allowed: the error that ended it, if one did")
+
+
+class NetDeniedCount(_Closed):
+    """At exit, when more refusals happened than were written one by one."""
+
+    denied: int
+    not_written: int
+
+
+class NetLock(_Closed):
+    reason: str
+    open: int = Field(description="connections closed by the lock")
+    bytes: int
+    connections: int
+
+
 #: event name -> the model of its ``fields``
 EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "kernel.start": KernelStart,
@@ -243,6 +272,10 @@ EVENT_FIELDS: dict[str, type[BaseModel]] = {
     "files.upload": FilesUpload,
     "files.download": FilesDownload,
     "files.refused": FilesRefused,
+    "net.connection": NetConnection,
+    "net.denied": NetConnection,
+    "net.denied_count": NetDeniedCount,
+    "net.lock": NetLock,
 }
 
 

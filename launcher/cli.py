@@ -8,6 +8,7 @@
                                                                execute a notebook jailed
     cellblock grant KERNEL DATASET                             grant an allowed dataset now
     cellblock revoke KERNEL DATASET                            refuse its future opens
+    cellblock net lock KERNEL                                  close its network allowlist
     cellblock ps [--json]                                      running sandboxes
     cellblock audit [--kernel ID] [--event GLOB] [--since T] [--follow] [--json] [--schema]
     cellblock kill KERNEL... | --all | --profile NAME [--reason TEXT]   the kill switch
@@ -222,6 +223,13 @@ def _cmd_grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_net(args: argparse.Namespace) -> int:
+    from .egress.control import lock_network
+
+    print(lock_network(args.kernel))
+    return 0
+
+
 def _age(seconds: float) -> str:
     s = int(seconds)
     if s < 3600:
@@ -338,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("kernel", help="kernel id, or a unique prefix of one")
         cmd.add_argument("dataset")
         cmd.set_defaults(func=_cmd_grant)
+
+    net = sub.add_parser("net", help="a running kernel's network (profiles that allow it)")
+    netsub = net.add_subparsers(dest="action", required=True)
+    lock = netsub.add_parser("lock", help="close the allowlist now: install, then lock")
+    lock.add_argument("kernel", help="kernel id, or a unique prefix of one")
+    lock.set_defaults(func=_cmd_net)
 
     ps = sub.add_parser("ps", help="list running sandboxes")
     ps.add_argument("--json", action="store_true")

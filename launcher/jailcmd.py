@@ -33,6 +33,7 @@ __all__ = [
     "jail_command",
     "kernel_argv",
     "locate_nsjail",
+    "network_env",
     "nsjail_argv",
     "python_env_mounts",
     "resolve_python",
@@ -144,6 +145,28 @@ def python_env_mounts(python: Path) -> tuple[Path, ...]:
     return tuple(out)
 
 
+#: the loopback port of the jail's egress forwarder (cellblock_kernel.egress)
+JAIL_PROXY_PORT = 3128
+#: where %pip installs in a profile with network: the kernel's scratch home (size-capped)
+JAIL_PIP_TARGET = f"{JAIL_HOME}/.cellblock-packages"
+JAIL_EGRESS_SOCKET = f"{JAIL_RUN}/egress.sock"  # cellblock.egress.proxy.SOCKET_NAME
+
+
+def network_env(profile: Profile) -> list[str]:
+    """The ``--env`` arguments of a profile with network (none without): the proxy for
+    every HTTP client, the forwarder's socket and port, and pip's install target."""
+    if not profile.network.allow:
+        return []
+    proxy = f"http://127.0.0.1:{JAIL_PROXY_PORT}"
+    values = {
+        "CELLBLOCK_EGRESS": f"{JAIL_EGRESS_SOCKET}:{JAIL_PROXY_PORT}",
+        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+        "PIP_TARGET": JAIL_PIP_TARGET, "PIP_NO_CACHE_DIR": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    return [arg for k, v in values.items() for arg in ("--env", f"{k}={v}")]
+
+
 def kernel_argv(python: Path, output: OutputPolicy | None = None) -> list[str]:
     """What runs inside the jail: cellblock_kernel over ipc in JAIL_RUN; with the profile's
     image budget, if it has one (figures are rendered to fit it: cellblock_kernel.figures)."""
@@ -207,7 +230,9 @@ def nsjail_argv(
     argv += _files_mounts(profile, layout)
     argv += [
         "--bindmount_ro", f"{_checked(layout.ipc_dir, 'run dir')}:{JAIL_RUN}",
-        "--env", f"PYTHONPATH={JAIL_PKG}",
+        "--env", f"PYTHONPATH={JAIL_PKG}" + (f":{JAIL_PIP_TARGET}" if profile.network.allow
+                                             else ""),
+        *network_env(profile),
         "--",
         *kernel_argv(python, profile.output),
     ]

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from .datasets import Dataset, check_profiles
+from .egress.hosts import AllowRule, HostError, parse_rule
 from .errors import PolicyError, ProfileDisabled, UnknownProfile
 from .jailuids import JAIL_UIDS_ENV, parse_uid_range
 
@@ -44,6 +45,7 @@ __all__ = [
     "FilesPolicy",
     "HostSettings",
     "Limits",
+    "NetworkPolicy",
     "OutputPolicy",
     "Policy",
     "Profile",
@@ -223,6 +225,35 @@ class Budgets(_Model):
                                "to clients; then the kernel is stopped")
 
 
+class NetworkPolicy(_Model):
+    """Egress through the warden's proxy (docs/network.md). Empty ``allow``: no network."""
+
+    allow: tuple[str, ...] = Field((), description="hosts the kernel may reach: 'pypi.org', "
+                                   "'*.example.com', 'host:8443'; no port means 80 and 443")
+    max_bytes: Size = Field(1024**3, ge=0, description="bytes both ways per kernel; then it "
+                            "is stopped (0: no limit)")
+    max_connections: int = Field(1000, ge=0, description="connections per kernel, refused "
+                                 "ones included; then it is stopped (0: no limit)")
+    max_concurrent: int = Field(16, ge=1, le=1024, description="connections open at once; "
+                                "more are refused")
+    lock_after_seconds: float = Field(0.0, ge=0, description="close the allowlist this long "
+                                      "after the kernel starts (0: only on lock_network())")
+
+    @field_validator("allow")
+    @classmethod
+    def _rules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                parse_rule(entry)
+            except HostError as exc:
+                raise ValueError(f"{exc}; allowed: 'host', 'host:port', '*.domain', "
+                                 "'*.domain:port', an IP address") from None
+        return value
+
+    def rules(self) -> tuple[AllowRule, ...]:
+        return tuple(parse_rule(entry) for entry in self.allow)
+
+
 class Profile(_Model):
     """One kind of sandbox: limits, environment, and what clients may ask."""
 
@@ -257,6 +288,7 @@ class Profile(_Model):
     )
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
+    network: NetworkPolicy = NetworkPolicy()
     enabled: bool = Field(True, description="false: no new kernel starts on this profile")
     audit_code_text: bool = Field(False, description="keep each cell's code text in the audit "
                                   "log (else only its sha256)")

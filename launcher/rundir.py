@@ -24,6 +24,8 @@ only known when a client adopts it: ``warden.json`` always names the current ker
     control.sock  the operator's grant/revoke socket (0600), never mounted in the jail
     output/       stream text the budget cut, kept redacted for read_output (0700, the
                   warden's, never mounted in the jail; cellblock.output.spool)
+    egress.ctl    with network only: the operator's lock socket (0600, cellblock.egress);
+                  the proxy's own socket is ipc/egress.sock, owned by the jail's uid
     mnt/<name>    empty on the host; as root, a directory dataset's read-only view is
                   attached here in nsjail's private mount namespace (cellblock.broker)
 

@@ -213,6 +213,15 @@ class Sandbox(SandboxFiles):
         if self._km is not None:
             await self._km.interrupt_kernel()
 
+    async def lock_network(self) -> str:
+        """Close the kernel's network allowlist now, and its open connections: install,
+        then lock (docs/network.md). PolicyError if its profile has no network."""
+        from .egress.control import lock_network
+
+        if self.kernel_id is None:
+            raise SandboxStopped(f"cellblock sandbox (profile {self.profile!r}) is not started")
+        return await asyncio.to_thread(lock_network, self.kernel_id)
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -450,6 +459,9 @@ class SyncSandbox(SyncSandboxFiles):
     def output(self, execution: int, offset: int = 0, size: int = DEFAULT_PAGE,
                stream: str = "stdout") -> Page:
         return self._call(self.sandbox.output(execution, offset, size, stream))
+
+    def lock_network(self) -> str:
+        return self._call(self.sandbox.lock_network())
 
     def interrupt(self) -> None:
         self._call(self.sandbox.interrupt())

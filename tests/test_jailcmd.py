@@ -16,11 +16,12 @@ from cellblock.jailcmd import (
     config_path,
     kernel_argv,
     locate_nsjail,
+    network_env,
     nsjail_argv,
     python_env_mounts,
     resolve_python,
 )
-from cellblock.policy import HostSettings, Limits, OutputPolicy, Profile
+from cellblock.policy import HostSettings, Limits, NetworkPolicy, OutputPolicy, Profile
 
 CONFIGS = Path(str(resources.files("cellblock.nsjail_configs")))
 LAYOUT = JailLayout(
@@ -79,6 +80,25 @@ def test_nsjail_argv_exact(base_files: tuple[Path, Path]) -> None:
         "-f", "/run/cellblock/kernel.json",
         "--transport=ipc", "--ip=/run/cellblock/k",
     ]
+
+
+def test_network_env_only_with_an_allowlist(base_files: tuple[Path, Path]) -> None:
+    cfg, kafel = base_files
+    argv = nsjail_argv(nsjail="/n", profile=Profile(nsjail_config=str(cfg),
+                                                    seccomp_policy=str(kafel),
+                                                    network=NetworkPolicy(allow=("pypi.org",))),
+                       layout=LAYOUT, python=Path("/usr/bin/python3"), env_mounts=())
+    env = argv[argv.index("--env"):argv.index("--")]
+    proxy = "http://127.0.0.1:3128"
+    assert env == [
+        "--env", "PYTHONPATH=/opt/cellblock-kernel:/home/jovyan/.cellblock-packages",
+        "--env", "CELLBLOCK_EGRESS=/run/cellblock/egress.sock:3128",
+        "--env", f"HTTP_PROXY={proxy}", "--env", f"HTTPS_PROXY={proxy}",
+        "--env", f"http_proxy={proxy}", "--env", f"https_proxy={proxy}",
+        "--env", "PIP_TARGET=/home/jovyan/.cellblock-packages",
+        "--env", "PIP_NO_CACHE_DIR=1", "--env", "PIP_DISABLE_PIP_VERSION_CHECK=1",
+    ]
+    assert network_env(Profile()) == []
 
 
 @pytest.mark.parametrize(("file_size", "flag"), [

@@ -13,6 +13,7 @@ from cellblock.policy import (
     FilesPolicy,
     HostSettings,
     Limits,
+    NetworkPolicy,
     OutputPolicy,
     Profile,
     find_policy_file,
@@ -97,7 +98,9 @@ def test_builtin_profiles(operator) -> None:
     for name, limits in BUILTIN_LIMITS.items():
         assert policy.profile(name).limits.model_dump() == limits
     agent, analyst = policy.profile("agent"), policy.profile("analyst")
-    assert agent.model_dump(exclude={"limits", "budgets", "output", "files"}) == {
+    for profile in (agent, analyst):  # no network in any built-in profile (docs/network.md)
+        assert profile.network.allow == ()
+    assert agent.model_dump(exclude={"limits", "budgets", "output", "files", "network"}) == {
         "display_name": "Python (cellblock: agent)",
         "description": "For LLM agents: small limits, no stdin, no comms or debugger.",
         "python": "auto",
@@ -198,7 +201,7 @@ def test_unknown_key_names_it_and_lists_allowed(operator) -> None:
     assert f"invalid policy (builtin + {path})" in text
     assert ("profiles.agent.memmory: unknown key; allowed keys here: allow_stdin, "
             "allowed_requests, audit_code_text, budgets, cgroups, datasets, default_datasets, "
-            "description, display_name, enabled, files, limits, nsjail_config, output, "
+            "description, display_name, enabled, files, limits, network, nsjail_config, output, "
             "python, seccomp_policy, startup_timeout") in text
 
 
@@ -309,7 +312,7 @@ def test_env_variable_beats_jupyter_config_path(
 # -- docs/policy.md names every key ---------------------------------------------------------
 
 @pytest.mark.parametrize("model", [Limits, Profile, HostSettings, Budgets, OutputPolicy,
-                                   FilesPolicy])
+                                   FilesPolicy, NetworkPolicy])
 def test_docs_name_every_key(model: type) -> None:
     text = (ROOT / "docs" / "policy.md").read_text()
     missing = [name for name in model.model_fields if f"`{name}`" not in text]
@@ -325,3 +328,32 @@ def test_docs_example_operator_file_loads(tmp_path: Path) -> None:
     assert sorted(policy.profiles) == ["agent", "analyst", "ci"]
     assert policy.profile("agent").limits.memory == 2 * GiB
     assert policy.profile("ci").cgroups == "off"
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("user@pypi.org", "no userinfo"),
+    ("pypi.org/simple", "no userinfo, path"),
+    ("*pypi.org", "'\\*' only as a whole first label"),
+    ("*.org.*", "'\\*' only as a whole first label"),
+    ("*.com", "two labels or more"),
+    ("*.10.0.0.1", "looks like a numeric address|two labels"),
+    ("pypi.org:0", "port '0'"),
+    ("pypi.org:99999", "port '99999'"),
+    ("::1", "needs brackets"),
+    ("127.1", "numeric address"),
+    ("pyp_i.org", "only letters, digits"),
+])
+def test_network_allow_entries_are_checked(operator, entry: str, message: str) -> None:
+    operator(f"[profiles.agent.network]\nallow = [{entry!r}]\n".replace("'", '"'))
+    with pytest.raises(PolicyError, match=message) as info:
+        load_policy()
+    assert "profiles.agent.network.allow" in str(info.value)
+
+
+def test_network_is_off_unless_allowed(operator) -> None:
+    operator('[profiles.net.network]\nallow = ["PyPI.org.", "*.Example.com:8443"]\n')
+    policy = load_policy()
+    assert policy.profile("agent").network == NetworkPolicy()
+    rules = policy.profile("net").network.rules()
+    assert [(r.host, r.wildcard, r.ports) for r in rules] == [
+        ("pypi.org", False, (80, 443)), ("example.com", True, (8443,))]

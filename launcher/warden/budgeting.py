@@ -137,7 +137,8 @@ class Bookkeeping:
         try:
             while self._stop_reason is None and self.proc.poll() is None:
                 if self._fault is not None:
-                    return Stop(self._fault, "connections")
+                    return Stop(self._fault, "network" if self._fault.startswith("network")
+                                else "connections")
                 with self._lock:
                     clock = self.clock
                     now = time.monotonic()

@@ -3,11 +3,12 @@
 Forked by the spawner (:mod:`cellblock.warden.spawner`) for each launch the provisioner asks
 for (:func:`cellblock.warden.life.run_forked`). It
 
-1. dies with the client: it watches the client process through a pidfd (inherited from the
-   spawner), so a killed client leaves nothing, even if the spawner died first;
-2. makes the run dir, a fresh kernel HMAC key and the inner connection file, and binds the
-   five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the kernel
-   connects, the host never follows a path the jail can write);
+1. dies with the client: it watches the client process through a pidfd (inherited from
+   the spawner), so a killed client leaves nothing, even if the spawner died first;
+2. makes the run dir, a fresh kernel HMAC key and the inner connection file, and binds
+   the five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the
+   kernel connects, the host never follows a path the jail can write), and the egress
+   proxy's if the profile has network (:mod:`cellblock.egress`);
 3. makes the kernel's cgroup and starts nsjail inside it;
 4. runs the gate between the client's connection (tcp, client key) and the kernel's (ipc);
 5. reports ``ready`` (or the error, in words) on the launch's socket to the provisioner, and
@@ -22,10 +23,10 @@ for (:func:`cellblock.warden.life.run_forked`). It
 8. on every way out (shutdown, SIGTERM from the client, crash, the client's death) removes
    the processes, the cgroup and the run dir.
 
-A warden for the warm pool does 2 and 3 ahead of time, under a ``pool-<hex>`` slot name, then
-waits: for a launch to adopt it (:meth:`Warden.adopt`: the kernel id, the client's connection and
-key, the grants; then 4 and 5), for its jail to end, or to be retired. Until it is adopted its
-audit events are held in memory and written to the kernel's log at adoption.
+A warden for the warm pool does 2 and 3 ahead of time, under a ``pool-<hex>`` slot name,
+then waits: for a launch to adopt it (:meth:`Warden.adopt`: the kernel id, the client's
+connection and key, the grants; then 4 and 5), for its jail to end, or to be retired;
+until then its audit events are held in memory, written to the kernel's log at adoption.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..audit import AuditLog, audit_dir
 from ..budgets import BudgetClock, Stop
 from ..cgroups import KernelCgroup, detect, own_cgroups
 from ..datasets import check_grants
+from ..egress.proxy import EgressProxy, start_egress
 from ..errors import HostUnsupported, JailStartError
 from ..jailcmd import JAIL_RUN, jail_command, locate_nsjail, resolve_python
 from ..names import check_kernel_id
@@ -109,11 +111,11 @@ class Warden(Bookkeeping, ServesFiles):
         self.jail: JailProcess | None = None
         self.gate: Gate | None = None
         self.kernel_sockets: KernelSockets | None = None  # bound before the jail
+        self.egress: EgressProxy | None = None  # the profile's network, if it has one
         self._fault: str | None = None  # the gate saw the kernel misbehave: stop it
         self.drops: dict[str, int] = {}
         self._stop_reason: str | None = None
-        self._closed = False
-        self.pooled = pooled
+        self._closed, self.pooled = False, pooled
         self.audit: AuditLog | HeldAudit = (
             HeldAudit() if pooled else AuditLog(audit_dir(self.policy.audit.dir), kernel_id))
         self.requested_datasets = datasets  # the launch's final selection
@@ -122,8 +124,8 @@ class Warden(Bookkeeping, ServesFiles):
         self.clock: BudgetClock | None = None  # made when the kernel is ready
         self._lock = threading.Lock()  # around self.clock: the gate thread feeds it
         self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.record: WardenRecord | None = None
         self.restarts = self._oom_base = self._pids_base = 0
         self._argv: list[str] = []
@@ -263,6 +265,8 @@ class Warden(Bookkeeping, ServesFiles):
 
         self.kernel_sockets = KernelSockets(self._kernel_conn(), GateLimits(), owner=(uid, gid))
         self.kernel_sockets.bind()  # before the jail: the kernel connects to them
+        self.egress = start_egress(profile.network, self.run.path, (uid, gid),
+                                   self._audit_write, self._on_gate_fault)
         if cg_version is not None:
             self.cgroup = KernelCgroup.create(
                 cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits
@@ -290,8 +294,7 @@ class Warden(Bookkeeping, ServesFiles):
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
 
     def _bound_sockets(self) -> KernelSockets:
-        """The kernel-facing sockets, which :meth:`_prepare_jail` binds before anything
-        uses them."""
+        """The kernel-facing sockets (bound by :meth:`_prepare_jail` before any use)."""
         if self.kernel_sockets is None:
             raise JailStartError(f"kernel {self.kernel_id}: its sockets are not bound yet")
         return self.kernel_sockets
@@ -468,12 +471,11 @@ class Warden(Bookkeeping, ServesFiles):
         self._close_files()
         if self.jail is not None:
             self.jail.stop()
-        if self.gate is not None:
-            with contextlib.suppress(Exception):
-                self.gate.close()
-        if self.kernel_sockets is not None:
-            with contextlib.suppress(Exception):
-                self.kernel_sockets.close()
+        parts: list[Any] = [self.gate, self.kernel_sockets, self.egress]
+        for part in parts:
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.datasets is not None:
