@@ -284,11 +284,9 @@ async def test_lifetime_stops_the_kernel(kernel: Any) -> None:
     exits = [e for e in audit_events(km.kernel_id) if e.event == "kernel.exit"]
     assert exits[0].fields["reason"] == "lifetime limit 4 s reached"
     assert exits[0].fields["budget"] == "lifetime_seconds"
-    ready = next(e for e in audit_events(km.kernel_id) if e.event == "kernel.ready")
-    from datetime import datetime
-
-    lived = datetime.fromisoformat(exits[0].ts) - datetime.fromisoformat(ready.ts)
-    assert lived.total_seconds() >= 4  # never before the limit
+    # never before the limit, on the warden's own clock (it starts before kernel.ready is
+    # written: the time between the two audit lines can be a little under 4 s)
+    assert exits[0].fields["lifetime_seconds"] >= 4
 
 
 @pytest.mark.profile("idler")
