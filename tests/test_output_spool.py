@@ -213,3 +213,24 @@ def test_a_spool_that_cannot_be_written_is_said_and_the_cell_goes_on(tmp_path: P
     sent = feed(cell(tmp_path, redactor), text, 500)
     assert sent.startswith(text[:500]) and sent.endswith(text[-100:])
     assert "bytes after it were not kept (the host could not write it)" in sent
+
+
+@pytest.mark.parametrize("k", [4, 5, 20])
+@pytest.mark.parametrize("with_spool", [True, False])
+def test_a_token_half_released_on_the_timer_at_the_head_end_stays_masked(
+        tmp_path: Path, redactor: Any, k: int, with_spool: bool) -> None:
+    """Found from the jail: the head fills with a partial token's start, held text goes out
+    on the timer with the token masked; the mask marker ran past the head, its own remainder
+    went to the tail as the "continuation" and cleared the mask, so the real rest of the
+    token went out (and into the kept pages) in clear."""
+    streams = (cell(tmp_path, redactor) if with_spool
+               else CellStreams(HEAD, TAIL, redactor, True, "n0nce"))
+    sent = [streams.feed("stdout", "x" * (HEAD - k) + " " + GHP[:k])]
+    sent += [t for _, t in streams.release_due(float("inf"), 0.0)]  # the timer fires
+    sent.append(streams.feed("stdout", GHP[k:] + " " + "y" * 2 * TAIL + "\n"))  # cut: kept
+    sent += [t for _, t in streams.flush()]
+    client = "".join(sent)
+    assert GHP[k:] not in client and GHP[k + 4:] not in client
+    if with_spool:
+        kept = read_all(tmp_path / "output", 1, 0, MAX_PAGE)
+        assert GHP[k:] not in kept and GHP[k + 4:] not in kept

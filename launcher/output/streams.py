@@ -208,8 +208,12 @@ class CellStreams:
                 masked = ""
                 if cut is not None:
                     text, masked = text[:cut], MARKER if cut < len(text) else ""
-                    self.masking.add(name)
                 released = self._budget(name, self._known(self._clean(text)) + masked)
+                if cut is not None:
+                    # only now: had the marker run past the head, _budget would have sent
+                    # its own remainder to the tail as the token's continuation, clearing
+                    # the mask before the real continuation came (found from the jail)
+                    self.masking.add(name)
                 if released:
                     out.append((name, released))
         return out
