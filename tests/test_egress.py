@@ -4,12 +4,14 @@ real sockets without a jail: request smuggling, oversize heads, SNI checks, the 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import random
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -398,3 +400,53 @@ def test_a_name_resolving_to_this_host_is_refused(tmp_path: Path) -> None:
     finally:
         p.close()
         listener.close()
+
+
+class _GatedResolver(FileResolver):
+    """The file resolver, held at each lookup until the test lets it go."""
+
+    def __init__(self, base: FileResolver) -> None:
+        super().__init__({}, {})
+        self.names, self.routes = base.names, base.routes
+        self.asked = threading.Event()
+        self.go = threading.Event()
+
+    async def resolve(self, host: str, port: int) -> list[Any]:
+        self.asked.set()
+        while not self.go.is_set():  # the proxy's loop keeps running meanwhile
+            await asyncio.sleep(0.01)
+        return await super().resolve(host, port)
+
+
+def test_lock_while_a_request_resolves_stops_it(tmp_path: Path) -> None:
+    """Found from the jail: a plain-HTTP request past its lock check and waiting on its name
+    (or its upstream connect) when the lock came still went upstream after the lock."""
+    with world(tmp_path) as w:
+        ipc = tmp_path / "ipc"
+        ipc.mkdir()
+        seen: list[tuple[str, Any]] = []
+        resolver = _GatedResolver(FileResolver.load(str(w.resolver)))
+        p = EgressProxy(NetworkPolicy(allow=(f"pypi.test:{w.index_port}",)), ipc, tmp_path,
+                        owner=None, audit=lambda e, f: seen.append((e, f)),
+                        on_budget=lambda _r: None, resolver=resolver)
+        p.start()
+        try:
+            host = f"pypi.test:{w.index_port}"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(str(p.path))
+                s.sendall(f"GET http://{host}/simple/cbdemo/ HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                          .encode())
+                assert resolver.asked.wait(30)
+                p.lock()
+                resolver.go.set()
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            # the lock closed the client's connection (or answered 403): nothing came back...
+            assert out == b"" or out.startswith(b"HTTP/1.1 403 cellblock: network locked")
+            # ...and once the proxy is done with it, nothing reached the upstream either
+            assert wait_for(lambda: any(e in ("net.denied", "net.connection") for e, _ in seen))
+            assert w.requests == []
+        finally:
+            p.close()

@@ -371,6 +371,8 @@ class EgressProxy:
             self._budget(f"network budget: more than {cap} bytes transferred")
         if self.stopped is not None:
             raise Refused(self.stopped)
+        if self.locked is not None:  # a request resolving or connecting when the lock came
+            raise Refused(f"network locked ({self.locked})")
 
     def _budget(self, reason: str) -> None:
         if self.stopped is None:
