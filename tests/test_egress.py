@@ -104,6 +104,9 @@ def test_allowlist_match(host: str, port: int, allowed: bool) -> None:
     ("::ffff:169.254.169.254", "cloud metadata address 169.254.169.254 (inside"),
     ("::127.0.0.1", "loopback address 127.0.0.1 (inside"),
     ("64:ff9b::a00:1", "private (10/8) address 10.0.0.1 (inside"),
+    ("64:ff9b:1::7f00:1", "local-use NAT64"), ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"),
+    ("::ffff:0:7f00:1", "loopback address 127.0.0.1 (inside"),
+    ("::ffff:0:a9fe:a9fe", "cloud metadata address 169.254.169.254 (inside"),
     ("2002:7f00:1::", "loopback address 127.0.0.1 (inside"),
 ])
 def test_forbidden_addresses(addr: str, reason: str) -> None:
@@ -143,6 +146,11 @@ def test_parse_connect_and_absolute_get() -> None:
     (b"GET http://pypi.org/ HTTP/1.1\r\n X-Folded: 1\r\n\r\n", "no folding"),
     (b"GET http://pypi.org/ HTTP/1.1\nHost: pypi.org\r\n\r\n", "CRLF"),
     (b"GET http://pypi.org/ HTTP/1.1\r\nX: a\nGET http://evil.test/ HTTP/1.1\r\n\r\n", "CRLF"),
+    # a bare CR ends a line for some upstreams: a second Host, or a Transfer-Encoding
+    (b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\nX-A: a\rHost: evil.test\r\n\r\n",
+     "bare CR"),
+    (b"POST http://pypi.org/ HTTP/1.1\r\nX-B: b\rTransfer-Encoding: chunked\r\n\r\n",
+     "bare CR"),
     (b"GET http://a@pypi.org/ HTTP/1.1\r\n\r\n", "no userinfo"),
     (b"GET http://pypi.org/a b HTTP/1.1\r\n\r\n", "METHOD TARGET"),
     (b"TRACE http://pypi.org/ HTTP/1.1\r\n\r\n", "not forwarded"),

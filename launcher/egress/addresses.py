@@ -2,7 +2,7 @@
 
 Checked on every address a name resolved to, after resolution (a public name that
 resolves to 127.0.0.1 is the rebinding attack), and on IP literals. IPv4-mapped,
-IPv4-compatible, 6to4, NAT64 and Teredo IPv6 addresses are checked as the IPv4 address
+IPv4-compatible, IPv4-translated, 6to4, NAT64 and Teredo IPv6 addresses are checked as the IPv4 address
 they carry as well. An address of the host itself (a public address on one of its
 interfaces, where services bound to 0.0.0.0 answer) is refused too (:func:`host_owns`).
 """
@@ -41,6 +41,10 @@ FORBIDDEN: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]
         ("fec0::/10", "site-local"),
         ("ff00::/8", "multicast"),
         ("100::/64", "discard-only"),
+        # RFC 8215: a network's own NAT64 prefix; where the IPv4 sits in it depends on the
+        # operator's prefix length, and what it reaches is that network's IPv4 (in a
+        # cluster: its metadata and private addresses). Refused whole (found from the jail)
+        ("64:ff9b:1::/48", "local-use NAT64 (64:ff9b:1::/48)"),
     ))
 
 
@@ -57,6 +61,8 @@ def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ipaddress.IPv4Address(packed[12:])
     if packed[:12] == bytes.fromhex("0064ff9b0000000000000000"):  # NAT64 64:ff9b::/96
         return ipaddress.IPv4Address(packed[12:])
+    if packed[:12] == bytes.fromhex("0000000000000000ffff0000"):
+        return ipaddress.IPv4Address(packed[12:])  # IPv4-translated ::ffff:0:a.b.c.d (SIIT)
     return None
 
 

@@ -59,8 +59,11 @@ def parse_head(head: bytes) -> ProxyRequest:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
         raise HeadError("undecodable request head") from None
-    if not text.endswith("\r\n\r\n") or "\n" in text.replace("\r\n", "") or "\0" in text:
-        raise HeadError("request head lines must end in CRLF, no bare LF or NUL")
+    bare = text.replace("\r\n", "")
+    if not text.endswith("\r\n\r\n") or "\n" in bare or "\r" in bare or "\0" in text:
+        # a bare CR is a line end to some upstream parsers: "X: a\rHost: evil" would pass
+        # the Host check here and be another header there (found from the jail)
+        raise HeadError("request head lines must end in CRLF, no bare CR, bare LF or NUL")
     lines = text[:-4].split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
