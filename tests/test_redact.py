@@ -938,3 +938,40 @@ def test_an_escaped_tab_before_a_token_is_a_boundary(red: Redactor) -> None:
     assert red.redact(f"['\\t{token}']").text == "['\\t[REDACTED:github-pat]']"
     assert red.redact(f"\\n{FAKE_JWT}").text == "\\n[REDACTED:jwt]"
     assert red.redact(f"at{token}").text == f"at{token}"  # a word before: still not a token
+
+
+def test_redactors_of_one_process_scan_from_several_threads() -> None:
+    """A warden redacts on the gate's thread and on its file service's threads, with
+    Redactors that share the process's cached scanners (one hyperscan scratch each). Found
+    from the jail: a download during a printing cell raised ScratchInUseError (the download
+    failed, the gate dropped stream output). Every thread gets the single-threaded answer."""
+    import threading
+
+    from cellblock.output.filter import build_redactor
+    from cellblock.policy import load_policy
+
+    output = load_policy().profile("agent").output
+    token = "ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG5"
+    texts = [f"row {i} key {token} end, mail a{i}@example.org é\n" * (1 + i % 7)
+             for i in range(40)]
+    expected = [build_redactor(output, env={}).redact(t).text for t in texts]
+    failures: list[BaseException] = []
+    wrong: list[int] = []
+
+    def work() -> None:
+        redactor = build_redactor(output, env={})
+        try:
+            for _ in range(25):
+                for i, text in enumerate(texts):
+                    if redactor.redact(text).text != expected[i]:
+                        wrong.append(i)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and wrong == []
+    assert all(token not in e for e in expected)

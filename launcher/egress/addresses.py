@@ -2,9 +2,10 @@
 
 Checked on every address a name resolved to, after resolution (a public name that
 resolves to 127.0.0.1 is the rebinding attack), and on IP literals. IPv4-mapped,
-IPv4-compatible, IPv4-translated, 6to4, NAT64 and Teredo IPv6 addresses are checked as the IPv4 address
-they carry as well. An address of the host itself (a public address on one of its
-interfaces, where services bound to 0.0.0.0 answer) is refused too (:func:`host_owns`).
+IPv4-compatible, IPv4-translated, 6to4, NAT64 and Teredo IPv6 addresses are checked as the
+IPv4 address they carry as well; a local-use NAT64 prefix is refused whole. An address of
+the host itself (a public address on one of its interfaces, where services bound to 0.0.0.0
+answer) is refused too (:func:`host_owns`).
 """
 
 from __future__ import annotations

@@ -168,6 +168,11 @@ class FileService:
                 except (OSError, ValueError) as exc:
                     reply, body = {"ok": False, "code": "bad_request",
                                    "message": f"bad request: {exc}"}, b""
+                except Exception as exc:  # a bug must fail this request, with an answer
+                    log.exception("files: request failed")
+                    reply, body = {"ok": False, "code": "internal",
+                                   "message": f"the warden failed this request "
+                                              f"({type(exc).__name__}); see its log"}, b""
                 with contextlib.suppress(OSError):
                     send_json(conn, reply)
                     if body:

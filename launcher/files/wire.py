@@ -28,6 +28,7 @@ CODES = {
     "bad_name": 400, "bad_request": 400, "incomplete": 400, "disabled": 403,
     "not_found": 404, "not_regular": 422, "not_text": 422, "type": 415, "too_large": 413,
     "too_many": 409, "busy": 409, "not_running": 409, "no_outbox": 403, "refused": 403,
+    "internal": 500,
 }
 
 

@@ -22,9 +22,9 @@ Reversal, ROT13, XOR, HTML entities, gzip, Cyrillic homoglyphs and text interlea
 separators (``"-".join(s)``) are *not* caught, by design (THREATS conclusion 1, O11): redaction
 is a net for accidents, and the boundary is that secrets never enter the jail.
 
-Not thread-safe: a hyperscan database carries one scratch space, so one `Redactor` (and the
-databases it shares with other redactors of the same configuration) must be used from one
-thread at a time, as the gate's event loop does.
+Threads: a hyperscan database carries one scratch space, shared by every Redactor of the
+same configuration in a process; every scan holds `scanner.SCAN_LOCK`, so Redactors may be
+used from several threads (the gate's, and a warden's file service), one scan at a time.
 """
 
 from __future__ import annotations

@@ -185,8 +185,11 @@ def _fold(text: str) -> str:
         latin = text.encode("latin-1")
     except UnicodeEncodeError:
         hits: list[int] = []
-        _guard_db().scan(text.encode("utf-8", "surrogatepass"),
-                         match_event_handler=lambda _i, _s, _e, _f, _c: hits.append(1))
+        from cellblock.redact.scanner import SCAN_LOCK
+
+        with SCAN_LOCK:  # its scratch is the process's one too
+            _guard_db().scan(text.encode("utf-8", "surrogatepass"),
+                             match_event_handler=lambda _i, _s, _e, _f, _c: hits.append(1))
         if not hits:
             return text
     else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,14 @@ from typing import Any
 import hyperscan
 
 from cellblock.redact.rule import Block, Rule
+
+#: Held around every scan: a compiled database carries one scratch space and a Scanner one
+#: list of hits, and both are shared by every Redactor of a process (they are cached per
+#: configuration). A warden redacts on the gate's thread and, for outbox downloads, on the
+#: file service's threads: unguarded, a download during a cell made hyperscan raise
+#: ScratchInUseError, failing the download and making the gate drop stream output (found
+#: from the jail). Uncontended, it costs well under a microsecond per scan.
+SCAN_LOCK = threading.RLock()
 
 # What a pattern id of a compiled scanner stands for.
 RULE, BEGIN, END, RUN_HINT, PERCENT_ANY, UESCAPE_ANY = range(6)
@@ -185,21 +194,22 @@ class Scanner:
 
         Hits of windowed rules whose start is not within their window are left out (their
         candidate would be longer than twice the rule's ``max_len``)."""
-        collected = self._hits
-        self.db.scan(data, match_event_handler=self._collect)
-        if not collected:
-            return []
-        hits = collected[:]
-        collected.clear()
-        if not self.windowed:
-            return hits
-        windowed = self.windowed
-        ends = [(pid, end) for pid, _s, end in hits if pid in windowed]
-        if not ends:
-            return hits
-        out = [hit for hit in hits if hit[0] not in windowed]
-        self._resolve(data, ends, out)
-        return out
+        with SCAN_LOCK:
+            collected = self._hits
+            self.db.scan(data, match_event_handler=self._collect)
+            if not collected:
+                return []
+            hits = collected[:]
+            collected.clear()
+            if not self.windowed:
+                return hits
+            windowed = self.windowed
+            ends = [(pid, end) for pid, _s, end in hits if pid in windowed]
+            if not ends:
+                return hits
+            out = [hit for hit in hits if hit[0] not in windowed]
+            self._resolve(data, ends, out)
+            return out
 
     def quiet(self, data: bytes, ignore: frozenset[int] = frozenset()) -> set[int] | None:
         """None if the main database reports any hit whose kind is not in `ignore` (the scan
@@ -213,7 +223,8 @@ class Scanner:
             return kind not in ignore
 
         try:
-            self.db.scan(data, match_event_handler=handler)
+            with SCAN_LOCK:
+                self.db.scan(data, match_event_handler=handler)
         except hyperscan.ScanTerminated:
             return None
         return seen
@@ -221,11 +232,12 @@ class Scanner:
     def ends(self, data: bytes) -> list[int]:
         """The end offset of every hit of the main database in `data`, unchecked: a superset
         of where a finding can end (used on decoded views, decode.py)."""
-        collected = self._hits
-        self.db.scan(data, match_event_handler=self._collect)
-        out = [end for _pid, _start, end in collected]
-        collected.clear()
-        return out
+        with SCAN_LOCK:
+            collected = self._hits
+            self.db.scan(data, match_event_handler=self._collect)
+            out = [end for _pid, _start, end in collected]
+            collected.clear()
+            return out
 
     def _resolve(self, data: bytes, ends: list[tuple[int, int]], out: list[Hit]) -> None:
         """Append (pid, leftmost start, end) for each match of a windowed rule that the main
