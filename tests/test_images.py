@@ -79,6 +79,13 @@ def sof(width: int, height: int, marker: int = 0xC0) -> bytes:
     ("image/png", png_head(10, 20), (10, 20)),
     ("image/png", png_head(1 << 24, 1), (1 << 24, 1)),
     ("image/gif", b"GIF87a\x10\x00\x20\x00", (16, 32)),
+    # a frame outside its 10x10 screen is drawn at its own size (found from the jail)
+    ("image/gif", b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00" + b"\x2c" + struct.pack(
+        "<HHHH", 0, 0, 4000, 4000) + b"\x00\x02\x01\x00\x00\x3b", (4000, 4000)),
+    ("image/gif", b"GIF89a\x0a\x00\x0a\x00\x80\x00\x00" + b"\0" * 6  # a colour table
+     + b"\x21\xf9\x04\0\0\0\0\x00"  # an extension
+     + b"\x2c" + struct.pack("<HHHH", 5, 7, 10, 10) + b"\x00\x02\x00\x3b", (15, 17)),
+    ("image/gif", b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00\x2c\x00\x00", (10, 10)),  # cut short
     ("image/jpeg", b"\xff\xd8" + sof(7, 9), (7, 9)),
     ("image/jpeg", b"\xff\xd8\xff\xff\xff" + sof(7, 9)[1:], (7, 9)),  # fill bytes
     ("image/jpeg", b"\xff\xd8\xff\xd0" + sof(7, 9, 0xC2), (7, 9)),  # RST, then SOF2
@@ -105,6 +112,9 @@ def test_sizes_read_from_handmade_headers(mime: str, data: bytes,
     ("image/gif", b"GIF89a\x01\x00", "cut short"),
     ("image/gif", b"GIF90a" + b"\0" * 10, "GIF signature"),
     ("image/gif", b"GIF89a\x00\x00\x05\x00", "declares 0x5"),
+    ("image/gif", b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00\x99", "unknown block type 0x99"),
+    ("image/gif", b"GIF89a\x0a\x00\x0a\x00\x00\x00\x00\x21\xfe" + b"\x01a" * 70_000,
+     "over 65536 blocks"),
     ("image/jpeg", b"\xff\xd9", "SOI"),
     ("image/jpeg", b"\xff\xd8", "end before"),
     ("image/jpeg", b"\xff\xd8\xff", "end before"),
