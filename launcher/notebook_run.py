@@ -33,7 +33,7 @@ from nbclient.exceptions import CellExecutionError
 
 from .audit import AuditEvent, audit_dir
 from .datasets import DATASETS_ENV
-from .errors import CellblockError
+from .errors import CellblockError, JailStartError, JailStartTimeout
 from .kernelspec import kernel_name, kernelspec_dict
 from .policy import load_policy
 from .run_result import AuditTail, PolicyReport, policy_report
@@ -207,6 +207,14 @@ def run_notebook(
         client.execute(**env)
     except CellExecutionError as exc:  # only when a cell is tagged raises-exception wrongly
         first_error = str(exc).splitlines()[0]
+    except RuntimeError as exc:
+        if isinstance(exc, JailStartError) or "didn't respond" not in str(exc):
+            raise
+        raise JailStartTimeout(  # nbclient's wait_for_ready: say so, not a traceback
+            f"the {profile!r} kernel ({started.get('kernel_id', 'not started')}) did not "
+            f"answer within nbclient's startup timeout ({client.startup_timeout} s): {exc}. "
+            "Its warden's log above says why, if it knows; `cellblock doctor` checks the "
+            "host") from None
     finally:
         nbformat.write(nb, str(output))  # type: ignore[no-untyped-call]  # unannotated
     errors = 0
