@@ -180,3 +180,18 @@ def test_no_module_over_500_lines() -> None:
     long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_every_package_directory_is_installed() -> None:
+    """A subpackage missing from pyproject's package list works in an editable install and
+    is absent from a real one (cellblock.files and cellblock.egress were: `cellblock` failed
+    to start with ModuleNotFoundError after a non-editable install)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for top, name in (("launcher", "cellblock"), ("kernel", "cellblock_kernel")):
+        for init in sorted((root / top).glob("*/__init__.py")):
+            package = f"{name}.{init.parent.name}"
+            assert package in setup["packages"], f"{package} is not in [tool.setuptools]"
+            assert setup["package-dir"].get(package) == f"{top}/{init.parent.name}", package
