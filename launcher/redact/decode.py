@@ -41,7 +41,15 @@ import hyperscan
 from cellblock.redact import factors, keys
 from cellblock.redact.normalise import scan_bytes
 from cellblock.redact.rule import Block, Rule
-from cellblock.redact.scanner import PERCENT_ANY, RUN_HINT, UESCAPE_ANY
+from cellblock.redact.scanner import (
+    PERCENT_ANY,
+    PERCENT_LIT,
+    PLAIN_LIT,
+    RUN_HINT,
+    UESCAPE_ANY,
+    UESCAPE_LIT,
+    context_free_start,
+)
 
 #: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
 DECODE_CAP = keys.KEY_BLOCK_CAP
@@ -52,6 +60,7 @@ _RUN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_
 _HEX_BYTES = b"0123456789abcdefABCDEF"
 _PRINTABLE = bytes(range(32, 127)) + b"\t\n\r"
 _URLCH = "A-Za-z0-9._~+/=-"
+_URL_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"
 
 _RUN = rf"[{re.escape(_RUN_CHARS)}]*".encode()
 _B64_RUN = re.compile(_RUN)
@@ -98,7 +107,79 @@ def patterns(rules: Iterable[Rule], blocks: Iterable[Block],
     if escapes:
         out += [(PERCENT_ANY, r"%[0-9A-Fa-f]{2}", hyperscan.HS_FLAG_SINGLEMATCH),
                 (UESCAPE_ANY, r"\\u[0-9A-Fa-f]{4}", hyperscan.HS_FLAG_SINGLEMATCH)]
+        out += triggers(rules, blocks)
     return out
+
+
+def triggers(rules: Iterable[Rule], blocks: Iterable[Block]) -> list[tuple[int, str, int]]:
+    """The patterns that say when an escape view can hold a finding (empty when they cannot
+    be built: then every view is scanned, as `wanted` has it).
+
+    A finding in an escape run is a match of a rule in the run's decoding, and holds a literal
+    that rule requires (factors.required). Each byte of that literal is either a character of
+    the run as it is (a URL character: the run has no other) or the byte an escape of the run
+    stands for. So a view of one kind of escape can hold a finding only if (PLAIN_LIT) some
+    required literal occurs in the text as it is, in URL characters, or (PERCENT_LIT,
+    UESCAPE_LIT) some escape of that kind stands for a byte some required literal can hold.
+    A rule that requires no literal (the Discord bot token) counts by its prefilter (every
+    match holds one, as the main scan relies on) and the bytes of its alphabet."""
+    seqs: list[factors.Seq] = []
+    held: set[int] = set()  # every byte a required literal (or a literal-free match) can hold
+    out: list[tuple[int, str, int]] = []
+    single = hyperscan.HS_FLAG_SINGLEMATCH
+    for rule in rules:
+        required = factors.required(rule.pattern, rule.caseless)
+        if required is not None:
+            seqs += required
+            continue
+        chars = factors.alphabet(rule.pattern, rule.caseless)
+        prefilter = rule.prefilter
+        if chars is None or prefilter is None or not context_free_start(prefilter) \
+                or prefilter.endswith(("\\b", "$")):
+            return []
+        held |= chars
+        caseless = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
+        out.append((PLAIN_LIT, prefilter, single | caseless))
+    for block in blocks:
+        required = factors.required(block.begin)
+        if required is None:
+            return []
+        seqs += required
+    urlch = frozenset(_URL_BYTES)
+    plain: set[tuple[frozenset[int], ...]] = set()
+    for seq in seqs:
+        for chars in seq:
+            held |= chars
+        if all(chars & urlch for chars in seq):
+            plain.add(tuple(chars & urlch for chars in seq))
+    for literal in sorted(_fewest(plain), key=repr):
+        out.append((PLAIN_LIT, "".join("[" + "".join(f"\\x{c:02x}" for c in sorted(chars)) + "]"
+                                       for chars in literal), single))
+    # Wider than needed (any ASCII byte; any \\u escape if a byte is not ASCII), and cheaper
+    # for hyperscan than the exact set.
+    wide = any(c >= 0x80 or c == 0x1A for c in held)
+    out.append((PERCENT_LIT, r"%[0-9A-Fa-f]{2}" if wide else r"%[0-7][0-9A-Fa-f]", single))
+    out.append((UESCAPE_LIT, r"\\u[0-9A-Fa-f]{4}" if wide else r"\\u00[0-7][0-9A-Fa-f]", single))
+    return out
+
+
+def _fewest(seqs: set[tuple[frozenset[int], ...]]) -> list[tuple[frozenset[int], ...]]:
+    """`seqs` without those that hold another one (each of its positions a subset of the
+    other's, somewhere in it): where the longer occurs, the shorter does too."""
+    def holds(longer: tuple[frozenset[int], ...], shorter: tuple[frozenset[int], ...]) -> bool:
+        return any(all(longer[i + j] <= chars for j, chars in enumerate(shorter))
+                   for i in range(len(longer) - len(shorter) + 1))
+    return [s for s in seqs if not any(t != s and holds(s, t) for t in seqs)]
+
+
+def wanted(hints: set[int], gated: bool) -> tuple[bool, bool]:
+    """Which escape views to scan, (percent, unicode), given the hint kinds the main scan
+    reported: those whose escapes occur, and with `gated` (the main scanner has the
+    `triggers` of the decoded scanner's rules) only those that can hold a finding."""
+    percent, uescape = PERCENT_ANY in hints, UESCAPE_ANY in hints
+    if not gated or PLAIN_LIT in hints:
+        return percent, uescape
+    return percent and PERCENT_LIT in hints, uescape and UESCAPE_LIT in hints
 
 
 def _mostly_printable(data: bytes) -> bool:

@@ -59,9 +59,12 @@ from cellblock.redact.scanner import (
     BEGIN,
     END,
     PERCENT_ANY,
+    PERCENT_LIT,
+    PLAIN_LIT,
     RULE,
     RUN_HINT,
     UESCAPE_ANY,
+    UESCAPE_LIT,
     AnyScanner,
     Joined,
     Scanner,
@@ -77,7 +80,7 @@ DECODE_CAP = decode.DECODE_CAP
 MIN_BODY = 32
 #: The shortest base64/hex run that is decoded.
 MIN_RUN = decode.MIN_RUN
-_ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY})
+_ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY, PLAIN_LIT, PERCENT_LIT, UESCAPE_LIT})
 #: The characters of token-shaped findings (JWTs, OAuth tokens and the like) and of the
 #: encoded runs that are decoded (base64, hex, percent and \\u escapes).
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -296,8 +299,8 @@ class Redactor:
             return False
         if not escapes or self._decoded is None:
             return True
-        return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
-                                  UESCAPE_ANY in escapes)
+        return decode.views_quiet(self._decoded.ends, data,
+                                  *decode.wanted(escapes, _gated(self._scanner, self._decoded)))
 
     def release(self, text: str, held: str = "",
                 known: Iterable[str] = ()) -> tuple[RedactResult, str]:
@@ -424,7 +427,7 @@ def _detect(
     begins: dict[int, list[tuple[int, int]]] = {}
     ends: dict[int, list[int]] = {}
     run_ends: list[int] = []
-    percent = uescape = False
+    hints: set[int] = set()
     kinds = scanner.kinds
     rules = scanner.rules
     for pid, start, end in hits:
@@ -442,10 +445,8 @@ def _detect(
             ends.setdefault(index, []).append(end)
         elif kind == RUN_HINT:
             run_ends.append(end)
-        elif kind == PERCENT_ANY:
-            percent = True
-        elif kind == UESCAPE_ANY:
-            uescape = True
+        else:
+            hints.add(kind)
 
     found: list[tuple[int, int, str]] = []
     for pid, per_start in longest.items():
@@ -475,11 +476,18 @@ def _detect(
             else:
                 found.append((start, min(len(text), start + block.max_len), block.id))
 
+    percent, uescape = decode.wanted(hints, _gated(scanner, decoded_scanner))
     if decoded_scanner is not None and (run_ends or percent or uescape):
         inner = functools.partial(_inner, decoded_scanner)
         found.extend(decode.findings(inner, decoded_scanner.ends, text, data, run_ends,
                                      percent, uescape))
     return found
+
+
+def _gated(scanner: AnyScanner, decoded: AnyScanner | None) -> bool:
+    """True when the main scan's triggers cover every rule of `decoded` (decode.triggers):
+    not with exact secrets joined to the built-in rules, which have no triggers of theirs."""
+    return isinstance(scanner, Scanner) and scanner.gated and isinstance(decoded, Scanner)
 
 
 def _inner(scanner: AnyScanner, decoded: bytes) -> str | None:
