@@ -9,6 +9,7 @@ with the same redactor scanning every view whenever an escape occurs (the behavi
 from __future__ import annotations
 
 import random
+import re
 import urllib.parse
 
 import pytest
@@ -49,7 +50,13 @@ _ORDINARY = ["q=hello%20world", "&page=2", "filter%5Bstatus%5D=open", "name=Jos%
 
 
 def _ungated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "_gated", lambda *_args: False)
+    """Every view scanned whenever its kind of escape occurs, as before the triggers."""
+    def every(_hints: object, _scanner: object, _decoded: object,
+              data: bytes) -> tuple[bool, bool]:
+        return (re.search(rb"%[0-9A-Fa-f]{2}", data) is not None,
+                re.search(rb"\\u[0-9A-Fa-f]{4}", data) is not None)
+
+    monkeypatch.setattr(decode, "wanted", every)
 
 
 def _results(red: Redactor, texts: list[str]) -> list[object]:
@@ -80,7 +87,7 @@ def _texts(seed: int, n: int) -> list[str]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_skipping_views_changes_no_result(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     red = Redactor()
-    assert engine._gated(red._scanner, red._decoded)
+    assert decode.gated(red._scanner, red._decoded)
     texts = _texts(seed, 300)
     gated = _results(red, texts)
     _ungated(monkeypatch)
@@ -127,13 +134,15 @@ def test_ordinary_escapes_build_no_view(monkeypatch: pytest.MonkeyPatch) -> None
     text = '{"user": "Chlo\\u00e9 M\\u00fcller", "city": "M\\u00fcnchen"}\n' * 50
     assert red.redact(text).text == text and red.survey([text]) == (True, True)
     assert views == []
-    url = "GET /v2/items?name=Jos%C3%A9&lang=es\n" * 50  # non-ASCII bytes only
+    url = "GET /v2/items?q=hello%20world&name=Jos%C3%A9&filter%5Bstatus%5D=open\n" * 50
     assert red.redact(url).text == url and views == []
-    # an escape that could spell part of a literal, or a literal as it is: views as before
-    red.redact(text + "q=a%20b")
+    # an escape of a URL character, a literal as it is or with its other characters escaped
+    red.redact(url + "q=%41")
     assert views == ["percent"]
-    red.redact(text + " api_key ")
-    assert views == ["percent", "unicode"]
+    red.redact(text + url + " api_key ")
+    assert views == ["percent", "percent", "unicode"]
+    red.redact(text + "Authorization: bearer\\u0020x")
+    assert views[3:] == ["unicode"]
 
 
 def test_exact_secrets_keep_their_escapes_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +158,7 @@ def test_exact_secrets_keep_their_escapes_found(monkeypatch: pytest.MonkeyPatch)
         with monkeypatch.context() as m:
             _ungated(m)
             assert _results(red, texts + _texts(5, 100)) == gated
-    assert not engine._gated(Redactor(exact=("k9#xQ-hunter",))._scanner,
+    assert not decode.gated(Redactor(exact=("k9#xQ-hunter",))._scanner,
                              Redactor(exact=("k9#xQ-hunter",))._decoded)
 
 

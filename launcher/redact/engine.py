@@ -137,8 +137,9 @@ def _scanners(
         if builtin is None:
             raise ValueError("a Redactor needs something to redact: secrets, pii or exact")
         return builtin
-    escapes = builtin is None or builtin[1] is None  # else the built-in scan reports them
-    own_main, own_decoded = _exact_scanners(exact_secrets, escapes)
+    # Unless the built-in scan reports them (without triggers: those are for its rules only).
+    escapes = builtin is None or builtin[1] is None or builtin[0].gated
+    own_main, own_decoded = _exact_scanners(exact_secrets, escapes, builtin is None)
     if builtin is None:
         return own_main, own_decoded
     main, decoded = builtin
@@ -169,12 +170,14 @@ def _builtin_scanners(
 
 
 @functools.lru_cache(maxsize=16)
-def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scanner, Scanner]:
+def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool,
+                    gate: bool) -> tuple[Scanner, Scanner]:
     """The scanners of operator-registered exact secrets (exact.py): their forms, and the
     decode hints of their literals (and, with `escapes`, the percent and ``\\u`` escape
-    patterns, when no built-in scanner reports those). Never cached on disk."""
+    patterns, or with `gate` their triggers, when no built-in scanner reports those). Never
+    cached on disk."""
     rules = list(exact.rules_for(exact_secrets))
-    main = Scanner(rules, [], decode.patterns(rules, [], escapes), cacheable=False)
+    main = Scanner(rules, [], decode.patterns(rules, [], escapes, gate), cacheable=False)
     main.max_len = max(main.max_len, DECODE_CAP)
     return main, Scanner(rules, [], cacheable=False)
 
@@ -300,7 +303,7 @@ class Redactor:
         if not escapes or self._decoded is None:
             return True
         return decode.views_quiet(self._decoded.ends, data,
-                                  *decode.wanted(escapes, _gated(self._scanner, self._decoded)))
+                                  *decode.wanted(escapes, self._scanner, self._decoded, data))
 
     def release(self, text: str, held: str = "",
                 known: Iterable[str] = ()) -> tuple[RedactResult, str]:
@@ -476,18 +479,12 @@ def _detect(
             else:
                 found.append((start, min(len(text), start + block.max_len), block.id))
 
-    percent, uescape = decode.wanted(hints, _gated(scanner, decoded_scanner))
+    percent, uescape = decode.wanted(hints, scanner, decoded_scanner, data)
     if decoded_scanner is not None and (run_ends or percent or uescape):
         inner = functools.partial(_inner, decoded_scanner)
         found.extend(decode.findings(inner, decoded_scanner.ends, text, data, run_ends,
                                      percent, uescape))
     return found
-
-
-def _gated(scanner: AnyScanner, decoded: AnyScanner | None) -> bool:
-    """True when the main scan's triggers cover every rule of `decoded` (decode.triggers):
-    not with exact secrets joined to the built-in rules, which have no triggers of theirs."""
-    return isinstance(scanner, Scanner) and scanner.gated and isinstance(decoded, Scanner)
 
 
 def _inner(scanner: AnyScanner, decoded: bytes) -> str | None:
