@@ -146,8 +146,8 @@ def test_ordinary_escapes_build_no_view(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_exact_secrets_keep_their_escapes_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An operator's exact secret, alone (its own triggers) or beside the built-in rules (no
-    triggers of its own: every view is scanned), is found through any escape."""
+    """An operator's exact secret, alone or beside the built-in rules, is found through any
+    escape: its scanner has no triggers, so every view is scanned when an escape occurs."""
     for red in (Redactor(secrets=False, exact=("k9#xQ-hunter",)),
                 Redactor(exact=("k9#xQ-hunter",))):
         texts = [f"{pre}{form}{post}" for form in _forms("k9#xQ-hunter")
@@ -158,8 +158,8 @@ def test_exact_secrets_keep_their_escapes_found(monkeypatch: pytest.MonkeyPatch)
         with monkeypatch.context() as m:
             _ungated(m)
             assert _results(red, texts + _texts(5, 100)) == gated
-    assert not decode.gated(Redactor(exact=("k9#xQ-hunter",))._scanner,
-                             Redactor(exact=("k9#xQ-hunter",))._decoded)
+    for red in (Redactor(exact=("k9#xQ-hunter",)), Redactor(secrets=False, exact=("k9#xQ",))):
+        assert not decode.gated(red._scanner, red._decoded)
 
 
 def test_triggers_cover_every_required_literal() -> None:

@@ -139,7 +139,7 @@ def _scanners(
         return builtin
     # Unless the built-in scan reports them (without triggers: those are for its rules only).
     escapes = builtin is None or builtin[1] is None or builtin[0].gated
-    own_main, own_decoded = _exact_scanners(exact_secrets, escapes, builtin is None)
+    own_main, own_decoded = _exact_scanners(exact_secrets, escapes)
     if builtin is None:
         return own_main, own_decoded
     main, decoded = builtin
@@ -170,14 +170,13 @@ def _builtin_scanners(
 
 
 @functools.lru_cache(maxsize=16)
-def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool,
-                    gate: bool) -> tuple[Scanner, Scanner]:
+def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scanner, Scanner]:
     """The scanners of operator-registered exact secrets (exact.py): their forms, and the
     decode hints of their literals (and, with `escapes`, the percent and ``\\u`` escape
-    patterns, or with `gate` their triggers, when no built-in scanner reports those). Never
-    cached on disk."""
+    patterns, when no built-in scanner reports those; never triggers, so that the same
+    scanners serve with built-in rules and without). Never cached on disk."""
     rules = list(exact.rules_for(exact_secrets))
-    main = Scanner(rules, [], decode.patterns(rules, [], escapes, gate), cacheable=False)
+    main = Scanner(rules, [], decode.patterns(rules, [], escapes, gate=False), cacheable=False)
     main.max_len = max(main.max_len, DECODE_CAP)
     return main, Scanner(rules, [], cacheable=False)
 
