@@ -20,7 +20,9 @@ from tests.test_redact import SECRETS, TOKEN
 _PAYLOADS = [p for rule, p in SECRETS if rule in {
     "aws-access-key-id", "github-pat", "slack-bot-token", "stripe-secret-key",
     "discord-bot-token", "openai-api-key", "generic-secret", "jwt", "private-key",
-    "url-password"}] + [TOKEN, "password=Xk9#mQ2$vL7pR4tW"]
+    "url-password", "telegram-bot-token", "connection-string-password",
+    "azure-sas-signature"}] + [TOKEN, "password=Xk9#mQ2$vL7pR4tW"]
+_URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-")
 
 
 def _percent_all(text: str) -> str:
@@ -32,15 +34,19 @@ def _unicode_all(text: str) -> str:
 
 
 def _forms(secret: str) -> list[str]:
-    """A secret as it is, escaped whole (every character, or as urllib quotes it), and half
-    escaped (either half, either kind)."""
+    """A secret as it is, escaped whole (every character, or as urllib quotes it), half
+    escaped (either half, either kind), and with only its characters that are not URL
+    characters escaped."""
     half = len(secret) // 2
     return [secret, urllib.parse.quote(secret, safe=""), _percent_all(secret),
             _unicode_all(secret), secret[:half] + _percent_all(secret[half:]),
             _percent_all(secret[:half]) + secret[half:],
             secret[:half] + _unicode_all(secret[half:]),
             _unicode_all(secret[:half]) + secret[half:],
-            "%20" + secret, "\\u00e9" + secret, secret + "%20", "\\u0020" + secret]
+            "%20" + secret, "\\u00e9" + secret, secret + "%20", "\\u0020" + secret,
+            # only what is not a URL character escaped (telegram's ``:AA``: ``%3AAA``)
+            "".join(c if c in _URL_CHARS else f"%{ord(c):02X}" for c in secret),
+            "".join(c if c in _URL_CHARS else f"\\u{ord(c):04x}" for c in secret)]
 
 
 _ORDINARY = ["q=hello%20world", "&page=2", "filter%5Bstatus%5D=open", "name=Jos%C3%A9",
