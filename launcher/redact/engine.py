@@ -137,7 +137,7 @@ def _scanners(
         if builtin is None:
             raise ValueError("a Redactor needs something to redact: secrets, pii or exact")
         return builtin
-    # Unless the built-in scan reports them (without triggers: those are for its rules only).
+    # The escape hints, unless the built-in scan reports them (with triggers, for its own rules).
     escapes = builtin is None or builtin[1] is None or builtin[0].gated
     own_main, own_decoded = _exact_scanners(exact_secrets, escapes)
     if builtin is None:
