@@ -21,6 +21,9 @@ characters costs hyperscan a nanosecond per byte, more than all the detectors to
   and escapes, as before) decoded on its own and rescanned, which is exactly the check that was
   made for every run before. A run's decoding is a substring of the view, between characters
   that cannot be part of a word, so whatever the run alone would show, the view shows too.
+  A view is built at all only when it can hold a finding (`triggers`, `wanted`): when a
+  literal some secret rule requires occurs as it is, or an escape of that kind stands for an
+  ASCII byte. JSON full of ``\\u00e9`` and URL-encoded UTF-8 (``%C3%A9``) need no view.
 
 A finding inside a decoded run redacts the whole run, ``[REDACTED:<rule>:<encoding>]``.
 """
@@ -41,7 +44,17 @@ import hyperscan
 from cellblock.redact import factors, keys
 from cellblock.redact.normalise import scan_bytes
 from cellblock.redact.rule import Block, Rule
-from cellblock.redact.scanner import PERCENT_ANY, RUN_HINT, UESCAPE_ANY
+from cellblock.redact.scanner import (
+    PERCENT_ANY,
+    PERCENT_LIT,
+    PLAIN_LIT,
+    RUN_HINT,
+    UESCAPE_ANY,
+    UESCAPE_LIT,
+    AnyScanner,
+    Scanner,
+    context_free_start,
+)
 
 #: The longest encoded run that is decoded and rescanned (covers base64 of a PEM key).
 DECODE_CAP = keys.KEY_BLOCK_CAP
@@ -52,6 +65,7 @@ _RUN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_
 _HEX_BYTES = b"0123456789abcdefABCDEF"
 _PRINTABLE = bytes(range(32, 127)) + b"\t\n\r"
 _URLCH = "A-Za-z0-9._~+/=-"
+_URL_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"
 
 _RUN = rf"[{re.escape(_RUN_CHARS)}]*".encode()
 _B64_RUN = re.compile(_RUN)
@@ -77,11 +91,12 @@ def undecodable(rules: Iterable[Rule], blocks: Iterable[Block] = ()) -> list[str
 
 
 def patterns(rules: Iterable[Rule], blocks: Iterable[Block],
-             escapes: bool = True) -> list[tuple[int, str, int]]:
+             escapes: bool = True, gate: bool = True) -> list[tuple[int, str, int]]:
     """The decode-candidate patterns for the main scanner, (kind, pattern, hyperscan flags):
     the base64 and hex forms of the literals the secret rules (those rescanned in decoded runs)
     require, and (with `escapes`; a scanner joined to one that has them need not) whether a
-    percent or ``\\u`` escape occurs at all."""
+    percent or ``\\u`` escape occurs at all; with `gate` too, the `triggers` instead when
+    they can be built."""
     literals: set[bytes] = set()
     required = [factors.required(r.pattern, r.caseless) for r in rules]
     required += [factors.required(b.begin) for b in blocks]
@@ -95,10 +110,106 @@ def patterns(rules: Iterable[Rule], blocks: Iterable[Block],
         hexes.add(literal.hex())
     out = [(RUN_HINT, factors.hyperscan_literal(core), 0) for core in sorted(b64)]
     out += [(RUN_HINT, h, hyperscan.HS_FLAG_CASELESS) for h in sorted(hexes)]
+    gates = triggers(rules, blocks) if escapes and gate else []
+    if gates:  # instead of whether an escape occurs at all (`wanted`)
+        return out + gates
     if escapes:
         out += [(PERCENT_ANY, r"%[0-9A-Fa-f]{2}", hyperscan.HS_FLAG_SINGLEMATCH),
                 (UESCAPE_ANY, r"\\u[0-9A-Fa-f]{4}", hyperscan.HS_FLAG_SINGLEMATCH)]
     return out
+
+
+def triggers(rules: Iterable[Rule], blocks: Iterable[Block]) -> list[tuple[int, str, int]]:
+    """The patterns that say when an escape view can hold a finding (empty when they cannot
+    be built: then every view is scanned, as `wanted` has it).
+
+    A finding in an escape run is a match of a rule in the run's decoding, and holds a literal
+    that rule requires (factors.required). Each byte of that literal is either a character of
+    the run as it is (a URL character: the run has no other) or the byte an escape of the run
+    stands for. So a view of one kind of escape can hold a finding only if (PERCENT_LIT,
+    UESCAPE_LIT) an escape of that kind stands for a URL character some literal can hold, or
+    else (PLAIN_LIT) some literal occurs in the text with every character that is not a URL
+    character escaped (``bearer%20``; most literals are URL characters only: ``ghp_``).
+    A rule that requires no literal (the Discord bot token) counts by its prefilter (every
+    match holds one, as the main scan relies on) and the bytes of its alphabet."""
+    seqs: list[factors.Seq] = []
+    urlch = frozenset(_URL_BYTES)
+    escaped: set[int] = set()  # bytes whose escape can be part of a finding's literal
+    out: list[tuple[int, str, int]] = []
+    single = hyperscan.HS_FLAG_SINGLEMATCH
+    for rule in rules:
+        required = factors.required(rule.pattern, rule.caseless)
+        if required is not None:
+            seqs += required
+            continue
+        chars = factors.alphabet(rule.pattern, rule.caseless)
+        prefilter = rule.prefilter
+        if chars is None or prefilter is None or not context_free_start(prefilter) \
+                or prefilter.endswith(("\\b", "$")):
+            return []
+        escaped |= chars
+        caseless = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
+        out.append((PLAIN_LIT, prefilter, single | caseless))
+    for block in blocks:
+        required = factors.required(block.begin)
+        if required is None:
+            return []
+        seqs += required
+    literals = {tuple(seq) for seq in seqs}
+    for seq in literals:
+        for chars in seq:
+            escaped |= chars & urlch
+            if any(c >= 0x80 or c == 0x1A for c in chars):
+                return []  # (no rule has one: a \\u escape of it would be SUB in the view)
+    for literal in sorted(_fewest(literals), key=repr):
+        out.append((PLAIN_LIT, "".join(_position(chars - urlch, chars & urlch)
+                                       for chars in literal), single))
+    if any(c >= 0x80 or c == 0x1A for c in escaped):
+        return []
+    out.append((PERCENT_LIT, f"%(?:{_hexes(escaped)})", single))
+    out.append((UESCAPE_LIT, f"\\\\u00(?:{_hexes(escaped)})", single))
+    return out
+
+
+def _hexes(chars: Iterable[int]) -> str:
+    """The two hex digits of each byte, in both cases, as alternatives."""
+    return "|".join(sorted({f"{c:02x}" for c in chars} | {f"{c:02X}" for c in chars}))
+
+
+def _position(escaped: frozenset[int], plain: frozenset[int]) -> str:
+    """One position of a literal: a URL character as it is, or an escape of another byte."""
+    out = ["[" + "".join(f"\\x{c:02x}" for c in sorted(plain)) + "]"] if plain else []
+    if escaped:
+        out += [f"%(?:{_hexes(escaped)})", f"\\\\u00(?:{_hexes(escaped)})"]
+    return out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"
+
+
+def _fewest(seqs: set[tuple[frozenset[int], ...]]) -> list[tuple[frozenset[int], ...]]:
+    """`seqs` without those that hold another one (each of its positions a subset of the
+    other's, somewhere in it): where the longer occurs, the shorter does too."""
+    def holds(longer: tuple[frozenset[int], ...], shorter: tuple[frozenset[int], ...]) -> bool:
+        return any(all(longer[i + j] <= chars for j, chars in enumerate(shorter))
+                   for i in range(len(longer) - len(shorter) + 1))
+    return [s for s in seqs if not any(t != s and holds(s, t) for t in seqs)]
+
+
+def gated(scanner: AnyScanner, decoded: AnyScanner | None) -> bool:
+    """True when the main scanner has the `triggers` of every rule of `decoded` (and not the
+    escapes' hints): not with exact secrets joined to the built-in rules."""
+    return isinstance(scanner, Scanner) and scanner.gated and isinstance(decoded, Scanner)
+
+
+def wanted(hints: set[int], scanner: AnyScanner, decoded: AnyScanner | None,
+           data: bytes) -> tuple[bool, bool]:
+    """Which escape views of `data` to scan, (percent, unicode), given the hint kinds the main
+    scan reported: those whose escapes occur, or if `gated`, those that can hold a finding: an
+    escape of a literal's URL character, or a literal and any escape."""
+    if not gated(scanner, decoded):
+        return PERCENT_ANY in hints, UESCAPE_ANY in hints
+    if PLAIN_LIT not in hints:
+        return PERCENT_LIT in hints, UESCAPE_LIT in hints
+    return (PERCENT_LIT in hints or (b"%" in data and _PERCENT.search(data) is not None),
+            UESCAPE_LIT in hints or (b"\\u" in data and _UESCAPE.search(data) is not None))
 
 
 def _mostly_printable(data: bytes) -> bool:

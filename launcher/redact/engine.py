@@ -59,9 +59,12 @@ from cellblock.redact.scanner import (
     BEGIN,
     END,
     PERCENT_ANY,
+    PERCENT_LIT,
+    PLAIN_LIT,
     RULE,
     RUN_HINT,
     UESCAPE_ANY,
+    UESCAPE_LIT,
     AnyScanner,
     Joined,
     Scanner,
@@ -77,7 +80,7 @@ DECODE_CAP = decode.DECODE_CAP
 MIN_BODY = 32
 #: The shortest base64/hex run that is decoded.
 MIN_RUN = decode.MIN_RUN
-_ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY})
+_ESCAPE_KINDS = frozenset({PERCENT_ANY, UESCAPE_ANY, PLAIN_LIT, PERCENT_LIT, UESCAPE_LIT})
 #: The characters of token-shaped findings (JWTs, OAuth tokens and the like) and of the
 #: encoded runs that are decoded (base64, hex, percent and \\u escapes).
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -134,7 +137,8 @@ def _scanners(
         if builtin is None:
             raise ValueError("a Redactor needs something to redact: secrets, pii or exact")
         return builtin
-    escapes = builtin is None or builtin[1] is None  # else the built-in scan reports them
+    # The escape hints, unless the built-in scan reports them (with triggers, for its own rules).
+    escapes = builtin is None or builtin[1] is None or builtin[0].gated
     own_main, own_decoded = _exact_scanners(exact_secrets, escapes)
     if builtin is None:
         return own_main, own_decoded
@@ -169,9 +173,10 @@ def _builtin_scanners(
 def _exact_scanners(exact_secrets: tuple[str, ...], escapes: bool) -> tuple[Scanner, Scanner]:
     """The scanners of operator-registered exact secrets (exact.py): their forms, and the
     decode hints of their literals (and, with `escapes`, the percent and ``\\u`` escape
-    patterns, when no built-in scanner reports those). Never cached on disk."""
+    patterns, when no built-in scanner reports those; never triggers, so that the same
+    scanners serve with built-in rules and without). Never cached on disk."""
     rules = list(exact.rules_for(exact_secrets))
-    main = Scanner(rules, [], decode.patterns(rules, [], escapes), cacheable=False)
+    main = Scanner(rules, [], decode.patterns(rules, [], escapes, gate=False), cacheable=False)
     main.max_len = max(main.max_len, DECODE_CAP)
     return main, Scanner(rules, [], cacheable=False)
 
@@ -296,8 +301,8 @@ class Redactor:
             return False
         if not escapes or self._decoded is None:
             return True
-        return decode.views_quiet(self._decoded.ends, data, PERCENT_ANY in escapes,
-                                  UESCAPE_ANY in escapes)
+        return decode.views_quiet(self._decoded.ends, data,
+                                  *decode.wanted(escapes, self._scanner, self._decoded, data))
 
     def release(self, text: str, held: str = "",
                 known: Iterable[str] = ()) -> tuple[RedactResult, str]:
@@ -424,7 +429,7 @@ def _detect(
     begins: dict[int, list[tuple[int, int]]] = {}
     ends: dict[int, list[int]] = {}
     run_ends: list[int] = []
-    percent = uescape = False
+    hints: set[int] = set()
     kinds = scanner.kinds
     rules = scanner.rules
     for pid, start, end in hits:
@@ -442,10 +447,8 @@ def _detect(
             ends.setdefault(index, []).append(end)
         elif kind == RUN_HINT:
             run_ends.append(end)
-        elif kind == PERCENT_ANY:
-            percent = True
-        elif kind == UESCAPE_ANY:
-            uescape = True
+        else:
+            hints.add(kind)
 
     found: list[tuple[int, int, str]] = []
     for pid, per_start in longest.items():
@@ -475,6 +478,7 @@ def _detect(
             else:
                 found.append((start, min(len(text), start + block.max_len), block.id))
 
+    percent, uescape = decode.wanted(hints, scanner, decoded_scanner, data)
     if decoded_scanner is not None and (run_ends or percent or uescape):
         inner = functools.partial(_inner, decoded_scanner)
         found.extend(decode.findings(inner, decoded_scanner.ends, text, data, run_ends,

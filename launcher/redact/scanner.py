@@ -44,8 +44,9 @@ from cellblock.redact.rule import Block, Rule
 #: from the jail). Uncontended, it costs well under a microsecond per scan.
 SCAN_LOCK = threading.RLock()
 
-# What a pattern id of a compiled scanner stands for.
-RULE, BEGIN, END, RUN_HINT, PERCENT_ANY, UESCAPE_ANY = range(6)
+# What a pattern id of a compiled scanner stands for (the last three: decode.triggers).
+RULE, BEGIN, END, RUN_HINT, PERCENT_ANY, UESCAPE_ANY, PLAIN_LIT, PERCENT_LIT, UESCAPE_LIT = \
+    range(9)
 
 #: A scan hit: (pattern id, start, end); start is 0 for patterns scanned without start of match.
 Hit = tuple[int, int, int]
@@ -175,6 +176,8 @@ class Scanner:
         for kind, pattern, flags in decoders:
             main.append((pattern.encode(), flags))
             self.kinds.append((kind, 0))
+        #: whether the escape views can be skipped when no trigger fired (decode.wanted)
+        self.gated = any(kind == PERCENT_LIT for kind, _p, _f in decoders)
         self.db = compiled([p for p, _ in main], [f for _, f in main],
                            list(range(len(main))), cacheable)
         self.window_db = compiled([p for _, p, _ in window], [f for _, _, f in window],
