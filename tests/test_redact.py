@@ -975,3 +975,20 @@ def test_redactors_of_one_process_scan_from_several_threads() -> None:
         t.join()
     assert failures == [] and wrong == []
     assert all(token not in e for e in expected)
+
+
+@pytest.mark.parametrize("text", [
+    "cpu 2.4111111111111111 s\n",  # a float whose fraction is a Luhn-valid Visa number
+    "2.4111111111111111\n",
+    "[0.5555555555554444, 1.0]\n",
+])
+def test_the_fraction_of_a_float_is_not_a_card(text: str) -> None:
+    """Found by the CI dry run: a cell printed its CPU time (2.4…, 16 fraction digits that
+    pass Luhn with a Visa prefix) and got `2.[REDACTED:card]` back."""
+    from cellblock.output.filter import build_redactor
+    from cellblock.policy import load_policy
+
+    redactor = build_redactor(load_policy().profile("agent").output, env={})
+    assert redactor.redact(text).text == text
+    card = text.replace("2.", "card ").replace("[0.", "[card ")
+    assert "[REDACTED:card]" in redactor.redact(card).text  # the same digits alone still are

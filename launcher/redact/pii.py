@@ -83,7 +83,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         ),
     ),
     "card": (
-        Rule("card", r"\b[0-9]{13,19}\b", 19, validate=card_ok),
+        Rule("card", r"\b[0-9]{13,19}\b", 19, validate=card_ok, not_after="."),
         Rule(
             "card",
             r"\b[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,7}\b",

@@ -50,6 +50,9 @@ class Rule:
     #: a finding that reaches the end of a clipped candidate goes on over the token
     #: characters after it (spans.token_end): a generic value longer than ``max_len``.
     extend: bool = False
+    #: characters that, right before a candidate, rule it out (a card number's 16 digits
+    #: after a "." are the fraction of a float: 2.4111111111111111 is a CPU time)
+    not_after: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ def escape_skip(pattern: str, text: str, start: int) -> int:
 def check(rule: Rule, text: str, start: int, end: int) -> tuple[int, int] | None:
     """The secret's span for one candidate of `rule`, or None if the candidate fails."""
     start = escape_skip(rule.pattern, text, start)
+    if rule.not_after and start > 0 and text[start - 1] in rule.not_after:
+        return None
     cap = -1
     if end - start > rule.max_len:
         if rule.clip_end:
