@@ -397,3 +397,59 @@ def test_a_dead_wardens_empty_cgroup_is_reused_a_live_ones_is_not(jupyter_env: d
         sleeper.wait()
         left.remove_empty()
     assert not any(d.exists() for d in left.dirs)
+
+
+KILL_WARDEN_AT = """
+import os, signal, sys
+from cellblock.cgroups import KernelCgroup
+from cellblock.rundir import RunDir
+from cellblock.warden.warden import Warden
+
+where, slot = sys.argv[1], sys.argv[2]
+if where == "warden cgroup joined":
+    join = KernelCgroup.join
+    def joined(self, pid=0):
+        join(self, pid)
+        if self.dirs[0].name.endswith(".warden"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    KernelCgroup.join = joined
+else:
+    RunDir.write_record = lambda self, record: os.kill(os.getpid(), signal.SIGKILL)
+Warden(slot, "pooled", None, pooled=True).start_pooled()
+"""
+
+
+@pytest.mark.parametrize("where", ["warden cgroup joined", "record written"])
+def test_a_warden_killed_during_its_start_leaves_nothing_the_sweep_misses(
+        where: str, jupyter_env: dict[str, str], no_leftovers: None) -> None:
+    """Found by the fault stress in CI (round 6, warden:start): a warden SIGKILLed while
+    it started left an empty ``<slot>.warden`` cgroup that nothing removed, because it
+    made that cgroup before the run dir's record named it, and the sweep finds cgroups by
+    the record. The warden here kills itself at the two moments around that: right after
+    it joined its own cgroup, and when it writes its record. Either way, one sweep
+    afterwards leaves no cgroup and no run dir of that slot."""
+    import uuid
+
+    from cellblock.cgroups import KernelCgroup, detect
+    from cellblock.policy import load_policy
+    from cellblock.rundir import runtime_base, sweep_stale
+
+    version = detect().version
+    if version is None:
+        pytest.skip("no cgroup controllers here")
+    slot = str(uuid.uuid4())
+    proc = subprocess.run([sys.executable, "-c", KILL_WARDEN_AT, where, slot],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    parent = load_policy().host.cgroup_parent
+    warden_cg = KernelCgroup.for_warden(version, parent, slot)
+    kernel_cg = KernelCgroup.for_kernel(version, parent, slot)
+    try:
+        sweep_stale()
+        left = [str(d) for d in (*warden_cg.dirs, *kernel_cg.dirs) if d.exists()]
+        assert not left, f"killed at {where!r}, the sweep left cgroups: {left}"
+        assert not (runtime_base() / slot).exists(), "the sweep left the run dir"
+    finally:  # on a failure too: what the sweep missed must not fail later tests
+        warden_cg.remove_empty()
+        kernel_cg.remove()
+        RunDir(runtime_base(), slot).remove()

@@ -223,12 +223,6 @@ class Warden(Bookkeeping, ServesFiles):
                     "cgroups = \"off\" in the profile"
                 )
             cg_version = found.version
-            # What the kernel makes its warden spend (queued messages, a flood, the gate's
-            # CPU) is charged to a cgroup of the warden's own, with the profile's limits.
-            self._home_cgroups = own_cgroups()
-            self.warden_cgroup = KernelCgroup.create_for_warden(
-                cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits)
-            self.warden_cgroup.join(0)
         cap_address_space(profile.limits.warden_memory)
         locate_nsjail(self.policy.host)  # fails now, before anything is made, if missing
         resolve_python(profile)
@@ -252,6 +246,17 @@ class Warden(Bookkeeping, ServesFiles):
         )
         self.run.write_record(record)
         self.record = record
+        if cg_version is not None:
+            # What the kernel makes its warden spend (queued messages, a flood, the gate's
+            # CPU) is charged to a cgroup of the warden's own, with the profile's limits.
+            # Made only once the record names it: a warden SIGKILLed at any moment from
+            # here on leaves a record that the sweep reads to remove this cgroup too
+            # (made before the record, a kill in between leaked it: the fault stress found
+            # that).
+            self._home_cgroups = own_cgroups()
+            self.warden_cgroup = KernelCgroup.create_for_warden(
+                cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits)
+            self.warden_cgroup.join(0)
         self._ids = (uid, gid)
         kernel_key = secrets.token_hex(32)
         inner = {

@@ -85,7 +85,16 @@ class Env:
     def close(self, keep: bool = False) -> None:
         if not keep:
             shutil.rmtree(self.top, ignore_errors=True)
+        # Empty cgroups go even when the findings keep the files: they were reported
+        # already, and one left under the suite's parent would fail every later test's
+        # leftover check (CI saw one leak turn into 8 errors). Deepest first.
         for d in cgroup_dirs(self.cgroup_parent):
+            if not d.is_dir():
+                continue
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()),
+                              key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
             with contextlib.suppress(OSError):
                 d.rmdir()
 
