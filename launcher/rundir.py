@@ -45,6 +45,8 @@ import os
 import secrets
 import shutil
 import stat
+import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -70,6 +72,7 @@ __all__ = [
     "process_start",
     "release_uid",
     "runtime_base",
+    "sweep_slot",
     "sweep_stale",
 ]
 
@@ -80,13 +83,15 @@ OWNER_FILE = "owner"
 STOP_REASON_FILE = "stop-reason"  # written by `cellblock kill` before it signals the warden
 
 
-def runtime_base() -> Path:
-    explicit = os.environ.get(RUNTIME_ENV)
+def runtime_base(env: Mapping[str, str] | None = None) -> Path:
+    """Where run dirs live, for the environment ``env`` (default: this process's)."""
+    env = os.environ if env is None else env
+    explicit = env.get(RUNTIME_ENV)
     if explicit:
         return Path(explicit)
     if os.geteuid() == 0:
         return Path("/run/cellblock")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    xdg = env.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "cellblock"
     return Path(f"/tmp/cellblock-{os.getuid()}")  # noqa: S108 - private, 0711, owned by us
@@ -293,8 +298,6 @@ def sweep_stale(base: Path | None = None) -> list[str]:
     Called when a warden starts and by the provisioner's cleanup; returns the
     kernel ids it removed.
     """
-    from .cgroups import KernelCgroup
-
     base = runtime_base() if base is None else base
     removed: list[str] = []
     if not base.is_dir():
@@ -302,34 +305,52 @@ def sweep_stale(base: Path | None = None) -> list[str]:
     for entry in base.iterdir():
         if not entry.is_dir() or not KERNEL_ID.fullmatch(entry.name):
             continue  # not a run dir cellblock made
-        run = RunDir(base, entry.name)
-        record = run.read_record()
-        if record is None:
-            # No record: a warden that died before writing it, or one starting now. Its
-            # owner file tells which; without one (killed between mkdir and that write),
-            # only remove it once it is clearly old.
-            with contextlib.suppress(OSError):
-                import time
-
-                owner = run.read_text(OWNER_FILE, 64).split()
-                if owner and len(owner) == 2 and owner[0].isdigit() and owner[1].isdigit():
-                    gone = process_start(int(owner[0])) != int(owner[1])
-                else:
-                    gone = time.time() - entry.stat().st_mtime > 300
-                if gone:
-                    run.remove()
-                    removed.append(entry.name)
-            continue
-        if is_warden_alive(record):
-            continue
-        if record.cgroup_version:
-            KernelCgroup.for_kernel(
-                record.cgroup_version, record.cgroup_parent, record.cgroup_name
-            ).remove()
-            KernelCgroup.for_warden(  # empty once that warden is gone; never killed here
-                record.cgroup_version, record.cgroup_parent, record.cgroup_name
-            ).remove_empty()
-        run.remove()
-        removed.append(record.kernel_id)
+        gone = _sweep_one(RunDir(base, entry.name))
+        if gone is not None:
+            removed.append(gone)
     sweep_claims(base)
     return removed
+
+
+def sweep_slot(base: Path, slot: str) -> bool:
+    """:func:`sweep_stale` for one slot: what the spawner does when it reaps a warden
+    (one SIGKILLed cleaned up nothing, and no other start may come to sweep after it).
+    True if something was removed."""
+    if not KERNEL_ID.fullmatch(slot) or not (base / slot).is_dir():
+        return False
+    gone = _sweep_one(RunDir(base, slot)) is not None
+    sweep_claims(base)
+    return gone
+
+
+def _sweep_one(run: RunDir) -> str | None:
+    """Remove ``run`` and its cgroups if its warden is gone; the kernel id (or slot)
+    removed, else None."""
+    from .cgroups import KernelCgroup
+
+    record = run.read_record()
+    if record is None:
+        # No record: a warden that died before writing it, or one starting now. Its
+        # owner file tells which; without one (killed between mkdir and that write),
+        # only remove it once it is clearly old.
+        with contextlib.suppress(OSError):
+            owner = run.read_text(OWNER_FILE, 64).split()
+            if owner and len(owner) == 2 and owner[0].isdigit() and owner[1].isdigit():
+                gone = process_start(int(owner[0])) != int(owner[1])
+            else:
+                gone = time.time() - run.path.stat().st_mtime > 300
+            if gone:
+                run.remove()
+                return run.path.name
+        return None
+    if is_warden_alive(record):
+        return None
+    if record.cgroup_version:
+        KernelCgroup.for_kernel(
+            record.cgroup_version, record.cgroup_parent, record.cgroup_name
+        ).remove()
+        KernelCgroup.for_warden(  # empty once that warden is gone; never killed here
+            record.cgroup_version, record.cgroup_parent, record.cgroup_name
+        ).remove_empty()
+    run.remove()
+    return record.kernel_id

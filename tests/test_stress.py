@@ -453,3 +453,38 @@ def test_a_warden_killed_during_its_start_leaves_nothing_the_sweep_misses(
         warden_cg.remove_empty()
         kernel_cg.remove()
         RunDir(runtime_base(), slot).remove()
+
+
+def test_the_spawner_sweeps_after_a_warden_it_reaps(jupyter_env: dict[str, str],
+                                                     tmp_path: Path,
+                                                     no_leftovers: None) -> None:
+    """Found by the fault stress (warden:refill): a warm-pool warden SIGKILLed while it
+    started kept its run dir for 45 s. The warden refilling the pool swept before the dead
+    one was reaped (so it still looked alive), and nothing else swept until the next
+    start. The spawner reaps its wardens: it sweeps the slot of each one it reaps. Here a
+    cold launch's warden is SIGKILLed once its record is written, and nobody else
+    sweeps: no provisioner (its cleanup sweeps), no other start."""
+    import uuid
+
+    from jupyter_client.connect import write_connection_file
+
+    from cellblock.rundir import runtime_base, sweep_stale
+
+    _, info = write_connection_file(str(tmp_path / "client.json"), ip="127.0.0.1",
+                                    key=b"a-test-key")
+    conn = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in info.items()}
+    kernel_id = str(uuid.uuid4())
+    run = RunDir(runtime_base(), kernel_id)
+    sock = SpawnerClient.instance().request(LaunchRequest(
+        profile="agent", env=dict(os.environ), kernel_id=kernel_id, client_conn=conn))
+    try:
+        assert wait_for(lambda: run.read_record() is not None, timeout=60, interval=0.001), \
+            "the warden never wrote its record"
+        record = run.read_record()
+        assert record is not None
+        os.kill(record.warden_pid, signal.SIGKILL)
+        assert wait_for(lambda: not run.path.exists(), timeout=30), \
+            f"the spawner reaped the warden but left its run dir: {sorted(run.path.iterdir())}"
+    finally:
+        sock.close()
+        sweep_stale()  # on a failure too: what the spawner left must not fail later tests

@@ -53,8 +53,10 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..rundir import runtime_base, sweep_slot
 from .channel import LineBuffer, read_line, recv_fds, send_fds, write_line
 from .process import STOP_SIGNALS, set_title
 from .request import LaunchRequest
@@ -104,6 +106,8 @@ class Child:
     key: str = ""  #: pool key, for pooled wardens
     ready: bool = False  #: pooled and ready to be adopted
     lines: LineBuffer = field(default_factory=LineBuffer)
+    slot: str = ""  #: its run dir's name (the kernel id, or the pool slot)
+    base: Path | None = None  #: where its run dir is (the runtime dir of its environment)
 
 
 @dataclass
@@ -346,7 +350,8 @@ class Spawner:
             finally:
                 os._exit(code)
         pidfd = os.pidfd_open(pid)
-        child = Child(pid=pid, pidfd=pidfd, profile=req.profile)
+        child = Child(pid=pid, pidfd=pidfd, profile=req.profile, slot=req.kernel_id,
+                      base=runtime_base(req.env))
         self.children[pidfd] = child
         self.sel.register(pidfd, selectors.EVENT_READ, self._on_exit)
         return child
@@ -368,6 +373,15 @@ class Spawner:
         os.close(pidfd)
         _, status = os.waitpid(child.pid, 0)
         code = os.waitstatus_to_exitcode(status)
+        if child.base is not None and child.slot:
+            # Reaped, it is gone for good: a warden SIGKILLed (or one whose cleanup failed)
+            # left its run dir and cgroups, and no later start may come to sweep them
+            # (the fault stress saw a pool member killed while starting, refilled by a
+            # warden whose sweep ran before the dead one was reaped: left for 45 s).
+            try:
+                sweep_slot(child.base, child.slot)
+            except Exception as exc:  # the spawner serves on; the next sweep tries again
+                log.warning("sweeping after warden %s (%s): %s", child.pid, child.slot, exc)
         if child.status is not None:
             write_line(child.status, {"exit": code})
             child.status.close()
