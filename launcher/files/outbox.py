@@ -5,12 +5,10 @@ request, in the warden process (which started nsjail and is the only host proces
 name its jail for sure). Every name, link, file type and size in the outbox is the jail's
 to choose, so:
 
-1. The jail is found from nsjail, the warden's own child: its one child is the jail's first
-   process. That process's ``/proc/<pid>`` directory is opened (a pinned handle: a recycled
-   pid makes it fail, never point elsewhere), its parent is checked to be nsjail, and
-   nsjail's pidfd (taken when it started) is checked to be alive, so the pid was not reused.
-   ``root`` beneath that handle is the jail's root, which the jail cannot change (no
-   capabilities, no mount or chroot in its seccomp policy, a read-only ``/``).
+1. The jail's first process is named for sure by :func:`cellblock.jailproc.jail_proc_dir`
+   (from nsjail, the warden's own child, with nsjail's pidfd). ``root`` beneath that
+   handle is the jail's root, which the jail cannot change (no capabilities, no mount or
+   chroot in its seccomp policy, a read-only ``/``).
 2. ``outbox`` is opened beneath that root with openat2 (RESOLVE_BENEATH |
    RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS); it must be a directory on another mount
    than the root (the tmpfs the jail command mounted).
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from dataclasses import dataclass
 from cellblock_kernel.files import NAME, NAME_RULE
 
 from ..errors import FileRefused, HostUnsupported
+from ..jailproc import jail_proc_dir
 from ..roview import (
     RESOLVE_BENEATH,
     RESOLVE_NO_MAGICLINKS,
@@ -67,27 +65,12 @@ def _kind(mode: int) -> str:
 
 def _jail_root(nsjail_pid: int, nsjail_pidfd: int) -> int:
     """An O_PATH descriptor of the root directory of nsjail ``nsjail_pid``'s jail."""
-    try:
-        with open(f"/proc/{nsjail_pid}/task/{nsjail_pid}/children", encoding="ascii") as f:
-            children = f.read().split()
-    except OSError:
-        children = []
-    if len(children) != 1 or not children[0].isdigit():
+    proc = jail_proc_dir(nsjail_pid, nsjail_pidfd)
+    if proc is None:
         raise FileRefused("the kernel's jail is not running", "not_running")
-    proc = os.open(f"/proc/{children[0]}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
-        try:
-            raw = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        ppid = int(raw[raw.rindex(b")") + 2:].split()[1])  # field 4 of stat(5)
-        # nsjail alive now means its pid was not reused, so the parent read above was it
-        signal.pidfd_send_signal(nsjail_pidfd, 0)
-        if ppid != nsjail_pid:
-            raise FileRefused("the kernel's jail is not running", "not_running")
         return os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
-    except (OSError, ValueError, IndexError):
+    except OSError:
         raise FileRefused("the kernel's jail is not running", "not_running") from None
     finally:
         os.close(proc)
