@@ -48,7 +48,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 from nbformat import NotebookNode
 
-from conftest import BIN, REPO, TEST_POLICY, wait_dead, wait_for
+from conftest import BIN, REPO, TEST_POLICY, audit_events, wait_dead, wait_for
 
 
 def jailed(test: Any) -> Any:
@@ -168,7 +168,12 @@ async def run_network() -> Run:
             nb = await execute(inject(load("network"), params), km)
         finally:
             await km.shutdown_kernel(now=False)
-        return Run("network", nb, {"arrivals": arrivals(socks)})
+        events = audit_events(km.kernel_id)
+        return Run("network", nb, {
+            "arrivals": arrivals(socks),
+            "denied": [e.fields for e in events if e.event == "net.denied"],
+            "sink_unavailable": [e.fields for e in events
+                                 if e.event == "net.sink_unavailable"]})
 
 
 def no_remote_url(run: Run, cell: NotebookNode) -> None:
@@ -183,8 +188,16 @@ def nothing_arrived(run: Run, cell: NotebookNode) -> None:
     assert run.host["arrivals"] == [], run.host["arrivals"]
 
 
+def udp_audited(run: Run, cell: NotebookNode) -> None:
+    """N3: the warden's sink saw the datagram and audited it as a refusal."""
+    assert any(d.get("via") == "udp" and d["address"] == "8.8.8.8" and d["port"] == 53
+               and "the jail has no network" in d["reason"] for d in run.host["denied"]), \
+        run.host["denied"]
+
+
 NETWORK_HOST_CHECKS = {"N2": nothing_arrived, "N2b": nothing_arrived, "N2c": nothing_arrived,
-                       "N9": nothing_arrived, "N16": no_remote_url, "N16b": no_remote_url}
+                       "N3": udp_audited, "N9": nothing_arrived, "N16": no_remote_url,
+                       "N16b": no_remote_url}
 
 
 @jailed
@@ -223,6 +236,15 @@ async def test_network_probes_fail_without_the_network_namespace(
     assert {"N2", "N2b", "N2c", "N2d", "N9"} <= failed, failed
     assert any(a.startswith("connection") for a in run.host["arrivals"]), run.host
     assert any(a.startswith("datagram") for a in run.host["arrivals"]), run.host
+    # The warden's network sink refused to enter a namespace that is the host's own: its
+    # routes would have made every address local on the host.
+    assert any("shares this host's net namespace" in f["reason"]
+               for f in run.host["sink_unavailable"]), run.host["sink_unavailable"]
+    ip = shutil.which("ip")
+    if ip is not None:
+        table = subprocess.run([ip, "route", "show", "table", "local"], capture_output=True,
+                               text=True, check=True).stdout
+        assert not re.search(r"^local (default|0\.0\.0\.0/0)", table, re.M), table
 
 
 # -- filesystem -------------------------------------------------------------------------

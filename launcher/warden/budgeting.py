@@ -106,6 +106,9 @@ class Bookkeeping:
     def _wait_for_kernel(self) -> None:
         raise NotImplementedError  # the Warden's
 
+    def _open_sink(self) -> None:
+        raise NotImplementedError  # the Warden's
+
     def _client_gone(self, ready: list[int]) -> bool:
         raise NotImplementedError  # the Warden's
 
@@ -341,6 +344,7 @@ class Bookkeeping:
             if self.record is not None:
                 self.record.nsjail_pid = self.proc.pid
             self._wait_for_kernel()
+            self._open_sink()  # the new jail's namespace
             self.gate.resume()  # the requests that came in meanwhile go to the new kernel
         except (CellblockError, OSError) as exc:
             return Stop(f"restart after the {seconds(self.profile.budgets.grace_seconds)} "

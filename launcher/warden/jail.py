@@ -8,14 +8,17 @@ tail for start failures, stops it, and asks :func:`death_reason` why it ended.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..cgroups import KernelCgroup
+from ..egress.sink import NetSink, SinkUnavailable
 from ..policy import Limits, human_bytes
 from .process import set_pdeathsig
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     from ..staging import DatasetSetup
 
 __all__ = ["OUTPUT_TAIL", "STOP_GRACE", "JailProcess", "death_reason"]
+
+log = logging.getLogger("cellblock.warden")
 
 STOP_GRACE = 3.0  # seconds nsjail gets after SIGTERM before SIGKILL
 OUTPUT_TAIL = 64 * 1024  # bytes of nsjail/kernel process output kept for diagnosis
@@ -48,6 +53,7 @@ class JailProcess:
         self._pidfd_lock = threading.Lock()
         self.tail: deque[bytes] = deque()
         self.tail_bytes = 0
+        self.sink: NetSink | None = None  # what this jail sends past the proxy, audited
         threading.Thread(target=self._drain, name="nsjail-output", daemon=True).start()
 
     @classmethod
@@ -93,9 +99,29 @@ class JailProcess:
         with self._pidfd_lock:
             return os.dup(self._pidfd) if self._pidfd >= 0 else -1
 
+    def open_sink(self, audit: Callable[..., Any], name: str) -> None:
+        """Audit what this jail sends past the proxy (:mod:`cellblock.egress.sink`): once
+        its kernel answered, before any cell. Where this host refuses it, the jail is as
+        closed as before and only its attempts go unaudited: said in the audit log."""
+        if self.sink is not None:
+            return
+        pidfd = self.pidfd()
+        try:
+            self.sink = NetSink.open(self.proc.pid, pidfd, audit)
+        except (SinkUnavailable, OSError) as exc:
+            log.warning("kernel %s: network attempts from the jail are not audited: %s",
+                        name, exc)
+            audit("net.sink_unavailable", reason=str(exc))
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
     def stop(self) -> None:
-        """SIGTERM (nsjail kills the jail and cleans up), SIGKILL after STOP_GRACE."""
+        """SIGTERM (nsjail kills the jail and cleans up), SIGKILL after STOP_GRACE; then
+        the sink audits what was still queued and closes."""
         self._stop()
+        if self.sink is not None:
+            self.sink.close()
         with self._pidfd_lock:
             if self._pidfd >= 0:
                 os.close(self._pidfd)

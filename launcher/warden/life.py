@@ -13,16 +13,19 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
+import socket
 from typing import Any
 
 from ..errors import CellblockError
 from ..policy import Policy
+from .channel import LineBuffer, recv_fds
 from .process import STOP_SIGNALS, set_title
 from .request import LaunchRequest
 from .warden import Warden
 
-__all__ = ["WARDEN_ADDRESS_SPACE", "run_forked"]
+__all__ = ["WARDEN_ADDRESS_SPACE", "run_forked", "wait_for_adoption"]
 
 log = logging.getLogger("cellblock.warden")
 
@@ -86,7 +89,7 @@ def run_forked(req: LaunchRequest, channel: int, client_pidfd: int, *, pooled: b
         else:
             warden.start_pooled()
             _report(channel, {"ok": True, "pid": os.getpid()})
-            handed = warden.wait_for_adoption(channel)
+            handed = wait_for_adoption(warden, channel)
             if handed is None:
                 return 0
             req, status = handed
@@ -112,3 +115,37 @@ def run_forked(req: LaunchRequest, channel: int, client_pidfd: int, *, pooled: b
         return warden.wait()
     finally:
         warden.close()
+
+
+def wait_for_adoption(warden: Warden, pool: int) -> tuple[LaunchRequest, int] | None:
+    """Pooled, in the warden's main thread: block until the spawner hands over a launch
+    (its request and socket), or return None when this kernel should go (its jail ended,
+    a stop signal, the client or the spawner is gone)."""
+    assert warden.proc is not None
+    sigfd = warden._signal_fd()
+    pidfd = os.pidfd_open(warden.proc.pid)
+    sock = socket.socket(fileno=os.dup(pool))
+    try:
+        lines = LineBuffer(limit=1 << 24)
+        fds: list[int] = []
+        watched = [pidfd, sigfd, pool] + ([warden.client_pidfd] if warden.client_pidfd >= 0
+                                           else [])
+        while warden._stop_reason is None:
+            ready, _, _ = select.select(watched, [], [])
+            if warden._client_gone(ready) or pidfd in ready:
+                return None
+            if sigfd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(sigfd, 4096)
+                continue
+            data, got = recv_fds(sock, 1 << 20, 2)
+            fds += got
+            if not data:
+                return None  # the spawner is gone: nobody can adopt this kernel now
+            lines.feed(data)
+            if lines and fds:
+                return LaunchRequest.model_validate(next(lines.lines(), {})), fds[0]
+        return None
+    finally:
+        sock.close()
+        os.close(pidfd)

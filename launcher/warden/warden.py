@@ -9,7 +9,8 @@ for (:func:`cellblock.warden.life.run_forked`). It
    the five kernel-facing sockets in the run dir's ``ipc/`` (read-only in the jail: the
    kernel connects, the host never follows a path the jail can write), and the egress
    proxy's if the profile has network (:mod:`cellblock.egress`);
-3. makes the kernel's cgroup and starts nsjail inside it;
+3. makes the kernel's cgroup and starts nsjail inside it; once the kernel answers, opens the
+   jail's network sink (:mod:`cellblock.egress.sink`: DNS and UDP from the jail, audited);
 4. runs the gate between the client's connection (tcp, client key) and the kernel's (ipc);
 5. reports ``ready`` (or the error, in words) on the launch's socket to the provisioner, and
    serves the client's file requests (inbox, outbox: :mod:`cellblock.warden.files`);
@@ -36,9 +37,7 @@ import hashlib
 import logging
 import os
 import secrets
-import select
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -66,11 +65,9 @@ from ..rundir import (
 from ..staging import DatasetSetup, setup_datasets
 from ..telemetry import Telemetry
 from .budgeting import Bookkeeping, HeldAudit
-from .channel import LineBuffer, recv_fds
 from .files import ServesFiles
 from .jail import JailProcess, death_reason
 from .process import cap_address_space
-from .request import LaunchRequest
 
 if TYPE_CHECKING:
     from ..gate.kernelside import KernelSockets
@@ -151,6 +148,7 @@ class Warden(Bookkeeping, ServesFiles):
         self._prepare_jail()
         self._start_gate(self.client_conn)  # builds the output rules while the kernel boots
         self._wait_for_kernel()
+        self._open_sink()
         self._ready()
 
     def start_pooled(self) -> None:
@@ -158,6 +156,7 @@ class Warden(Bookkeeping, ServesFiles):
         of the warden's own (it has booted completely); no client yet."""
         self._prepare_jail()
         self._probe_kernel()
+        self._open_sink()
         self._set_state("pooled")
 
     def _probe_kernel(self) -> None:
@@ -247,12 +246,8 @@ class Warden(Bookkeeping, ServesFiles):
         self.run.write_record(record)
         self.record = record
         if cg_version is not None:
-            # What the kernel makes its warden spend (queued messages, a flood, the gate's
-            # CPU) is charged to a cgroup of the warden's own, with the profile's limits.
-            # Made only once the record names it: a warden SIGKILLed at any moment from
-            # here on leaves a record that the sweep reads to remove this cgroup too
-            # (made before the record, a kill in between leaked it: the fault stress found
-            # that).
+            # What the kernel makes its warden spend (a flood, the gate's CPU) is charged to
+            # a cgroup of the warden's own. Made once the record names it, for the sweep.
             self._home_cgroups = own_cgroups()
             self.warden_cgroup = KernelCgroup.create_for_warden(
                 cg_version, self.policy.host.cgroup_parent, self.slot, profile.limits)
@@ -297,6 +292,10 @@ class Warden(Bookkeeping, ServesFiles):
         self._set_state("idle")
         self._serve_files()  # cellblock.files: the client's inbox and outbox requests
         self._record("kernel.ready", startup_seconds=round(time.monotonic() - self._started, 6))
+
+    def _open_sink(self) -> None:
+        if self.jail is not None:  # what the jail sends past the proxy, seen and audited
+            self.jail.open_sink(self._audit_write, self.kernel_id)
 
     def _bound_sockets(self) -> KernelSockets:
         """The kernel-facing sockets (bound by :meth:`_prepare_jail` before any use)."""
@@ -420,39 +419,6 @@ class Warden(Bookkeeping, ServesFiles):
             self._stop_reason = "client exited"
             return True
         return False
-
-    def wait_for_adoption(self, pool: int) -> tuple[LaunchRequest, int] | None:
-        """Pooled: block until the spawner hands over a launch (its request and socket),
-        or return None when this kernel should go (its jail ended, a stop signal, the
-        client or the spawner is gone)."""
-        assert self.proc is not None
-        sigfd = self._signal_fd()
-        pidfd = os.pidfd_open(self.proc.pid)
-        sock = socket.socket(fileno=os.dup(pool))
-        try:
-            lines = LineBuffer(limit=1 << 24)
-            fds: list[int] = []
-            watched = [pidfd, sigfd, pool] + ([self.client_pidfd] if self.client_pidfd >= 0
-                                               else [])
-            while self._stop_reason is None:
-                ready, _, _ = select.select(watched, [], [])
-                if self._client_gone(ready) or pidfd in ready:
-                    return None
-                if sigfd in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(sigfd, 4096)
-                    continue
-                data, got = recv_fds(sock, 1 << 20, 2)
-                fds += got
-                if not data:
-                    return None  # the spawner is gone: nobody can adopt this kernel now
-                lines.feed(data)
-                if lines and fds:
-                    return LaunchRequest.model_validate(next(lines.lines(), {})), fds[0]
-            return None
-        finally:
-            sock.close()
-            os.close(pidfd)
 
     def _set_state(self, state: str) -> None:
         """Publish the kernel's state in warden.json (read by `cellblock ps`)."""
