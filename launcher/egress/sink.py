@@ -22,9 +22,11 @@ exits. The helper runs only this module's code; it reads nothing from the jail.
 
 What the jail controls here: every byte of the datagrams, and their rate. Datagrams are
 parsed with bounds; names are escaped to printable ASCII; at most :data:`MAX_EVENTS` events
-are written one by one, the rest only counted (``net.denied_count`` at close). A flood fills
-the sockets' receive buffers and the kernel drops the excess; the one reader thread is
-charged to the warden's own cgroup. Datagrams between the jail's own loopback addresses
+are written one by one, the rest only counted (``net.denied_count`` at close). The one
+reader thread reads at most :data:`READS_PER_SECOND` datagrams a second, so a flood costs
+the warden (whose CPU is not the jail's cgroup's) a bounded share of a core, however fast
+the jail sends: the rest fills the sockets' receive buffers, the kernel drops it and the
+sink counts what it dropped. Datagrams between the jail's own loopback addresses
 (127.0.0.0/8, ::1) are the jail's own business and are skipped, except DNS.
 """
 
@@ -40,6 +42,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +53,10 @@ __all__ = ["MAX_EVENTS", "NetSink", "SinkUnavailable", "describe", "dns_question
 log = logging.getLogger("cellblock.warden")
 
 MAX_EVENTS = 200  #: net.denied events the sink writes one by one; later ones only counted
+#: datagrams the sink reads per second at most: a faster sender's excess waits in the
+#: sockets' buffers, where the kernel drops it (counted: ``dropped`` of net.denied_count)
+READS_PER_SECOND = 2000
+SO_MEMINFO = 55  # socket.h: a socket's memory counters; SK_MEMINFO_DROPS is the ninth
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 HELPER_TIMEOUT = 10.0  # seconds the forked helper may take to hand over its sockets
@@ -187,6 +194,8 @@ class NetSink:
         self.socks = socks
         self.audit = audit
         self.seen = 0  #: datagrams from the jail that were network attempts
+        self.dropped = 0  #: datagrams the kernel dropped unread (known at close)
+        self.throttled = threading.Event()  #: set while the sink waits out its read budget
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="net-sink", daemon=True)
@@ -252,32 +261,43 @@ class NetSink:
         return cls(socks, audit)
 
     def _serve(self) -> None:
+        window, reads = time.monotonic(), 0
         try:
             while not self._closed:
-                ready, _, _ = select.select([*self.socks, self._wake_r], [], [])
+                now = time.monotonic()
+                if now >= window + 1:
+                    window, reads = now, 0
+                ready: list[Any]
+                if reads >= READS_PER_SECOND:  # the jail's excess waits, then is dropped
+                    self.throttled.set()
+                    ready, _, _ = select.select([self._wake_r], [], [], window + 1 - now)
+                    self.throttled.clear()
+                else:
+                    ready, _, _ = select.select([*self.socks, self._wake_r], [], [])
                 if self._wake_r in ready:  # closing: what already arrived is still audited
                     for s in self.socks:
                         self._drain(s)
                     return
                 for s in self.socks:
                     if s in ready:
-                        self._drain(s)
+                        reads += self._drain(s, READS_PER_SECOND - reads)
         except (OSError, ValueError):  # closed under us
             return
 
-    def _drain(self, s: socket.socket) -> None:
-        for _ in range(256):  # then back to select: close() is noticed under a flood
+    def _drain(self, s: socket.socket, limit: int = 256) -> int:
+        """Read and audit what waits on ``s``, at most ``limit`` (and 256) datagrams; how
+        many were read."""
+        space = socket.CMSG_SPACE(20)
+        limit = max(0, min(limit, 256))
+        for n in range(limit):  # then back to select: close() is noticed under a flood
             try:
-                if s.family == socket.AF_INET:
-                    data = s.recv(RECV)
-                    fields = self._v4(data)
-                else:
-                    data, anc, _, _ = s.recvmsg(RECV, socket.CMSG_SPACE(20))
-                    fields = self._v6(data, anc)
+                data, anc, _, _ = s.recvmsg(RECV, space)
             except (BlockingIOError, InterruptedError):
-                return
+                return n
+            fields = self._v4(data) if s.family == socket.AF_INET else self._v6(data, anc)
             if fields is not None:
                 self._report(fields)
+        return limit
 
     @staticmethod
     def _v4(data: bytes) -> dict[str, Any] | None:
@@ -318,11 +338,16 @@ class NetSink:
             os.write(self._wake_w, b"x")
         self._thread.join(5)
         for s in self.socks:
+            with contextlib.suppress(OSError, struct.error):
+                self.dropped += struct.unpack_from(
+                    "9I", s.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[8]
             s.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self.seen > MAX_EVENTS:
+        dropped = self.dropped
+        if self.seen > MAX_EVENTS or dropped:
             with contextlib.suppress(Exception):
                 self.audit("net.denied_count", denied=self.seen,
-                           not_written=self.seen - MAX_EVENTS, via="sink")
+                           not_written=max(0, self.seen - MAX_EVENTS), dropped=dropped,
+                           via="sink")
