@@ -237,14 +237,17 @@ async def test_network_probes_fail_without_the_network_namespace(
     assert any(a.startswith("connection") for a in run.host["arrivals"]), run.host
     assert any(a.startswith("datagram") for a in run.host["arrivals"]), run.host
     # The warden's network sink refused to enter a namespace that is the host's own: its
-    # routes would have made every address local on the host.
+    # rule and route would have made every address local for UDP on the host.
     assert any("shares this host's net namespace" in f["reason"]
                for f in run.host["sink_unavailable"]), run.host["sink_unavailable"]
     ip = shutil.which("ip")
     if ip is not None:
-        table = subprocess.run([ip, "route", "show", "table", "local"], capture_output=True,
-                               text=True, check=True).stdout
-        assert not re.search(r"^local (default|0\.0\.0\.0/0)", table, re.M), table
+        for args in (["rule", "show"], ["-6", "rule", "show"]):
+            rules = subprocess.run([ip, *args], capture_output=True, text=True).stdout
+            assert "lookup 203" not in rules, rules
+        for args in (["route", "show", "table", "203"], ["-6", "route", "show", "table", "203"]):
+            routes = subprocess.run([ip, *args], capture_output=True, text=True).stdout
+            assert not routes.strip(), routes
 
 
 # -- filesystem -------------------------------------------------------------------------

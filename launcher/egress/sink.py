@@ -6,19 +6,22 @@ runs (:meth:`cellblock.warden.warden.Warden._open_sink`); it closes the sink wit
 Why. The jail has its own network namespace with loopback only, so nothing it sends leaves
 the machine. But a packet with no route never becomes a packet: a raw UDP packet or a DNS
 query failed inside the jail (``ENETUNREACH``, a resolver error) and the host never knew.
-So the warden makes every address local in that namespace (AnyIP:
-``ip route add local 0.0.0.0/0 dev lo``, and ``::/0``). A datagram to any address is then
-delivered to the jail's own loopback, where nothing listens (the sender sees it refused, as
-for any closed port), and two raw UDP sockets that the warden holds in that namespace get
-a copy. Each copy is one ``net.denied`` audit event with its reason; a DNS query (port 53)
-is decoded to its name and type. TCP to any address is refused by the jail's own loopback
-in the same way (``ECONNREFUSED``), not audited here.
+So the warden makes every address local in that namespace for UDP, and only for UDP
+(``ip rule add ipproto udp lookup 203``; ``ip route add local 0.0.0.0/0 dev lo src
+127.0.0.1 table 203``, and ``::/0``). A datagram to any address is then delivered to the
+jail's own loopback, where nothing listens (the sender gets no answer, as from a host that
+drops it), and two raw UDP sockets that the warden holds in that namespace get a copy.
+Each copy is one ``net.denied`` audit event with its reason; a DNS query (port 53) is
+decoded to its name and type. TCP keeps the main table, with no route: a connection to any
+address fails with ``ENETUNREACH`` as before, and is not audited here.
 
 How. The jail's first process is named for sure (:func:`cellblock.jailproc.jail_proc_dir`),
 its ``ns/user`` and ``ns/net`` are opened, and a forked helper enters them (``setns``: it
 then has the capabilities of the namespace's owner, which is this warden's user), adds the
-two routes over netlink, opens the raw sockets, passes them back over a socketpair and
-exits. The helper runs only this module's code; it reads nothing from the jail.
+rule and the route over netlink, opens the raw sockets, passes them back over a socketpair and
+exits. The helper runs only this module's code; it reads nothing from the jail. It enters
+the jail's user namespace first, and the sink refuses a jail that shares the host's own
+network or user namespace: routes there would steer the host.
 
 What the jail controls here: every byte of the datagrams, and their rate. Datagrams are
 parsed with bounds; names are escaped to printable ASCII; at most :data:`MAX_EVENTS` events
@@ -65,12 +68,18 @@ RECV = 65536 + 128
 # netlink (linux/netlink.h, linux/rtnetlink.h)
 NLMSG_ERROR = 2
 RTM_NEWROUTE = 24
+RTM_NEWRULE = 32
+FR_ACT_TO_TBL = 1
+FRA_PRIORITY = 6
+FRA_IP_PROTO = 22  # linux/fib_rules.h, Linux 4.17+
+SINK_TABLE = 203  # a routing table of the jail's own namespace, for UDP only
+SINK_RULE_PRIORITY = 100  # after the local table's rule (0), before main's (32766)
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-RT_TABLE_LOCAL = 255
 RTPROT_STATIC = 4
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
 RTA_OIF = 4
+RTA_PREFSRC = 7
 LOOPBACK_IFINDEX = 1  # lo is always interface 1 in a new network namespace
 
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
@@ -142,21 +151,35 @@ def describe(address: str, port: int, payload: bytes) -> dict[str, Any] | None:
                       "no network but the egress proxy (HTTP and HTTPS, allowed hosts)"}
 
 
-def _netlink_local_default(family: int) -> None:
-    """``ip route add local <any>/0 dev lo table local`` in the current network namespace."""
+def _netlink(kind: int, body: bytes) -> None:
+    """Send one netlink route request in the current network namespace; raise its error."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as nl:
         nl.bind((0, 0))
-        rtmsg = struct.pack("BBBBBBBBI", family, 0, 0, 0, RT_TABLE_LOCAL, RTPROT_STATIC,
-                            RT_SCOPE_HOST, RTN_LOCAL, 0)
-        oif = struct.pack("HHi", 8, RTA_OIF, LOOPBACK_IFINDEX)
-        body = rtmsg + oif
         flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-        nl.send(struct.pack("IHHII", 16 + len(body), RTM_NEWROUTE, flags, 1, 0) + body)
+        nl.send(struct.pack("IHHII", 16 + len(body), kind, flags, 1, 0) + body)
         reply = nl.recv(4096)
         if len(reply) >= 20 and struct.unpack_from("H", reply, 4)[0] == NLMSG_ERROR:
             code = -struct.unpack_from("i", reply, 16)[0]
             if code not in (0, errno.EEXIST):
-                raise OSError(code, f"adding the local route ({os.strerror(code)})")
+                raise OSError(code, f"netlink request {kind}: {os.strerror(code)}")
+
+
+def _route_udp_to_loopback(family: int) -> None:
+    """Make every address local for UDP, and only for UDP: ``ip rule add ipproto udp
+    lookup 203`` and ``ip route add local <any>/0 dev lo src <loopback> table 203``. The
+    source is the loopback address (a datagram's replies and ICMP errors come back through
+    the local table, and a connected socket's source must be an address of the local
+    table). TCP keeps the main table, where there is no route: a connection to any address
+    still fails with ENETUNREACH, as it always did."""
+    loop = socket.inet_pton(family, "127.0.0.1" if family == socket.AF_INET else "::1")
+    _netlink(RTM_NEWROUTE, struct.pack("BBBBBBBBI", family, 0, 0, 0, SINK_TABLE,
+                                       RTPROT_STATIC, RT_SCOPE_HOST, RTN_LOCAL, 0)
+             + struct.pack("HHi", 8, RTA_OIF, LOOPBACK_IFINDEX)
+             + struct.pack("HH", 4 + len(loop), RTA_PREFSRC) + loop)
+    _netlink(RTM_NEWRULE, struct.pack("BBBBBBBBI", family, 0, 0, 0, SINK_TABLE, 0, 0,
+                                      FR_ACT_TO_TBL, 0)
+             + struct.pack("HHI", 8, FRA_PRIORITY, SINK_RULE_PRIORITY)
+             + struct.pack("HHBxxx", 5, FRA_IP_PROTO, socket.IPPROTO_UDP))
 
 
 def _helper(user_fd: int, net_fd: int, chan: socket.socket) -> None:
@@ -168,10 +191,10 @@ def _helper(user_fd: int, net_fd: int, chan: socket.socket) -> None:
             if _libc.setns(fd, kind) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
-        _netlink_local_default(socket.AF_INET)
+        _route_udp_to_loopback(socket.AF_INET)
         socks = [socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)]
         try:
-            _netlink_local_default(socket.AF_INET6)
+            _route_udp_to_loopback(socket.AF_INET6)
             v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
             v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             socks.append(v6)
