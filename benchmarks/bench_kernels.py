@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -344,13 +345,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         size = 2
         policy = warm_policy(size)
         os.environ["CELLBLOCK_POLICY"] = str(policy)
-        say("agent-warm: starts from the warm pool")
-        warm("agent", timeout=120)
-        ts = (await starts({"agent-warm": makers["agent"][0]}, 5 if q else args.runs,
-                           between=lambda: warm("agent", timeout=120)))["agent-warm"]
-        results["agent-warm"] = {"start_s": statistics.median(ts), "start_all_s": ts}
-        warm("agent", size=0)
-        del os.environ["CELLBLOCK_POLICY"]
+        try:
+            say("agent-warm: starts from the warm pool")
+            warm("agent", timeout=120)
+            ts = (await starts({"agent-warm": makers["agent"][0]}, 5 if q else args.runs,
+                               between=lambda: warm("agent", timeout=120)))["agent-warm"]
+            results["agent-warm"] = {"start_s": statistics.median(ts), "start_all_s": ts}
+            warm("agent", size=0)
+        finally:  # the operator file made for this case goes, whatever happened
+            del os.environ["CELLBLOCK_POLICY"]
+            shutil.rmtree(policy.parent, ignore_errors=True)
 
     if args.capacity and (not only or "capacity" in only):
         say(f"capacity: up to {args.capacity} idle agent kernels")
